@@ -1,0 +1,92 @@
+"""Every config key, with its default and a one-line meaning.
+
+Other configs start from `base.get_config()` and change what they need. Override any
+key on the command line: `--config.train.steps=200 --config.model.d_model=512`.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.workdir = "runs/default"  # Run directory: config.json, checkpoints/, tokenizer.json, metrics.jsonl, tb/.
+  c.seed = 0  # Seed for parameter init, dropout-free training RNG and data shuffling.
+  c.task = "pretrain"  # What to train: pretrain (later: sft, reward, dpo, ppo, grpo).
+
+  c.model = m = ml_collections.ConfigDict()
+  m.vocab_size = 4096  # Embedding rows; must be >= the tokenizer's vocabulary.
+  m.d_model = 256  # Residual stream width (D).
+  m.n_layers = 4  # Decoder blocks (L).
+  m.n_heads = 4  # Query heads (N).
+  m.n_kv_heads = 2  # Key/value heads (K); n_heads % n_kv_heads == 0 (grouped-query attention).
+  m.head_dim = 0  # Per-head width (H); 0 means d_model // n_heads.
+  m.d_ff = 704  # SwiGLU hidden width (F).
+  m.max_seq_len = 2048  # Longest sequence the model accepts (RoPE table, KV cache size).
+  m.rope_theta = 10000.0  # RoPE base frequency.
+  m.rope_scaling_factor = 0.0  # Llama-3.1 frequency scaling factor; 0 disables it (Llama-3.1 uses 8).
+  m.rope_low_freq_factor = 1.0  # Llama-3.1 scaling: wavelengths above original_len / low_freq_factor are scaled fully.
+  m.rope_high_freq_factor = 4.0  # Llama-3.1 scaling: wavelengths below original_len / high_freq_factor are kept.
+  m.rope_original_max_len = 8192  # Llama-3.1 scaling: the context length the model was pretrained with.
+  m.norm_eps = 1e-5  # RMSNorm epsilon.
+  m.tie_embeddings = True  # Output head reuses the embedding matrix.
+  m.param_dtype = "float32"  # Master weights (f32 keeps the optimizer exact).
+  m.dtype = "float32"  # Compute dtype: float32 or bfloat16.
+  m.scan_layers = True  # nn.scan over layers: one compiled block, params stacked on a "layers" axis.
+  m.remat = "none"  # Rematerialisation per block: none, full, dots (save matmul outputs), dots_no_batch.
+  m.attention_impl = "auto"  # auto (Pallas on GPU/TPU, XLA on CPU), xla, or pallas.
+  m.init_std = 0.02  # Std of the normal init of weight matrices.
+
+  c.data = d = ml_collections.ConfigDict()
+  d.corpus = "stdlib"  # "stdlib" (the running Python's standard library sources) or a glob of files.
+  d.format = "text"  # For a glob: text (a file is a document) or jsonl (a line is a document).
+  d.text_field = "text"  # JSONL field holding the document text.
+  d.val_fraction = 0.02  # Fraction of files held out for validation (chosen deterministically by path).
+  d.seq_len = 256  # Tokens per packed training row (T).
+  d.tokenizer = ""  # Path to a tokenizer.json to use; empty trains a byte-level BPE on the train split.
+  d.tokenizer_train_mb = 8.0  # Megabytes of training text the BPE tokenizer is learned from.
+  d.worker_count = 0  # grain worker processes (0 = in the main process).
+
+  c.train = t = ml_collections.ConfigDict()
+  t.steps = 1000  # Optimizer steps.
+  t.batch_size = 16  # Global batch size in sequences (split over data and fsdp mesh axes).
+  t.microbatches = 1  # Gradient accumulation: the batch is split into this many microbatches.
+  t.lr = 3e-3  # Peak learning rate.
+  t.warmup_steps = 50  # Linear warmup steps from 0 to lr.
+  t.decay = "cosine"  # Decay after warmup: cosine, linear or constant.
+  t.min_lr_ratio = 0.1  # Final learning rate as a fraction of lr.
+  t.weight_decay = 0.1  # AdamW decoupled weight decay (not applied to norms and biases).
+  t.b1 = 0.9  # Adam beta1.
+  t.b2 = 0.95  # Adam beta2.
+  t.eps = 1e-8  # Adam epsilon.
+  t.grad_clip = 1.0  # Global-norm gradient clipping; 0 disables it.
+  t.z_loss = 0.0  # Coefficient of the z-loss (log Z)^2 that keeps logits from drifting.
+  t.log_every = 10  # Steps between metric lines.
+  t.eval_every = 200  # Steps between validation passes; 0 evaluates only at the end.
+  t.eval_batches = 8  # Batches per validation pass.
+  t.init_from = ""  # A run directory (e.g. a converted model) whose params start training.
+
+  c.checkpoint = ck = ml_collections.ConfigDict()
+  ck.every = 200  # Steps between checkpoints (one is always written at the end).
+  ck.keep = 3  # Checkpoints kept.
+  ck.async_save = True  # Write checkpoints in the background while training continues.
+
+  c.mesh = ms = ml_collections.ConfigDict()
+  ms.data = -1  # Data-parallel axis size; -1 fills the devices left over.
+  ms.fsdp = 1  # Fully sharded data parallel axis size (params and optimizer state sharded).
+  ms.tensor = 1  # Tensor-parallel axis size (heads and MLP sharded).
+
+  c.distributed = ds = ml_collections.ConfigDict()
+  ds.coordinator_address = ""  # host:port of process 0; empty uses the environment (or single process).
+  ds.num_processes = 0  # Processes in the job; 0 uses the environment.
+  ds.process_id = -1  # This process's index; -1 uses the environment.
+
+  c.metrics = mt = ml_collections.ConfigDict()
+  mt.peak_tflops = 0.0  # Peak device TFLOP/s for MFU; 0 looks it up (or probes it once on CPU).
+  mt.tensorboard = True  # Write TensorBoard events to workdir/tb.
+
+  c.sample = s = ml_collections.ConfigDict()
+  s.prompt = "def "  # Prompt of the sample printed after training.
+  s.max_new_tokens = 200  # Tokens sampled after training; 0 skips sampling.
+  s.temperature = 0.8  # Sampling temperature (0 is greedy).
+  s.top_k = 40  # Keep the k most likely tokens (0 keeps all).
+  return c

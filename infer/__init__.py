@@ -1,0 +1,1 @@
+"""Inference: prefill, a jitted decode loop over a functional KV cache, and sampling."""

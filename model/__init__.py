@@ -1,0 +1,13 @@
+"""A Llama-family decoder as pure Flax (linen) modules.
+
+Dimension letters, used in einsums, shape comments and names (`x_BTD`):
+  B batch          T query length      S key length      D model width
+  N query heads    K kv heads          G group (N // K)  H head dim
+  F ffn width      V vocab             L layers          P page size
+"""
+
+from model.config import ModelConfig
+from model.kv_cache import KVCache
+from model.transformer import Transformer
+
+__all__ = ["ModelConfig", "KVCache", "Transformer"]

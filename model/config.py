@@ -1,0 +1,72 @@
+"""The model's frozen, typed config, built from the `model` section of a run config."""
+
+import dataclasses
+
+import jax.numpy as jnp
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+_REMAT = ("none", "full", "dots", "dots_no_batch")
+_ATTENTION = ("auto", "xla", "pallas")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  vocab_size: int = 4096
+  d_model: int = 256
+  n_layers: int = 4
+  n_heads: int = 4
+  n_kv_heads: int = 2
+  head_dim: int = 0  # 0: d_model // n_heads
+  d_ff: int = 704
+  max_seq_len: int = 2048
+  rope_theta: float = 10000.0
+  rope_scaling_factor: float = 0.0  # 0: no Llama-3.1 scaling
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_len: int = 8192
+  norm_eps: float = 1e-5
+  tie_embeddings: bool = True
+  param_dtype: str = "float32"
+  dtype: str = "float32"
+  scan_layers: bool = True
+  remat: str = "none"
+  attention_impl: str = "auto"
+  init_std: float = 0.02
+
+  def __post_init__(self):
+    if self.head_dim == 0:
+      if self.d_model % self.n_heads:
+        raise ValueError(
+            f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}; "
+            "set model.head_dim explicitly")
+      object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
+    if self.n_heads % self.n_kv_heads:
+      raise ValueError(f"model.n_heads={self.n_heads} must be a multiple of "
+                       f"model.n_kv_heads={self.n_kv_heads}")
+    for key, value, allowed in (("param_dtype", self.param_dtype, _DTYPES),
+                                ("dtype", self.dtype, _DTYPES), ("remat", self.remat, _REMAT),
+                                ("attention_impl", self.attention_impl, _ATTENTION)):
+      if value not in allowed:
+        raise ValueError(f"model.{key}={value!r} is not one of {sorted(allowed)}")
+
+  @classmethod
+  def from_config(cls, cfg) -> "ModelConfig":
+    """From an ml_collections ConfigDict (or dict) holding the `model` section."""
+    cfg = dict(cfg)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(cfg) - names)
+    if unknown:
+      raise ValueError(f"unknown model config keys {unknown}; valid keys: {sorted(names)}")
+    return cls(**cfg)
+
+  @property
+  def compute_dtype(self):
+    return _DTYPES[self.dtype]
+
+  @property
+  def weight_dtype(self):
+    return _DTYPES[self.param_dtype]
+
+  @property
+  def group_size(self) -> int:
+    return self.n_heads // self.n_kv_heads

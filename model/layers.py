@@ -1,0 +1,139 @@
+"""The decoder's parts: RMSNorm, RoPE, grouped-query attention, SwiGLU MLP, and the block.
+
+Parameters are stored in `param_dtype` (f32 master weights) and cast to the compute dtype
+where they are used. Every parameter and activation carries logical axis names; the rules in
+`model/sharding.py` map them onto the mesh.
+"""
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from model import kv_cache
+from model.config import ModelConfig
+from model.sharding import constrain
+from pallas_kernels.attention import attention, cached_attention
+
+
+def _param(module, name, init, shape, axes, dtype):
+  return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+
+
+class RMSNorm(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x):
+    scale = _param(self, "scale", nn.initializers.ones, (x.shape[-1],), ("norm",),
+                   self.cfg.weight_dtype)
+    # Normalise in f32 even under bf16 compute: the mean of squares loses precision otherwise.
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.cfg.norm_eps)
+    return (y * scale.astype(jnp.float32)).astype(self.cfg.compute_dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
+  """Inverse frequencies [H/2], with Llama-3.1 frequency scaling when rope_scaling_factor > 0."""
+  h = cfg.head_dim
+  inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
+  if cfg.rope_scaling_factor <= 0:
+    return inv_freq
+  # Llama 3.1: keep high frequencies, divide low ones by the factor, interpolate in between.
+  factor, orig = cfg.rope_scaling_factor, cfg.rope_original_max_len
+  low_wavelen = orig / cfg.rope_low_freq_factor
+  high_wavelen = orig / cfg.rope_high_freq_factor
+  wavelen = 2 * math.pi / inv_freq
+  smooth = (orig / wavelen - cfg.rope_low_freq_factor) / (
+      cfg.rope_high_freq_factor - cfg.rope_low_freq_factor)
+  mid = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+  return jnp.where(wavelen < high_wavelen, inv_freq,
+                   jnp.where(wavelen > low_wavelen, inv_freq / factor, mid))
+
+
+def apply_rope(x_BTNH, positions_BT, inv_freq):
+  """Rotates the two halves of each head (the HF Llama layout, not llama.cpp's interleaved)."""
+  angles = positions_BT[:, :, None, None].astype(jnp.float32) * inv_freq  # [B,T,1,H/2]
+  sin, cos = jnp.sin(angles), jnp.cos(angles)
+  x1, x2 = jnp.split(x_BTNH.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BTNH.dtype)
+
+
+class Attention(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTD, positions, segment_ids, start, layer_kv):
+    cfg = self.cfg
+    d, n, k, h = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    init = nn.initializers.normal(cfg.init_std)
+    out_init = nn.initializers.normal(cfg.init_std / math.sqrt(2 * cfg.n_layers))
+    wq = _param(self, "q", init, (d, n, h), ("embed", "heads", "head_dim"), cfg.weight_dtype)
+    wk = _param(self, "k", init, (d, k, h), ("embed", "kv_heads", "head_dim"), cfg.weight_dtype)
+    wv = _param(self, "v", init, (d, k, h), ("embed", "kv_heads", "head_dim"), cfg.weight_dtype)
+    wo = _param(self, "o", out_init, (n, h, d), ("heads", "head_dim", "embed"), cfg.weight_dtype)
+    dt = cfg.compute_dtype
+
+    q = jnp.einsum("BTD,DNH->BTNH", x_BTD, wq.astype(dt))
+    key = jnp.einsum("BTD,DKH->BTKH", x_BTD, wk.astype(dt))
+    val = jnp.einsum("BTD,DKH->BTKH", x_BTD, wv.astype(dt))
+    inv_freq = rope_inv_freq(cfg)
+    q = constrain(apply_rope(q, positions, inv_freq), ("batch", "length", "act_heads", None))
+    key = constrain(apply_rope(key, positions, inv_freq), ("batch", "length", "act_kv_heads", None))
+    val = constrain(val, ("batch", "length", "act_kv_heads", None))
+
+    if layer_kv is None:
+      out = attention(q, key, val, segment_ids=segment_ids, causal=True,
+                      impl=cfg.attention_impl)
+      new_kv = None
+    elif isinstance(start, kv_cache.PageTable):  # paged cache: layer_kv is this layer's pool
+      # Imported here: the paged kernel is optional for everything but the paged path.
+      from pallas_kernels.paged_attention import paged_attention
+      k_pages = kv_cache.write_pages(layer_kv[0], key, start)
+      v_pages = kv_cache.write_pages(layer_kv[1], val, start)
+      out = paged_attention(q, k_pages, v_pages, start.lengths + q.shape[1], start.page_indices,
+                            impl=cfg.attention_impl)
+      new_kv = (k_pages, v_pages)
+    else:
+      k_cache, v_cache = layer_kv
+      k_cache = kv_cache.write(k_cache, key, start)
+      v_cache = kv_cache.write(v_cache, val, start)
+      out = cached_attention(q, k_cache, v_cache, start + q.shape[1], impl=cfg.attention_impl)
+      new_kv = (k_cache, v_cache)
+    out = constrain(out, ("batch", "length", "act_heads", None))
+    y = jnp.einsum("BTNH,NHD->BTD", out, wo.astype(dt))
+    return constrain(y, ("batch", "length", "act_embed")), new_kv
+
+
+class MLP(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTD):
+    cfg = self.cfg
+    init = nn.initializers.normal(cfg.init_std)
+    out_init = nn.initializers.normal(cfg.init_std / math.sqrt(2 * cfg.n_layers))
+    d, f, dt = cfg.d_model, cfg.d_ff, cfg.compute_dtype
+    w_gate = _param(self, "gate", init, (d, f), ("embed", "mlp"), cfg.weight_dtype)
+    w_up = _param(self, "up", init, (d, f), ("embed", "mlp"), cfg.weight_dtype)
+    w_down = _param(self, "down", out_init, (f, d), ("mlp", "embed"), cfg.weight_dtype)
+    gate = jnp.einsum("BTD,DF->BTF", x_BTD, w_gate.astype(dt))
+    up = jnp.einsum("BTD,DF->BTF", x_BTD, w_up.astype(dt))
+    hidden = constrain(nn.silu(gate) * up, ("batch", "length", "act_mlp"))
+    y = jnp.einsum("BTF,FD->BTD", hidden, w_down.astype(dt))
+    return constrain(y, ("batch", "length", "act_embed"))
+
+
+class Block(nn.Module):
+  """Pre-norm residual block. Scanned over layers, so it returns (carry, per-layer output)."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTD, positions, segment_ids, start, layer_kv):
+    h, new_kv = Attention(self.cfg, name="attn")(
+        RMSNorm(self.cfg, name="attn_norm")(x_BTD), positions, segment_ids, start, layer_kv)
+    x_BTD = x_BTD + h
+    x_BTD = x_BTD + MLP(self.cfg, name="mlp")(RMSNorm(self.cfg, name="mlp_norm")(x_BTD))
+    return constrain(x_BTD, ("batch", "length", "act_embed")), new_kv

@@ -1,0 +1,93 @@
+"""The decoder: embedding, a stack of blocks (scanned or unrolled), final norm, output head.
+
+One forward for every use (see ARCHITECTURE.md):
+  logits, cache = Transformer(cfg).apply({"params": params}, tokens, positions,
+                                         segment_ids=None, cache=None)
+tokens, positions, segment_ids: int32[B, T]; logits: float32[B, T, V]. Training passes no
+cache (and gets None back); prefill and decode pass a KVCache and get the updated one.
+`segment_ids` marks packed documents (a token attends only within its own segment); with a
+cache it marks padding instead (0 = pad, not counted in the new lengths).
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from model.config import ModelConfig
+from model.kv_cache import KVCache, PagedKVCache, PageTable
+from model.layers import Block, RMSNorm, _param
+from model.sharding import constrain
+
+_REMAT_POLICIES = {
+    "full": None,  # save nothing: recompute the whole block in the backward pass
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _block_class(cfg: ModelConfig):
+  if cfg.remat == "none":
+    return Block
+  # prevent_cse is only needed outside scan (scan already stops XLA merging the recompute).
+  return nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+
+
+class Transformer(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens, positions, segment_ids=None,
+               cache: KVCache | PagedKVCache | None = None,
+               *, return_hidden: bool = False):
+    cfg = self.cfg
+    embedding = _param(self, "embedding", nn.initializers.normal(cfg.init_std),
+                       (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.weight_dtype)
+    x = jnp.take(embedding, tokens, axis=0).astype(cfg.compute_dtype)
+    x = constrain(x, ("batch", "length", "act_embed"))
+    attn_segments = segment_ids if cache is None else None
+    paged = isinstance(cache, PagedKVCache)
+    if paged:  # the layers find their pages through the (broadcast) page table
+      start = PageTable(lengths=cache.lengths, page_indices=cache.page_indices)
+      layers_kv = (cache.k_pages, cache.v_pages)
+    else:
+      start = None if cache is None else cache.lengths
+      layers_kv = None if cache is None else (cache.k, cache.v)
+
+    block = _block_class(cfg)
+    if cfg.scan_layers:
+      stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                      in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0),
+                      length=cfg.n_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+      x, new_kv = stack(cfg, name="layers")(x, positions, attn_segments, start, layers_kv)
+    else:
+      new_k, new_v = [], []
+      for i in range(cfg.n_layers):
+        layer_kv = None if cache is None else (layers_kv[0][i], layers_kv[1][i])
+        x, kv = block(cfg, name=f"layers_{i}")(x, positions, attn_segments, start, layer_kv)
+        if kv is not None:
+          new_k.append(kv[0])
+          new_v.append(kv[1])
+      new_kv = (jnp.stack(new_k), jnp.stack(new_v)) if cache is not None else None
+
+    x = RMSNorm(cfg, name="final_norm")(x)
+    if return_hidden:
+      out = x
+    elif cfg.tie_embeddings:
+      out = jnp.einsum("BTD,VD->BTV", x, embedding.astype(cfg.compute_dtype),
+                       preferred_element_type=jnp.float32)
+    else:
+      head = _param(self, "lm_head", nn.initializers.normal(cfg.init_std),
+                    (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.weight_dtype)
+      out = jnp.einsum("BTD,DV->BTV", x, head.astype(cfg.compute_dtype),
+                       preferred_element_type=jnp.float32)
+    if not return_hidden:
+      out = constrain(out, ("batch", "length", "act_vocab"))
+
+    if cache is None:
+      return out, None
+    t = tokens.shape[1]
+    added = t if segment_ids is None else jnp.sum(segment_ids != 0, axis=1).astype(jnp.int32)
+    if paged:
+      return out, cache.replace(k_pages=new_kv[0], v_pages=new_kv[1],
+                                lengths=cache.lengths + added)
+    return out, KVCache(k=new_kv[0], v=new_kv[1], lengths=cache.lengths + added)

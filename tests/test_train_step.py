@@ -1,0 +1,174 @@
+"""The jitted train step: its loss, gradient accumulation, and sharding over simulated meshes."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from model import ModelConfig, sharding
+from train import optim
+from train import step as step_lib
+from train.config import load_config
+from train.loop import build_program
+from train.state import create_state
+from train.tasks import pretrain
+
+jax.config.update("jax_threefry_partitionable", True)
+
+
+def small_config(**train):
+  cfg = load_config("configs/tiny.py", {})
+  with cfg.unlocked():
+    cfg.model.update(vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128,
+                     max_seq_len=64)
+    cfg.data.seq_len = 32
+    cfg.train.update({**dict(batch_size=8, microbatches=1, lr=1e-2, warmup_steps=0, steps=10),
+                      **train})
+  return cfg
+
+
+def random_batch(b=8, t=32, vocab=256, seed=0):
+  rng = np.random.default_rng(seed)
+  inputs = rng.integers(0, vocab, (b, t)).astype(np.int32)
+  segments = np.ones((b, t), np.int32)
+  segments[:, t // 2:] = 2  # two packed documents per row
+  segments[::3, -3:] = 0  # some padding
+  positions = np.concatenate([np.arange(t // 2), np.arange(t - t // 2)])
+  return {"inputs": inputs, "targets": np.roll(inputs, -1, axis=1),
+          "segment_ids": segments,
+          "positions": np.broadcast_to(positions, (b, t)).astype(np.int32),
+          "loss_mask": (segments != 0).astype(np.float32)}
+
+
+def run_steps(cfg, mesh, batches):
+  prog = build_program(cfg, ModelConfig.from_config(cfg.model), mesh)
+  state, _ = create_state(prog.model, prog.tx, mesh, cfg.seed, cfg.data.seq_len)
+  losses = []
+  for b in batches:
+    batch = jax.device_put(b, prog.batch_sharding)
+    state, m = prog.train_step(state, batch)
+    losses.append(float(m["loss"]))
+  return losses, jax.device_get(state.params)
+
+
+def test_token_losses_match_numpy():
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(2, 5, 11)).astype(np.float32) * 3
+  targets = rng.integers(0, 11, (2, 5))
+  nll, log_z = pretrain.token_losses(jnp.asarray(logits), jnp.asarray(targets))
+  z = np.log(np.exp(logits.astype(np.float64)).sum(-1))
+  expected = z - np.take_along_axis(logits, targets[..., None], -1)[..., 0]
+  np.testing.assert_allclose(nll, expected, rtol=1e-5)
+  np.testing.assert_allclose(log_z, z, rtol=1e-5)
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+  # Plain SGD with lr 1 makes the update the gradient itself, so the comparison is not blurred
+  # by Adam's division by tiny second moments.
+  cfg = small_config()
+  mesh = sharding.make_mesh(1, 1, 1, jax.devices()[:1])
+  model_cfg = ModelConfig.from_config(cfg.model)
+  prog = build_program(cfg, model_cfg, mesh)
+  tx = optax.sgd(1.0)
+  state, _ = create_state(prog.model, tx, mesh, cfg.seed, cfg.data.seq_len)
+  loss_fn = functools.partial(pretrain.loss_fn, model=prog.model)
+  batch = jax.device_put(random_batch(), prog.batch_sharding)
+  results = []
+  for n in (1, 4):
+    step = jax.jit(step_lib.make_train_step(loss_fn, tx, microbatches=n, mesh=mesh,
+                                            param_shardings=prog.shardings.params))
+    new_state, metrics = step(state, batch)
+    results.append((metrics, jax.tree.map(jnp.subtract, new_state.params, state.params)))
+  (m1, update1), (m4, update4) = results
+  np.testing.assert_allclose(m4["loss"], m1["loss"], rtol=1e-6)
+  np.testing.assert_allclose(m4["tokens"], m1["tokens"])
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-7, rtol=1e-4),
+               update4, update1)
+
+
+@pytest.fixture(scope="module")
+def single_device_run():
+  mesh = sharding.make_mesh(1, 1, 1, jax.devices()[:1])
+  return run_steps(small_config(), mesh, [random_batch(seed=s) for s in range(3)])
+
+
+@pytest.mark.parametrize("shape", [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4)])
+def test_sharded_training_matches_one_device(single_device_run, shape):
+  ref_losses, ref_params = single_device_run
+  mesh = sharding.make_mesh(*shape)
+  losses, params = run_steps(small_config(), mesh, [random_batch(seed=s) for s in range(3)])
+  np.testing.assert_allclose(losses, ref_losses, rtol=2e-5)
+  # Adam divides by sqrt(second moment): where a gradient is ~0, reduction-order noise can move
+  # one update by a fraction of lr (1e-2). Bound that, and require agreement nearly everywhere.
+  def close(a, b):
+    diff = np.abs(a - b)
+    assert diff.max() < 5e-4 and diff.mean() < 1e-6, (diff.max(), diff.mean())
+  jax.tree.map(close, params, ref_params)
+
+
+def _specs(config_path, mesh_shape):
+  cfg = load_config(config_path, {})
+  mesh = sharding.make_mesh(*mesh_shape)
+  prog = build_program(cfg, ModelConfig.from_config(cfg.model), mesh)
+  return jax.tree.map(lambda s: s.spec, prog.shardings.params)
+
+
+def test_golden_partition_specs_tiny():
+  specs = _specs("configs/tiny.py", (2, 2, 2))
+  layers = specs["layers"]
+  assert specs["embedding"] == P("tensor", "fsdp")
+  assert specs["final_norm"]["scale"] == P()
+  assert layers["attn"]["q"] == P(None, "fsdp", "tensor")
+  assert layers["attn"]["k"] == P(None, "fsdp", "tensor")  # 2 kv heads split 2 ways
+  assert layers["attn"]["o"] == P(None, "tensor", None, "fsdp")
+  assert layers["mlp"]["gate"] == P(None, "fsdp", "tensor")
+  assert layers["mlp"]["down"] == P(None, "tensor", "fsdp")
+  assert layers["attn_norm"]["scale"] == P()
+  # On a (1, 2, 4) mesh, 2 kv heads cannot be split 4 ways: they are replicated instead.
+  assert _specs("configs/tiny.py", (1, 2, 4))["layers"]["attn"]["k"] == P(None, "fsdp")
+
+
+def test_golden_partition_specs_llama3_8b():
+  specs = _specs("configs/llama3_8b.py", (1, 4, 2))
+  layers = specs["layers"]
+  assert specs["embedding"] == P("tensor", "fsdp")
+  assert specs["lm_head"] == P("fsdp", "tensor")
+  assert layers["attn"]["q"] == P(None, "fsdp", "tensor")
+  assert layers["attn"]["k"] == P(None, "fsdp", "tensor")
+  assert layers["attn"]["v"] == P(None, "fsdp", "tensor")
+  assert layers["attn"]["o"] == P(None, "tensor", None, "fsdp")
+  assert layers["mlp"]["up"] == P(None, "fsdp", "tensor")
+  assert layers["mlp"]["down"] == P(None, "tensor", "fsdp")
+  assert layers["mlp_norm"]["scale"] == P()
+
+
+def test_schedule_warmup_then_cosine():
+  cfg = small_config(warmup_steps=10, steps=110, lr=1.0, min_lr_ratio=0.1, decay="cosine")
+  sched = optim.learning_rate_schedule(cfg.train)
+  np.testing.assert_allclose([sched(0), sched(5), sched(10)], [0.0, 0.5, 1.0], atol=1e-6)
+  np.testing.assert_allclose(sched(60), 0.1 + 0.9 * 0.5, atol=1e-6)  # cosine midpoint
+  np.testing.assert_allclose(sched(110), 0.1, atol=1e-6)
+
+
+def test_weight_decay_skips_norms():
+  params = {"embedding": jnp.ones((4, 2)), "layers": {"attn_norm": {"scale": jnp.ones((3, 2))},
+                                                      "mlp": {"up": jnp.ones((3, 2, 2))}}}
+  mask = optim.decay_mask(params)
+  assert mask == {"embedding": True, "layers": {"attn_norm": {"scale": False},
+                                                "mlp": {"up": True}}}
+
+
+def test_clipping_bounds_the_update():
+  cfg = small_config(grad_clip=1.0, weight_decay=0.0, b1=0.0, b2=0.0, eps=0.0, warmup_steps=0,
+                     decay="constant", lr=1.0)
+  tx = optim.make_optimizer(cfg.train)
+  params = {"w": jnp.zeros((3,))}
+  grads = {"w": jnp.array([30.0, 40.0, 0.0])}
+  updates, _ = tx.update(grads, tx.init(params), params)
+  # Clipped to norm 1, then Adam with b1 = b2 = 0 normalises each coordinate to its sign.
+  np.testing.assert_allclose(optax.tree.norm(grads), 50.0)
+  np.testing.assert_allclose(updates["w"][:2], [-1.0, -1.0], atol=1e-5)

@@ -1,0 +1,1 @@
+"""Training: config loading, the sharded loop, tasks, checkpoints and metrics."""

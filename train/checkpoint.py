@@ -1,0 +1,90 @@
+"""Orbax checkpoints of a run: sharded, async, restorable onto another mesh.
+
+Each step directory holds three items:
+  params    the parameter pytree (all that generation, evaluation and conversion need)
+  train     step, optimizer state and RNG (present only in checkpoints written by training)
+  data      the input iterator's state as JSON (likewise)
+A converted model is a checkpoint with `params` alone; training starts from it with a fresh
+optimizer (train.init_from), and resumes only from checkpoints that have all three.
+"""
+
+import os
+
+import jax
+import orbax.checkpoint as ocp
+
+from infer.workdir import PARAMS
+
+TRAIN, DATA = "train", "data"
+
+
+def _abstract(tree, shardings):
+  """ShapeDtypeStructs carrying the target shardings: orbax restores each shard in place."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      tree, shardings)
+
+
+class Checkpointer:
+  """The run's CheckpointManager, keeping the last `keep` steps under workdir/checkpoints."""
+
+  def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True,
+               read_only: bool = False):
+    self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
+                                           enable_async_checkpointing=async_save,
+                                           read_only=read_only)
+    self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                         item_names=(PARAMS, TRAIN, DATA))
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def has_train_state(self, step: int) -> bool:
+    return os.path.isdir(os.path.join(self.directory, str(step), TRAIN))
+
+  def save(self, state, data_state: dict | None = None) -> None:
+    """Saves a TrainState (and the iterator state) at state.step. Async unless configured."""
+    step = int(jax.device_get(state.step))
+    items = {
+        PARAMS: ocp.args.StandardSave(state.params),
+        TRAIN: ocp.args.StandardSave({"step": state.step, "opt_state": state.opt_state,
+                                      "rng": state.rng}),
+    }
+    if data_state is not None:
+      items[DATA] = ocp.args.JsonSave(data_state)
+    self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+  def save_params(self, step: int, params) -> None:
+    self.manager.save(step, args=ocp.args.Composite(**{PARAMS: ocp.args.StandardSave(params)}),
+                      force=True)
+
+  def restore(self, step: int, abstract_state, shardings):
+    """(TrainState, data_state or None) restored onto `shardings` (any mesh)."""
+    abstract_train = {"step": abstract_state.step, "opt_state": abstract_state.opt_state,
+                      "rng": abstract_state.rng}
+    train_shardings = {"step": shardings.step, "opt_state": shardings.opt_state,
+                       "rng": shardings.rng}
+    items = {
+        PARAMS: ocp.args.StandardRestore(_abstract(abstract_state.params, shardings.params)),
+        TRAIN: ocp.args.StandardRestore(_abstract(abstract_train, train_shardings)),
+    }
+    has_data = os.path.isdir(os.path.join(self.directory, str(step), DATA))
+    if has_data:
+      items[DATA] = ocp.args.JsonRestore()
+    out = self.manager.restore(step, args=ocp.args.Composite(**items))
+    train = out[TRAIN]
+    state = abstract_state.replace(step=train["step"], params=out[PARAMS],
+                                   opt_state=train["opt_state"], rng=train["rng"])
+    return state, (out[DATA] if has_data else None)
+
+  def restore_params(self, step: int, abstract_params, param_shardings):
+    out = self.manager.restore(step, args=ocp.args.Composite(
+        **{PARAMS: ocp.args.StandardRestore(_abstract(abstract_params, param_shardings))}))
+    return out[PARAMS]
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()

@@ -1,0 +1,101 @@
+"""Loading a run config: a configs/*.py file plus `--config.a.b=value` overrides.
+
+An unknown key is an error naming the key and the valid keys beside it.
+"""
+
+import ast
+import difflib
+import importlib.util
+import os
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+  pass
+
+
+def load_config_file(path: str) -> ml_collections.ConfigDict:
+  if not os.path.isfile(path):
+    raise ConfigError(f"config file {path!r} does not exist")
+  spec = importlib.util.spec_from_file_location(f"_config_{abs(hash(path))}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ConfigError(f"{path} defines no get_config()")
+  cfg = module.get_config()
+  cfg.lock()  # from here on, a misspelt key is an error rather than a silent new field
+  return cfg
+
+
+def _parse_value(text: str, current):
+  if isinstance(current, bool):
+    if text.lower() in ("true", "1", "yes"):
+      return True
+    if text.lower() in ("false", "0", "no"):
+      return False
+    raise ValueError(f"expected a bool, got {text!r}")
+  if isinstance(current, str):
+    return text
+  value = ast.literal_eval(text)
+  if isinstance(current, float) and isinstance(value, int):
+    value = float(value)
+  if isinstance(current, (int, float)) and not isinstance(value, type(current)):
+    raise ValueError(f"expected {type(current).__name__}, got {text!r}")
+  return value
+
+
+def set_key(cfg: ml_collections.ConfigDict, dotted: str, text: str) -> None:
+  """Sets cfg.<dotted> from a command-line string, keeping the default's type."""
+  node, parts = cfg, dotted.split(".")
+  for i, part in enumerate(parts):
+    keys = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+    if part not in keys:
+      where = "config" + "".join(f".{p}" for p in parts[:i])
+      near = difflib.get_close_matches(part, keys, n=3)
+      hint = f" Did you mean {', '.join(near)}?" if near else ""
+      raise ConfigError(f"unknown config key 'config.{dotted}'.{hint} "
+                        f"Valid keys in {where}: {', '.join(sorted(keys))}")
+    if i < len(parts) - 1:
+      node = node[part]
+  try:
+    value = _parse_value(text, node[parts[-1]])
+    with node.unlocked():
+      node[parts[-1]] = value
+  except (ValueError, SyntaxError, TypeError) as e:
+    raise ConfigError(f"bad value for config.{dotted}: {e}") from None
+
+
+def load_config(path: str, overrides: dict[str, str]) -> ml_collections.ConfigDict:
+  cfg = load_config_file(path)
+  for key, text in overrides.items():
+    set_key(cfg, key, text)
+  return cfg
+
+
+def split_overrides(argv: list[str]) -> tuple[dict[str, str], list[str]]:
+  """Pulls `--config.a.b=v` (or `--config.a.b v`) out of argv; returns (overrides, rest)."""
+  overrides, rest, i = {}, [], 0
+  while i < len(argv):
+    arg = argv[i]
+    if arg.startswith("--config."):
+      key, eq, value = arg[len("--config."):].partition("=")
+      if not eq:
+        if i + 1 >= len(argv):
+          raise ConfigError(f"{arg} needs a value")
+        value, i = argv[i + 1], i + 1
+      overrides[key] = value
+    else:
+      rest.append(arg)
+    i += 1
+  return overrides, rest
+
+
+def flatten(cfg: ml_collections.ConfigDict, prefix: str = "") -> dict:
+  out = {}
+  for key, value in cfg.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      out.update(flatten(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out

@@ -1,0 +1,270 @@
+"""The training loop: one function that runs any task on any mesh.
+
+It builds the mesh, data, model, optimizer and sharded state; resumes from the workdir if a
+checkpoint is there; runs the jitted step, evaluating, logging and checkpointing on schedule;
+and on SIGTERM/SIGINT finishes the current step, saves, and returns.
+"""
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import signal
+import time
+from typing import Any, Callable
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from infer import workdir as run_dir
+from infer.decode import generate
+from infer.sampling import SamplingParams
+from model import ModelConfig, Transformer, sharding
+from train import data as data_lib
+from train import metrics as metrics_lib
+from train import optim, step as step_lib
+from train.checkpoint import Checkpointer
+from train.config import ConfigError
+from train.state import abstract_state, create_state, param_count
+from train.tasks import pretrain
+from train.tokenizer import EOS, load_or_train_tokenizer
+
+
+def validate(cfg, model_cfg: ModelConfig, mesh) -> None:
+  """Config errors that would otherwise surface as shape errors deep inside jit."""
+  t = cfg.train
+  if cfg.data.seq_len > model_cfg.max_seq_len:
+    raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len="
+                      f"{model_cfg.max_seq_len}: the model cannot take sequences that long")
+  if cfg.data.seq_len < 2:
+    raise ConfigError(f"data.seq_len={cfg.data.seq_len} must be at least 2")
+  if t.microbatches < 1 or t.batch_size % t.microbatches:
+    raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by "
+                      f"train.microbatches={t.microbatches}")
+  shards = sharding.num_batch_shards(mesh)
+  if (t.batch_size // t.microbatches) % shards:
+    raise ConfigError(f"a microbatch of {t.batch_size // t.microbatches} rows cannot be split "
+                      f"over mesh.data x mesh.fsdp = {shards} devices: make train.batch_size / "
+                      f"train.microbatches a multiple of {shards}")
+  if t.batch_size % jax.process_count():
+    raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by "
+                      f"{jax.process_count()} processes")
+  if cfg.task != "pretrain":
+    raise ConfigError(f"task={cfg.task!r} is not available yet; valid: pretrain")
+
+
+@dataclasses.dataclass(frozen=True)
+class Program:
+  """What a run compiles: the model, optimizer, abstract state with its shardings, and the
+  jitted steps."""
+  model: Transformer
+  tx: Any
+  abstract: Any
+  shardings: Any
+  batch_sharding: Any
+  train_step: Callable
+  eval_step: Callable
+
+
+def build_program(cfg, model_cfg: ModelConfig, mesh) -> Program:
+  model = Transformer(model_cfg)
+  tx = optim.make_optimizer(cfg.train)
+  abstract, shardings = abstract_state(model, tx, mesh, cfg.data.seq_len)
+  loss_fn = functools.partial(pretrain.loss_fn, model=model, z_loss=cfg.train.z_loss)
+  train_step = step_lib.make_train_step(
+      loss_fn, tx, microbatches=cfg.train.microbatches, mesh=mesh,
+      param_shardings=shardings.params, schedule=optim.learning_rate_schedule(cfg.train))
+  batch_sh = sharding.batch_sharding(mesh)
+  p_train_step = jax.jit(sharding.in_mesh(train_step, mesh), in_shardings=(shardings, batch_sh),
+                         out_shardings=(shardings, sharding.replicated(mesh)),
+                         donate_argnums=0)
+  p_eval_step = jax.jit(sharding.in_mesh(step_lib.make_eval_step(loss_fn), mesh),
+                        in_shardings=(shardings.params, batch_sh))
+  return Program(model, tx, abstract, shardings, batch_sh, p_train_step, p_eval_step)
+
+
+class _HostBatches:
+  """Feeds the global batch: every host runs the same pipeline and keeps only its own rows.
+
+  So the batches, and hence the losses, are the same for any number of processes; each host
+  transfers only its rows to its devices.
+  """
+
+  def __init__(self, iterator, mesh, global_batch: int):
+    self.iterator = iterator
+    self.sharding = sharding.batch_sharding(mesh)
+    per_host = global_batch // jax.process_count()
+    self.rows = slice(jax.process_index() * per_host, (jax.process_index() + 1) * per_host)
+
+  def __next__(self):
+    batch = next(self.iterator)
+    return {k: jax.make_array_from_process_local_data(self.sharding, np.asarray(v)[self.rows])
+            for k, v in batch.items()}
+
+
+def _stop_on_signals():
+  """SIGTERM/SIGINT set a flag; the loop saves after the current step and returns."""
+  flag = {"stop": False}
+
+  def handler(signum, frame):
+    del frame
+    if flag["stop"]:  # a second signal: give up waiting
+      raise KeyboardInterrupt
+    flag["stop"] = True
+    print(f"\nsignal {signum}: finishing the current step, then saving", flush=True)
+
+  for sig in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(sig, handler)
+  return flag
+
+
+def _any_process(flag: bool) -> bool:
+  if jax.process_count() == 1:
+    return flag
+  from jax.experimental import multihost_utils
+  return bool(np.any(multihost_utils.process_allgather(np.array(flag))))
+
+
+def _tokenizer(cfg, workdir, vocab_size, train_files):
+  """Process 0 trains (or loads) the tokenizer; the others wait, then load its file."""
+  if jax.process_count() == 1:
+    return load_or_train_tokenizer(cfg.data, workdir, vocab_size, train_files)
+  from jax.experimental import multihost_utils
+  if jax.process_index() == 0:
+    tokenizer = load_or_train_tokenizer(cfg.data, workdir, vocab_size, train_files)
+  multihost_utils.sync_global_devices("tokenizer ready")
+  if jax.process_index() != 0:
+    tokenizer = load_or_train_tokenizer(cfg.data, workdir, vocab_size, train_files)
+  return tokenizer
+
+
+def train(cfg) -> dict:
+  """Runs cfg.train.steps optimizer steps (resuming from cfg.workdir). Returns last metrics."""
+  workdir = cfg.workdir
+  model_cfg = ModelConfig.from_config(cfg.model)
+  mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+  validate(cfg, model_cfg, mesh)
+  os.makedirs(workdir, exist_ok=True)
+  is_main = jax.process_index() == 0
+
+  # Data first: bad input fails here, before anything in the workdir is touched.
+  train_files, val_files = data_lib.list_files(cfg.data)
+  tokenizer = _tokenizer(cfg, workdir, model_cfg.vocab_size, train_files)
+  eos = tokenizer.token_to_id(EOS)
+  seq_len, batch_size = cfg.data.seq_len, cfg.train.batch_size
+  make_iter = functools.partial(data_lib.make_iterator, cfg.data, tokenizer,
+                                batch_size=batch_size, seq_len=seq_len, seed=cfg.seed)
+  train_it = make_iter(train_files, shuffle=True, repeat=True)
+
+  prog = build_program(cfg, model_cfg, mesh)
+  model, tx, abstract, shardings = prog.model, prog.tx, prog.abstract, prog.shardings
+  ckpt = Checkpointer(workdir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
+  latest = ckpt.latest_step()
+  if latest is not None and ckpt.has_train_state(latest):
+    state, data_state = ckpt.restore(latest, abstract, shardings)
+    if data_state is not None:
+      train_it.set_state(data_state)
+    print(f"resumed from {ckpt.directory}/{latest}", flush=True)
+  else:
+    state, _ = create_state(model, tx, mesh, cfg.seed, seq_len)
+    if cfg.train.init_from:
+      params = run_dir.load_params(cfg.train.init_from, model_cfg, mesh)
+      state = state.replace(params=params)
+      print(f"initialised params from {cfg.train.init_from}", flush=True)
+  if is_main:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(cfg.to_json(indent=2))
+
+  p_train_step, p_eval_step = prog.train_step, prog.eval_step
+
+  def evaluate(params) -> dict:
+    """Mean loss over the same first eval_batches validation batches every time."""
+    val_it = make_iter(val_files, shuffle=False, repeat=True)
+    batches = _HostBatches(val_it, mesh, batch_size)
+    sums = jax.device_get([p_eval_step(params, next(batches))
+                           for _ in range(cfg.train.eval_batches)])
+    val_it.close()
+    loss = sum(s["loss"] for s in sums) / max(sum(s["tokens"] for s in sums), 1.0)
+    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+
+  n_params = param_count(state.params)
+  flops_per_token = metrics_lib.training_flops_per_token(model_cfg, seq_len)
+  peak = metrics_lib.peak_flops(cfg.metrics.peak_tflops)
+  tokens_per_step = batch_size * seq_len
+  writer = metrics_lib.MetricsWriter(workdir, tensorboard=cfg.metrics.tensorboard)
+  start = int(jax.device_get(state.step))
+  steps = cfg.train.steps
+  if is_main:
+    print(f"model: {n_params / 1e6:.2f}M params | mesh {dict(mesh.shape)} | "
+          f"{tokens_per_step} tokens/step | steps {start}->{steps}", flush=True)
+
+  stop = _stop_on_signals()
+  batches = _HostBatches(train_it, mesh, batch_size)
+  bar = tqdm(total=steps, initial=start, disable=not is_main, dynamic_ncols=True, mininterval=1.0)
+  last, saved_step = {}, latest
+  pending = None  # (step, device metrics, eval metrics), logged once the next step is dispatched
+  clock = {"t": None, "steps": 0}  # throughput since the last log, evaluation time excluded
+
+  def log(step: int, device_metrics, extra: dict) -> dict:
+    m = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+    m.pop("tokens", None)
+    now = time.perf_counter()
+    if clock["t"] is not None and clock["steps"]:
+      m["tokens_per_s"] = clock["steps"] * tokens_per_step / (now - clock["t"])
+      m["mfu"] = m["tokens_per_s"] * flops_per_token / peak
+    clock["t"], clock["steps"] = now, 0
+    m.update(extra)
+    writer.write(step, m)
+    bar.set_postfix({k: f"{m[k]:.4g}" for k in ("loss", "val_loss", "tokens_per_s", "mfu")
+                     if k in m}, refresh=False)
+    return m
+
+  for i in range(start, steps):
+    state, device_metrics = p_train_step(state, next(batches))
+    step = i + 1
+    # Step `step` is dispatched: now read the previous step's metrics without stalling it.
+    if pending is not None:
+      last = log(*pending)
+      pending = None
+    if i == start:  # the first step compiles: keep it out of the throughput
+      jax.block_until_ready(state)
+      clock["t"], clock["steps"] = time.perf_counter(), 0
+    else:
+      clock["steps"] += 1
+    extra = {}
+    if cfg.train.eval_every and step % cfg.train.eval_every == 0 or step == steps:
+      jax.block_until_ready(state)  # so that only evaluation is taken off the clock
+      t0 = time.perf_counter()
+      extra = evaluate(state.params)
+      if clock["t"] is not None:
+        clock["t"] += time.perf_counter() - t0
+    if step % cfg.train.log_every == 0 or extra:
+      pending = (step, device_metrics, extra)
+    bar.update(1)
+    stopping = _any_process(stop["stop"])
+    if step % cfg.checkpoint.every == 0 or step == steps or stopping:
+      ckpt.save(state, train_it.get_state())
+      saved_step = step
+    if stopping:
+      break
+  if pending is not None:
+    last = log(*pending)
+  bar.close()
+  if saved_step != int(jax.device_get(state.step)):
+    ckpt.save(state, train_it.get_state())
+  ckpt.close()
+  writer.close()
+  train_it.close()
+
+  if not stop["stop"] and cfg.sample.max_new_tokens > 0 and is_main and jax.process_count() == 1:
+    prompt = [eos] + tokenizer.encode(cfg.sample.prompt).ids
+    out = generate(model_cfg, state.params, [prompt], max_new_tokens=cfg.sample.max_new_tokens,
+                   sampling=SamplingParams(temperature=cfg.sample.temperature,
+                                           top_k=cfg.sample.top_k),
+                   eos_ids=(eos,), seed=cfg.seed)[0]
+    text = tokenizer.decode([eos] + prompt[1:] + out, skip_special_tokens=True)
+    print(f"\n--- sample (step {int(jax.device_get(state.step))}) ---\n{text}\n---", flush=True)
+    last["sample"] = text
+  return last

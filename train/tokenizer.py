@@ -1,0 +1,110 @@
+"""Byte-level BPE tokenizer: trained once per run, kept in workdir/tokenizer.json.
+
+Byte-level (GPT-2 style) means every string, tabs and unicode included, maps to
+tokens and decodes back to exactly itself: there is no unknown token.
+"""
+
+import os
+from collections.abc import Iterable, Iterator
+
+import tokenizers
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from train.data import EOS, DataError, read_documents
+
+__all__ = ["EOS", "train_tokenizer", "load_or_train_tokenizer"]
+
+_FILENAME = "tokenizer.json"
+_BYTES = 256  # The base alphabet: one token per byte.
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int) -> tokenizers.Tokenizer:
+  """Learns a byte-level BPE of `vocab_size` tokens; EOS is id 0."""
+  if vocab_size < _BYTES + 1:
+    raise ValueError(
+        f"vocab_size={vocab_size} is below {_BYTES + 1}: the 256 byte tokens "
+        "plus EOS.")
+  tokenizer = tokenizers.Tokenizer(models.BPE())
+  # No prefix space: code is whitespace-sensitive, and decoding must give back
+  # the exact text.
+  tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tokenizer.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(
+      vocab_size=vocab_size,
+      special_tokens=[EOS],  # First special token, so id 0.
+      # All 256 bytes, even those absent from the sample, so nothing is unknown.
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+      show_progress=False,
+  )
+  tokenizer.train_from_iterator(texts, trainer)
+  return tokenizer
+
+
+def load_or_train_tokenizer(data_cfg, workdir: str, vocab_size: int,
+                            train_files: list[str]) -> tokenizers.Tokenizer:
+  """The run's tokenizer, from the first source that has one.
+
+  1. `data_cfg.tokenizer`, a tokenizer.json path (copied into workdir);
+  2. `workdir/tokenizer.json` (a resumed run);
+  3. a new BPE trained on the first `data_cfg.tokenizer_train_mb` MB of
+     `train_files`, in their order, saved to workdir/tokenizer.json.
+
+  `vocab_size` is model.vocab_size; a bigger tokenizer is an error.
+  """
+  saved = os.path.join(workdir, _FILENAME)
+  if data_cfg.tokenizer:
+    tokenizer = _load(data_cfg.tokenizer, "data.tokenizer")
+    _keep_copy(tokenizer, saved)
+  elif os.path.exists(saved):
+    tokenizer = _load(saved, "workdir")
+  else:
+    budget = int(data_cfg.tokenizer_train_mb * 2**20)
+    tokenizer = train_tokenizer(_leading_text(train_files, data_cfg, budget),
+                                vocab_size)
+    _save_atomic(tokenizer, saved)
+  if tokenizer.get_vocab_size() > vocab_size:
+    raise ValueError(
+        f"The tokenizer has {tokenizer.get_vocab_size()} tokens but "
+        f"model.vocab_size={vocab_size}; raise model.vocab_size (or use a "
+        f"smaller tokenizer, see data.tokenizer and {saved}).")
+  return tokenizer
+
+
+def _load(path: str, source: str) -> tokenizers.Tokenizer:
+  if not os.path.isfile(path):
+    raise DataError(f"{source}: no tokenizer file at {path!r}.")
+  tokenizer = tokenizers.Tokenizer.from_file(path)
+  if tokenizer.token_to_id(EOS) is None:
+    raise DataError(f"{source}: the tokenizer at {path} has no {EOS!r} token.")
+  return tokenizer
+
+
+def _keep_copy(tokenizer: tokenizers.Tokenizer, saved: str) -> None:
+  """Puts the tokenizer in workdir, so the workdir alone can resume a run."""
+  if not os.path.exists(saved):
+    _save_atomic(tokenizer, saved)
+  elif tokenizers.Tokenizer.from_file(saved).to_str() != tokenizer.to_str():
+    # Resuming with other token ids would silently scramble the model's input.
+    raise DataError(
+        f"data.tokenizer differs from {saved}, which this run was started "
+        "with; use a new workdir or the same tokenizer.")
+
+
+def _leading_text(files: list[str], data_cfg, budget: int) -> Iterator[str]:
+  """Documents of `files`, in order, until `budget` UTF-8 bytes are given."""
+  for path in files:
+    for text in read_documents(path, data_cfg):
+      data = text.encode("utf-8")
+      if len(data) >= budget:
+        yield data[:budget].decode("utf-8", errors="ignore")
+        return
+      budget -= len(data)
+      yield text
+
+
+def _save_atomic(tokenizer: tokenizers.Tokenizer, path: str) -> None:
+  """Write then rename, so a crash never leaves a half-written tokenizer."""
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  tmp = f"{path}.tmp{os.getpid()}"
+  tokenizer.save(tmp)
+  os.replace(tmp, path)
