@@ -157,6 +157,7 @@ def train(cfg) -> dict:
   make_iter = functools.partial(data_lib.make_iterator, cfg.data, tokenizer,
                                 batch_size=batch_size, seq_len=seq_len, seed=cfg.seed)
   train_it = make_iter(train_files, shuffle=True, repeat=True)
+  make_iter(val_files, shuffle=False, repeat=True).close()  # validates the val files now
 
   prog = build_program(cfg, model_cfg, mesh)
   model, tx, abstract, shardings = prog.model, prog.tx, prog.abstract, prog.shardings

@@ -1,0 +1,209 @@
+"""train/main.py as a user runs it: resume after kill -9, SIGTERM, bad input, dry run.
+
+Each test starts the real program in a subprocess on a small corpus and model.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = [
+    "--config.model.vocab_size=512", "--config.model.d_model=64", "--config.model.n_layers=2",
+    "--config.model.n_heads=4", "--config.model.n_kv_heads=2", "--config.model.d_ff=128",
+    "--config.data.seq_len=64", "--config.data.tokenizer_train_mb=0.3",
+    "--config.train.batch_size=4", "--config.train.eval_batches=2",
+    "--config.train.warmup_steps=2", "--config.train.log_every=1",
+    "--config.sample.max_new_tokens=0", "--config.metrics.peak_tflops=1",
+    "--config.metrics.tensorboard=False",
+]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+  """Forty standard-library files: real Python, small enough to tokenize in a moment."""
+  src = sysconfig.get_paths()["stdlib"]
+  out = tmp_path_factory.mktemp("corpus")
+  names = sorted(n for n in os.listdir(src) if n.endswith(".py"))[:40]
+  for n in names:
+    shutil.copy(os.path.join(src, n), out / n)
+  return str(out)
+
+
+def command(workdir, corpus, *extra):
+  return [sys.executable, os.path.join(ROOT, "train", "main.py"), "--config",
+          os.path.join(ROOT, "configs", "tiny.py"), f"--config.workdir={workdir}",
+          f"--config.data.corpus={corpus}/*.py", *SMALL, *extra]
+
+
+def env():
+  e = dict(os.environ)
+  e.pop("XLA_FLAGS", None)  # one CPU device, as a user's laptop has
+  e["PYTHONUNBUFFERED"] = "1"
+  return e
+
+
+def run(cmd, timeout=300):
+  return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env(), cwd=ROOT)
+
+
+def losses(workdir) -> dict[int, float]:
+  """step -> loss, the last line written for a step winning (a rerun rewrites steps)."""
+  out = {}
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    for line in f:
+      row = json.loads(line)
+      out[row["step"]] = row["loss"]
+  return out
+
+
+def checkpoint_steps(workdir):
+  d = os.path.join(workdir, "checkpoints")
+  return sorted(int(s) for s in os.listdir(d) if s.isdigit()) if os.path.isdir(d) else []
+
+
+def tree_digest(path) -> str:
+  h = hashlib.sha256()
+  for root, dirs, files in sorted(os.walk(path)):
+    dirs.sort()
+    for name in sorted(files):
+      p = os.path.join(root, name)
+      h.update(p.encode())
+      with open(p, "rb") as f:
+        h.update(f.read())
+  return h.hexdigest()
+
+
+def test_resume_after_kill_9_repeats_the_same_losses(corpus, tmp_path):
+  # Larger steps so that there is time to kill the run between checkpoints.
+  slow = ["--config.train.steps=20", "--config.checkpoint.every=10",
+          "--config.train.eval_every=0", "--config.data.seq_len=256",
+          "--config.model.d_model=128", "--config.train.batch_size=8"]
+  straight = tmp_path / "straight"
+  result = run(command(straight, corpus, *slow))
+  assert result.returncode == 0, result.stderr[-3000:]
+
+  killed = tmp_path / "killed"
+  proc = subprocess.Popen(command(killed, corpus, *slow), env=env(), cwd=ROOT,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 300
+  while 10 not in checkpoint_steps(killed) and time.time() < deadline:
+    assert proc.poll() is None, "the run ended before its first checkpoint"
+    time.sleep(0.02)
+  assert proc.poll() is None, "the run finished before it could be killed"
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert checkpoint_steps(killed)[-1] == 10
+
+  result = run(command(killed, corpus, *slow))
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "resumed from" in result.stdout
+  expected, got = losses(straight), losses(killed)
+  assert [got[s] for s in range(11, 21)] == [expected[s] for s in range(11, 21)]
+
+
+def test_sigterm_saves_the_last_completed_step_and_exits_0(corpus, tmp_path):
+  workdir = tmp_path / "run"
+  proc = subprocess.Popen(command(workdir, corpus, "--config.train.steps=100000",
+                                  "--config.checkpoint.every=100000",
+                                  "--config.train.eval_every=0"),
+                          env=env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True)
+  deadline = time.time() + 300
+  while time.time() < deadline:
+    if os.path.exists(workdir / "metrics.jsonl") and len(losses(workdir)) >= 3:
+      break
+    assert proc.poll() is None, proc.stdout.read()[-3000:]
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 0, out[-3000:]
+  steps = checkpoint_steps(workdir)
+  assert len(steps) == 1 and steps[0] >= 3
+  assert max(losses(workdir)) <= steps[0]  # nothing was trained past the saved step
+  # The checkpoint is whole: the same command resumes from it.
+  result = run(command(workdir, corpus, f"--config.train.steps={steps[0] + 1}"))
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f"resumed from" in result.stdout and checkpoint_steps(workdir)[-1] == steps[0] + 1
+
+
+@pytest.fixture(scope="module")
+def trained(corpus, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("trained")
+  result = run(command(workdir, corpus, "--config.train.steps=2"))
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir
+
+
+def _assert_untouched(workdir, fn):
+  before = tree_digest(workdir / "checkpoints"), (workdir / "config.json").read_text()
+  result = fn()
+  assert (tree_digest(workdir / "checkpoints"), (workdir / "config.json").read_text()) == before
+  return result
+
+
+def test_unknown_config_key_lists_the_valid_ones(corpus, trained):
+  result = _assert_untouched(trained, lambda: run(command(trained, corpus,
+                                                          "--config.train.stpes=3")))
+  assert result.returncode == 2
+  assert "config.train.stpes" in result.stderr and "steps" in result.stderr
+  assert "Valid keys in config.train" in result.stderr
+
+
+def test_glob_matching_nothing_names_the_key(corpus, trained, tmp_path):
+  result = _assert_untouched(trained, lambda: run(
+      command(trained, corpus, f"--config.data.corpus={tmp_path}/nothing/*.txt")))
+  assert result.returncode == 2
+  assert "data.corpus" in result.stderr and "nothing" in result.stderr
+
+
+@pytest.mark.parametrize("line,why", [("{not json", "JSON"), ('{"body": "x"}', "text")])
+def test_bad_jsonl_line_names_file_and_line(trained, tmp_path, line, why):
+  data = tmp_path / "data"
+  data.mkdir()
+  for i in range(3):
+    rows = [json.dumps({"text": f"def f{i}_{j}():\n    return {j}\n"}) for j in range(5)]
+    if i == 1:
+      rows[3] = line
+    (data / f"part{i}.jsonl").write_text("\n".join(rows) + "\n")
+  result = _assert_untouched(trained, lambda: run(
+      command(trained, "unused", f"--config.data.corpus={data}/*.jsonl",
+              "--config.data.format=jsonl", "--config.data.val_fraction=0.34")))
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert f"part1.jsonl:4" in result.stderr and why in result.stderr
+
+
+def test_seq_len_longer_than_the_model_takes(corpus, trained):
+  result = _assert_untouched(trained, lambda: run(command(
+      trained, corpus, "--config.data.seq_len=4096", "--config.model.max_seq_len=1024")))
+  assert result.returncode == 2
+  assert "data.seq_len=4096" in result.stderr and "model.max_seq_len=1024" in result.stderr
+
+
+def test_dry_run_compiles_llama3_8b_shapes_without_allocating():
+  # Two of the 32 layers keep the compile quick; memory scales per layer from here.
+  result = run([sys.executable, os.path.join(ROOT, "train", "main.py"), "--config",
+                os.path.join(ROOT, "configs", "llama3_8b.py"), "--dry_run",
+                "--config.mesh.data=2", "--config.mesh.fsdp=4", "--config.mesh.tensor=2",
+                "--config.model.n_layers=2", "--config.data.seq_len=1024",
+                "--config.train.batch_size=16"], timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads(result.stdout[result.stdout.index("{"):result.stdout.rindex("}") + 1])
+  assert report["devices"] == 16
+  n = report["params"]
+  # embedding + head + 2 layers of Llama-3-8B
+  per_layer = 4096 * (4096 * 2 + 1024 * 2) + 3 * 4096 * 14336 + 2 * 4096
+  assert n == 2 * 128256 * 4096 + 2 * per_layer + 4096
+  # f32 params split over fsdp x tensor = 8 ways (replicated over data), Adam's two moments
+  # likewise; the norm scales are replicated, a rounding error at this size.
+  assert abs(report["param_bytes_per_device"] - 4 * n / 8) / (4 * n / 8) < 0.01
+  assert abs(report["optimizer_bytes_per_device"] - 8 * n / 8) / (8 * n / 8) < 0.01
+  assert report["temp_bytes_per_device"] > 0 and report["xla_flops_per_device"] > 0
