@@ -1,8 +1,8 @@
 """Checkpoint conversion: GGUF, Hugging Face and our orbax run directories, one CLI.
 
   python train/convert.py --src gguf:SmolLM2.Q4_1.gguf --dst orbax:runs/smollm2
-  python train/convert.py --src orbax:runs/smollm2 --dst hf:out/smollm2 --dtype bfloat16 \
-      --max_shard_size 2GB
+  python train/convert.py --src orbax:runs/smollm2 --dst hf:out/smollm2 --dtype bfloat16
+  python train/convert.py --src hf:out/smollm2 --dst hf:out/smollm2-2gb --max_shard_size 2GB
   python train/convert.py --src hf:path/to/Llama-3.2-1B --dst orbax:runs/llama
 
 Formats: `gguf` (read), `hf` (a directory with config.json, *.safetensors and an optional
@@ -25,8 +25,8 @@ import json
 from typing import Any
 
 from infer import workdir as workdir_lib
-from infer.hf import (ConversionError, atomic_directory, load_hf, read_tokenizer_files,
-                      relayout, token_ids, write_hf, write_tokenizer_files)
+from infer.hf import (ConversionError, atomic_directory, check_destination, load_hf,
+                      read_tokenizer_files, relayout, token_ids, write_hf, write_tokenizer_files)
 from model import ModelConfig, sharding
 
 READ_FORMATS = ("gguf", "hf", "orbax")
@@ -135,7 +135,8 @@ def convert(src: str, dst: str, *, max_shard_size: str | int = "5GB", dtype: str
   dtype: stored weights of the destination (float32, bfloat16, float16; default: as the
   source holds them, float32 for GGUF). scan_layers: the orbax destination's layer layout
   (default: the source's, scanned for gguf/hf)."""
-  parse_location(dst, WRITE_FORMATS, "--dst")  # fail before loading anything
+  _, path = parse_location(dst, WRITE_FORMATS, "--dst")  # fail before loading anything
+  check_destination(path, overwrite)
   overrides = {} if scan_layers is None else {"scan_layers": scan_layers}
   model = read(src, mesh, **overrides)
   return write(model, dst, max_shard_size=max_shard_size, dtype=dtype, overwrite=overwrite)

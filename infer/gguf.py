@@ -1,0 +1,357 @@
+"""GGUF (llama.cpp) files: model config, dequantized parameters and an HF tokenizer.
+
+    cfg, params, tokenizer, extra = load_gguf("SmolLM2-135M-Instruct.Q4_1.gguf")
+
+Tensors are renamed to their HF Llama names and go through infer/hf.py's mapping, after
+two GGUF-specific steps:
+  * dequantization (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K..Q6_K) with the
+    `gguf` package's reference numpy code;
+  * undoing llama.cpp's Q/K row permutation. llama.cpp rotates adjacent pairs (x[2i],
+    x[2i+1]) in RoPE, HF (and we) rotate halves (x[i], x[i + H/2]), so convert_hf_to_gguf
+    interleaves each head's rows; we put them back.
+The tokenizer ("gpt2"-type byte-level BPE) is rebuilt from the vocab, merges, token types
+and the `tokenizer.ggml.pre` pre-tokenizer name, with control tokens as special tokens.
+"""
+
+import math
+import os
+import re
+
+import numpy as np
+
+from infer.hf import ArraySource, ConversionError, hf_shapes, layer_name, params_from_source
+from model import ModelConfig
+
+_ARCHITECTURES = ("llama",)
+_SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K",
+                    "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+# llama.cpp token types (llama_token_type / gguf.TokenType).
+_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED = 1, 2, 3, 4
+
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_LAYER_NAMES = {
+    "attn_q.weight": "self_attn.q_proj.weight", "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight", "attn_output.weight": "self_attn.o_proj.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight", "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight", "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+}
+_ROPE_FREQS = "rope_freqs.weight"  # Llama-3.1 scaling as per-frequency divisors
+
+# Pre-tokenizer regexes, as llama.cpp's llama-vocab.cpp splits text for each `pre` name,
+# written the way the models' own HF tokenizer.json files write them.
+_GPT2 = ("gpt2", "default", "mpt", "olmo", "jais", "trillion")
+_GPT2_DIGITS = ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva")
+_SPLIT_REGEX = {
+    "llama-bpe": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
+                 r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+    "qwen2": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"
+             r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+}
+_IGNORE_MERGES = ("llama-bpe",)  # llama.cpp: a word already in the vocab is one token
+
+
+def hf_name(gguf_name: str) -> str:
+  """The HF Llama name of a GGUF tensor name."""
+  if gguf_name in _GLOBAL_NAMES:
+    return _GLOBAL_NAMES[gguf_name]
+  m = re.fullmatch(r"blk\.(\d+)\.(.+)", gguf_name)
+  if m and m.group(2) in _LAYER_NAMES:
+    return layer_name(int(m.group(1)), _LAYER_NAMES[m.group(2)])
+  raise KeyError(gguf_name)
+
+
+def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
+  """HF rows from llama.cpp's: per head, [r0, r_{H/2}, r1, r_{H/2+1}, ...] -> [r0..r_{H-1}].
+
+  The inverse of convert_hf_to_gguf's `reshape(n, 2, H/2, D).swapaxes(1, 2)`: w[out, in]."""
+  rows, cols = w.shape
+  return w.reshape(n_heads, rows // n_heads // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)
+
+
+def permute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
+  """llama.cpp's Q/K row order from HF's (what convert_hf_to_gguf writes)."""
+  rows, cols = w.shape
+  return w.reshape(n_heads, 2, rows // n_heads // 2, cols).swapaxes(1, 2).reshape(rows, cols)
+
+
+def _reader_class():
+  from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
+
+  class Reader(GGUFReader):
+    """GGUFReader that names the tensor when a file is truncated or holds an unknown type
+    (the stock reader fails inside numpy with a bare reshape error)."""
+
+    def _build_tensors(self, start_offs, fields):
+      size = len(self.data)
+      for field in fields:
+        _, name, _, dims, raw_type, offset = field.parts
+        name = bytes(name).decode("utf-8", errors="replace")
+        try:
+          qtype = GGMLQuantizationType(int(raw_type[0]))
+        except ValueError:
+          raise ConversionError(f"tensor {name!r} has unknown GGML type id {int(raw_type[0])}"
+                                ) from None
+        block, type_size = GGML_QUANT_SIZES[qtype]
+        end = start_offs + int(offset[0]) + math.prod(int(d) for d in dims) * type_size // block
+        if end > size:
+          raise ConversionError(f"truncated: tensor {name!r} ends at byte {end}, but the file "
+                                f"has {size} bytes")
+      return super()._build_tensors(start_offs, fields)
+
+  return Reader
+
+
+def read_gguf(path: str):
+  """A gguf.GGUFReader over `path`, with errors that name the file."""
+  if not os.path.isfile(path):
+    raise ConversionError(f"{path}: no such GGUF file")
+  try:
+    return _reader_class()(path)
+  except ConversionError as e:
+    raise ConversionError(f"{path}: {e}") from None
+  except Exception as e:  # the reader raises ValueError/IndexError/... on garbage
+    raise ConversionError(f"{path}: not a readable GGUF file, corrupt or truncated "
+                          f"({type(e).__name__}: {e})") from None
+
+
+class _Fields:
+  def __init__(self, reader, path):
+    self.reader, self.path = reader, path
+
+  def get(self, key, default=None):
+    field = self.reader.fields.get(key)
+    return default if field is None else field.contents()
+
+  def need(self, key, scalar=True):
+    value = self.get(key)
+    if value is None:
+      raise ConversionError(f"{self.path}: metadata key {key!r} is missing")
+    if scalar and isinstance(value, list):
+      raise ConversionError(f"{self.path}: metadata {key!r} is a per-layer list; only models "
+                            "with the same value in every layer are supported")
+    return value
+
+
+def _f32(x) -> float:
+  """The shortest decimal that round-trips a float32 (1e-05, not 9.999999747378752e-06)."""
+  return float(str(np.float32(x)))
+
+
+def _llama3_scaling(divisors: np.ndarray, cfg: dict, original_len: int, path: str) -> dict:
+  """Llama-3.1 rope parameters from llama.cpp's per-frequency divisors (rope_freqs.weight).
+
+  Divisors are 1 (kept), `factor` (long wavelengths) or, in between, 1/div = (1-s)/factor
+  + s with s = orig/(wavelen*(high-low)) - low/(high-low): linear in 1/wavelen, so two
+  middle points fix a = orig/(high-low) and b = low/(high-low); any orig then works."""
+  h, theta = cfg["head_dim"], cfg["rope_theta"]
+  divisors = divisors.astype(np.float64)
+  factor = float(divisors.max())
+  if factor <= 1 + 1e-6:
+    return {}
+  wavelen = 2 * math.pi * theta ** (np.arange(0, h, 2) / h)
+  mid = (divisors > 1 + 1e-4) & (divisors < factor * (1 - 1e-4))
+  low, high = 1.0, 4.0  # Llama 3.1's values, kept when too few middle points to fit
+  if mid.sum() >= 2:
+    s = (1 / divisors[mid] - 1 / factor) / (1 - 1 / factor)
+    a, neg_b = np.polyfit(1 / wavelen[mid], s, 1)
+    low, high = -neg_b * original_len / a, (1 - neg_b) * original_len / a
+  scaling = dict(rope_scaling_factor=_f32(factor), rope_low_freq_factor=_f32(low),
+                 rope_high_freq_factor=_f32(high), rope_original_max_len=original_len)
+  # Check the fit against the file with the model's own formula.
+  from model.layers import rope_inv_freq
+  ours = np.asarray(rope_inv_freq(ModelConfig(**cfg, **scaling)), np.float64)
+  plain = 1 / (theta ** (np.arange(0, h, 2) / h))
+  if not np.allclose(plain / ours, divisors, rtol=1e-3):
+    raise ConversionError(f"{path}: tensor {_ROPE_FREQS!r} is not a Llama-3.1 rope scaling "
+                          "(only that kind is supported)")
+  return scaling
+
+
+def config_from_gguf(reader, path: str, **overrides) -> ModelConfig:
+  """ModelConfig from GGUF metadata (`{arch}.*` keys) and which tensors exist."""
+  fields = _Fields(reader, path)
+  arch = fields.need("general.architecture")
+  if arch not in _ARCHITECTURES:
+    raise ConversionError(f"{path}: unsupported architecture {arch!r} (supported: "
+                          f"{list(_ARCHITECTURES)})")
+  key = lambda k: f"{arch}.{k}"  # noqa: E731
+  d, n = int(fields.need(key("embedding_length"))), int(fields.need(key("attention.head_count")))
+  head_dim = int(fields.get(key("attention.key_length"), d // n))
+  if int(fields.get(key("attention.value_length"), head_dim)) != head_dim:
+    raise ConversionError(f"{path}: {key('attention.value_length')} differs from the key "
+                          "length; not supported")
+  if int(fields.get(key("rope.dimension_count"), head_dim)) != head_dim:
+    raise ConversionError(f"{path}: {key('rope.dimension_count')} is not the head dim "
+                          f"{head_dim}: partial rotary embeddings are not supported")
+  scaling_type = fields.get(key("rope.scaling.type"), "none")
+  if scaling_type not in ("none", "llama3"):
+    raise ConversionError(f"{path}: rope scaling {scaling_type!r} is not supported")
+  tensors = {t.name: t for t in reader.tensors}
+  tokens = fields.get("tokenizer.ggml.tokens")
+  vocab = fields.get(key("vocab_size"))
+  if vocab is None:
+    vocab = len(tokens) if tokens else int(tensors["token_embd.weight"].shape[1])
+  cfg = dict(vocab_size=int(vocab), d_model=d, n_layers=int(fields.need(key("block_count"))),
+             n_heads=n, n_kv_heads=int(fields.get(key("attention.head_count_kv"), n)),
+             head_dim=head_dim, d_ff=int(fields.need(key("feed_forward_length"))),
+             max_seq_len=int(fields.get(key("context_length"), 2048)),
+             rope_theta=_f32(fields.get(key("rope.freq_base"), 10000.0)),
+             norm_eps=_f32(fields.get(key("attention.layer_norm_rms_epsilon"), 1e-5)),
+             tie_embeddings="output.weight" not in tensors)
+  if _ROPE_FREQS in tensors:
+    from gguf.quants import dequantize
+    t = tensors[_ROPE_FREQS]
+    divisors = dequantize(t.data, t.tensor_type).reshape(-1)
+    original = int(fields.get(key("rope.scaling.original_context_length"), 8192))
+    cfg.update(_llama3_scaling(divisors, cfg, original, path))
+  cfg.update(overrides)
+  try:
+    return ModelConfig(**cfg)
+  except ValueError as e:
+    raise ConversionError(f"{path}: {e}") from None
+
+
+def tensors_from_gguf(reader, path: str, cfg: ModelConfig) -> ArraySource:
+  """Every weight under its HF name, dequantized to float32 (Q/K rows un-permuted) when
+  first read. Types and shapes are checked here, before anything is dequantized."""
+  expected = hf_shapes(cfg)
+  arrays, where, shapes = {}, {}, {}
+  for t in reader.tensors:
+    if t.name == _ROPE_FREQS:
+      continue  # read into the config
+    try:
+      name = hf_name(t.name)
+    except KeyError:
+      raise ConversionError(f"{path}: tensor {t.name!r} is not part of a Llama model") from None
+    where[name] = f"{path} (GGUF tensor {t.name!r})"
+    if t.tensor_type.name not in _SUPPORTED_TYPES:
+      raise ConversionError(f"{where[name]}: type {t.tensor_type.name} is not supported "
+                            f"(supported: {', '.join(_SUPPORTED_TYPES)})")
+    shape = tuple(int(x) for x in reversed(t.shape.tolist()))  # ggml lists dims inner first
+    if name in expected and shape != expected[name]:
+      raise ConversionError(
+          f"{where[name]}: shape {shape} does not match the metadata (d_model={cfg.d_model}, "
+          f"n_heads={cfg.n_heads}, n_kv_heads={cfg.n_kv_heads}, head_dim={cfg.head_dim}, "
+          f"d_ff={cfg.d_ff}, vocab_size={cfg.vocab_size}), which needs {expected[name]}")
+    heads = (cfg.n_heads if name.endswith("q_proj.weight") else
+             cfg.n_kv_heads if name.endswith("k_proj.weight") else None)
+    arrays[name] = lambda t=t, shape=shape, heads=heads: _dequantize(t, shape, heads)
+    shapes[name] = shape
+  return ArraySource(arrays, path, where, shapes)
+
+
+def _dequantize(tensor, shape, heads):
+  from gguf.quants import dequantize
+  w = np.asarray(dequantize(tensor.data, tensor.tensor_type), np.float32).reshape(shape)
+  return w if heads is None else unpermute_qk(w, heads)
+
+
+def _pre_tokenizer(pre: str, path: str):
+  from tokenizers import Regex, pre_tokenizers
+  byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+  if pre in _GPT2:
+    return byte_level
+  if pre in _GPT2_DIGITS:  # llama.cpp: split "\p{N}" first, then the GPT-2 regex
+    return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+  if pre in _SPLIT_REGEX:
+    return pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(_SPLIT_REGEX[pre]), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+  raise ConversionError(f"{path}: tokenizer.ggml.pre={pre!r} is not supported (supported: "
+                        f"{sorted(_GPT2 + _GPT2_DIGITS + tuple(_SPLIT_REGEX))})")
+
+
+def bpe_tokenizer(tokens: list[str], token_types: list[int] | None, merges: list[str],
+                  pre: str = "default", path: str = "(tokenizer)"):
+  """A byte-level BPE tokenizers.Tokenizer from llama.cpp's vocabulary description:
+  tokens in GPT-2's byte-to-unicode spelling, llama.cpp token types, "a b" merges in rank
+  order and the `tokenizer.ggml.pre` name that picks the pre-tokenizer."""
+  from tokenizers import AddedToken, Tokenizer, decoders, models, processors
+  token_types = token_types or [_NORMAL] * len(tokens)
+  vocab = {}
+  for i, token in enumerate(tokens):
+    vocab.setdefault(token, i)  # a few GGUFs repeat padding tokens: the first id wins
+  bpe = models.BPE(vocab=vocab, merges=[tuple(m.split(" ", 1)) for m in merges],
+                   ignore_merges=pre in _IGNORE_MERGES)
+  tokenizer = Tokenizer(bpe)
+  tokenizer.pre_tokenizer = _pre_tokenizer(pre, path)
+  tokenizer.decoder = decoders.ByteLevel()
+  tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+  # Control (and unknown) tokens are matched in text before BPE, as llama.cpp does with
+  # parse_special; user-defined tokens too, but they decode like text.
+  special = [i for i, t in enumerate(token_types) if t in (_CONTROL, _UNKNOWN)]
+  user = [i for i, t in enumerate(token_types) if t == _USER_DEFINED]
+  tokenizer.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False)
+                                for i in special])
+  tokenizer.add_tokens([AddedToken(tokens[i], special=False, normalized=False) for i in user])
+  for i in special + user:
+    if tokenizer.token_to_id(tokens[i]) != i and vocab[tokens[i]] == i:
+      raise ConversionError(f"{path}: special token {tokens[i]!r} did not keep id {i}")
+  return tokenizer
+
+
+def tokenizer_from_gguf(reader, path: str, max_len: int | None = None):
+  """(tokenizers.Tokenizer, HF tokenizer_config dict) rebuilt from the GGUF vocab."""
+  from tokenizers import processors
+  fields = _Fields(reader, path)
+  kind = fields.get("tokenizer.ggml.model")
+  if kind != "gpt2":
+    raise ConversionError(f"{path}: tokenizer.ggml.model={kind!r} is not supported (only "
+                          "'gpt2', byte-level BPE)")
+  tokens = fields.need("tokenizer.ggml.tokens", scalar=False)
+  tokenizer = bpe_tokenizer(tokens, fields.get("tokenizer.ggml.token_type"),
+                            fields.get("tokenizer.ggml.merges") or [],
+                            fields.get("tokenizer.ggml.pre", "default"), path)
+
+  ids = {k: fields.get(f"tokenizer.ggml.{k}_token_id")
+         for k in ("bos", "eos", "unknown", "padding")}
+  config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
+            "add_bos_token": bool(fields.get("tokenizer.ggml.add_bos_token", False)),
+            "add_eos_token": bool(fields.get("tokenizer.ggml.add_eos_token", False))}
+  for key, hf_key in (("bos", "bos_token"), ("eos", "eos_token"), ("unknown", "unk_token"),
+                      ("padding", "pad_token")):
+    if ids[key] is not None and 0 <= int(ids[key]) < len(tokens):
+      config[hf_key] = tokens[int(ids[key])]
+  if max_len:
+    config["model_max_length"] = max_len
+  template = fields.get("tokenizer.chat_template")
+  if template:
+    config["chat_template"] = template
+
+  post = [tokenizer.post_processor]
+  bos = [config["bos_token"]] if config["add_bos_token"] and "bos_token" in config else []
+  eos = [config["eos_token"]] if config["add_eos_token"] and "eos_token" in config else []
+  if bos or eos:  # what llama.cpp's add_bos/add_eos do, as an HF post-processor
+    seq = lambda x, i: " ".join([f"{t}:{i}" for t in bos] + [f"${x}:{i}"]  # noqa: E731
+                                + [f"{t}:{i}" for t in eos])
+    post.append(processors.TemplateProcessing(
+        single=seq("A", 0), pair=f"{seq('A', 0)} {seq('B', 1)}",
+        special_tokens=[(t, tokenizer.token_to_id(t)) for t in dict.fromkeys(bos + eos)]))
+  tokenizer.post_processor = processors.Sequence(post) if len(post) > 1 else post[0]
+  return tokenizer, config
+
+
+def load_gguf(path: str, mesh=None, **config_overrides):
+  """(cfg, params, tokenizer, extra) from a llama-architecture GGUF file.
+
+  params: our float32 (cfg.param_dtype) parameter pytree placed on `mesh` (default: the
+  first device). extra: chat_template, bos/eos/pad_token_id, eos_token_ids and the HF
+  tokenizer_config dict. `config_overrides` are ModelConfig fields (scan_layers, ...)."""
+  reader = read_gguf(path)
+  cfg = config_from_gguf(reader, path, **config_overrides)
+  source = tensors_from_gguf(reader, path, cfg)
+  params = params_from_source(cfg, source, mesh)
+  tokenizer, tokenizer_config = tokenizer_from_gguf(reader, path, cfg.max_seq_len)
+  fields = _Fields(reader, path)
+  ids = {f"{k}_token_id": fields.get(f"tokenizer.ggml.{g}_token_id")
+         for k, g in (("bos", "bos"), ("eos", "eos"), ("pad", "padding"))}
+  ids = {k: None if v is None else int(v) for k, v in ids.items()}
+  extra = dict(ids, eos_token_ids=(ids["eos_token_id"],) if ids["eos_token_id"] is not None
+               else (), chat_template=tokenizer_config.get("chat_template"),
+               tokenizer_config=tokenizer_config)
+  return cfg, params, tokenizer, extra
