@@ -5,16 +5,20 @@ where they are used. Every parameter and activation carries logical axis names; 
 `model/sharding.py` map them onto the mesh.
 """
 
+import functools
 import math
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from model import kv_cache
+from jax.sharding import PartitionSpec as P
+
+from model import kv_cache, sharding
 from model.config import ModelConfig
 from model.sharding import constrain
 from pallas_kernels.attention import attention, cached_attention
+from pallas_kernels.flash_attention import resolve_impl
 
 
 def _param(module, name, init, shape, axes, dtype):
@@ -61,6 +65,26 @@ def apply_rope(x_BTNH, positions_BT, inv_freq):
   return out.astype(x_BTNH.dtype)
 
 
+def self_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids, cfg: ModelConfig):
+  """Causal attention within packed segments, through the kernels' one entry point.
+
+  A pallas_call is opaque to XLA's partitioner, which would gather its inputs onto every
+  device; under a mesh the kernel runs per shard instead: rows over (data, fsdp), heads over
+  tensor when the kv heads divide evenly (else every tensor shard computes all heads).
+  """
+  if segment_ids is None:
+    segment_ids = jnp.ones(q_BTNH.shape[:2], jnp.int32)
+  fn = functools.partial(attention, causal=True, impl=cfg.attention_impl)
+  mesh = sharding.current_mesh()
+  if mesh is None or resolve_impl(cfg.attention_impl) != "pallas":
+    return fn(q_BTNH, k_BTKH, v_BTKH, segment_ids=segment_ids)
+  heads = "tensor" if cfg.n_kv_heads % mesh.shape["tensor"] == 0 else None
+  qkv_spec = P(("data", "fsdp"), None, heads, None)
+  return jax.shard_map(lambda q, k, v, s: fn(q, k, v, segment_ids=s), mesh=mesh,
+                       in_specs=(qkv_spec, qkv_spec, qkv_spec, P(("data", "fsdp"), None)),
+                       out_specs=qkv_spec, check_vma=False)(q_BTNH, k_BTKH, v_BTKH, segment_ids)
+
+
 class Attention(nn.Module):
   cfg: ModelConfig
 
@@ -85,8 +109,7 @@ class Attention(nn.Module):
     val = constrain(val, ("batch", "length", "act_kv_heads", None))
 
     if layer_kv is None:
-      out = attention(q, key, val, segment_ids=segment_ids, causal=True,
-                      impl=cfg.attention_impl)
+      out = self_attention(q, key, val, segment_ids, cfg)
       new_kv = None
     elif isinstance(start, kv_cache.PageTable):  # paged cache: layer_kv is this layer's pool
       # Imported here: the paged kernel is optional for everything but the paged path.

@@ -131,6 +131,12 @@ def activation_sharding(mesh: Mesh, rules=RULES):
     _ACTIVATION_MESH.reset(token)
 
 
+def current_mesh() -> Mesh | None:
+  """The mesh of the enclosing `activation_sharding` block, if any."""
+  ctx = _ACTIVATION_MESH.get()
+  return None if ctx is None else ctx[0]
+
+
 def constrain(x: jax.Array, logical_axes: tuple) -> jax.Array:
   """with_sharding_constraint by logical names; a no-op outside `activation_sharding`."""
   ctx = _ACTIVATION_MESH.get()

@@ -172,3 +172,16 @@ def test_clipping_bounds_the_update():
   # Clipped to norm 1, then Adam with b1 = b2 = 0 normalises each coordinate to its sign.
   np.testing.assert_allclose(optax.tree.norm(grads), 50.0)
   np.testing.assert_allclose(updates["w"][:2], [-1.0, -1.0], atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1), (2, 2, 2)])
+def test_pallas_attention_trains_like_xla(single_device_run, shape):
+  # The flash kernels (interpreted on CPU), run per shard under shard_map on a mesh.
+  ref_losses, _ = single_device_run
+  cfg = small_config()
+  with cfg.unlocked():
+    cfg.model.attention_impl = "pallas"
+  devices = jax.devices()[:int(np.prod(shape))]
+  losses, _ = run_steps(cfg, sharding.make_mesh(*shape, devices=devices),
+                        [random_batch(seed=s) for s in range(3)])
+  np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)

@@ -1,0 +1,96 @@
+"""The one attention entry point the model calls.
+
+Layout everywhere: q [B, T, Hq, D], k/v [B, S, Hkv, D], Hq % Hkv == 0.
+`impl`: "auto" picks Pallas on GPU/TPU and XLA on CPU; "xla"; "pallas" (interpreted on CPU).
+Self-attention goes to the FlashAttention-2 kernel (`flash_attention.py`); attention over a
+contiguous cache stays in XLA (see `cached_attention`); a paged cache uses `paged_attention`.
+"""
+
+import jax.numpy as jnp
+
+from pallas_kernels.flash_attention import flash_attention, resolve_impl
+
+XLA_BLOCK_Q = 64  # query block of the XLA path; the Pallas kernels have their own BlockSizes
+
+
+def _attend(q, k, v, mask, scale):
+  """Dense GQA attention. q [B,T,N,H], k/v [B,S,K,H], mask bool [B,T,S] -> [B,T,N,H]."""
+  b, t, n, h = q.shape
+  kh = k.shape[2]
+  g = n // kh
+  q = q.reshape(b, t, kh, g, h)
+  s = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32) * scale
+  s = jnp.where(mask[:, None, None], s, -jnp.inf)
+  m = jnp.max(s, axis=-1, keepdims=True)
+  m = jnp.where(jnp.isfinite(m), m, 0.0)  # fully masked rows give 0, not NaN
+  p = jnp.exp(s - m)
+  l = jnp.sum(p, axis=-1, keepdims=True)
+  p = p / jnp.where(l == 0, 1.0, l)
+  o = jnp.einsum("BKGTS,BSKH->BTKGH", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  return o.reshape(b, t, n, h).astype(q.dtype)
+
+
+def attention(q, k, v, *, segment_ids=None, causal=True, sliding_window=None, scale=None, impl="auto",
+              block_q=XLA_BLOCK_Q):
+  """Self-attention over one sequence. q [B,T,Hq,D], k/v [B,T,Hkv,D], segment_ids int32[B,T].
+
+  Key j is visible to query i iff (not causal or j <= i), i - j < sliding_window (if set) and
+  segment_ids agree. Fully masked rows output 0.
+  """
+  if resolve_impl(impl) == "pallas":
+    return flash_attention(q, k, v, causal=causal, segment_ids=segment_ids,
+                           sliding_window=sliding_window, scale=scale, impl="pallas")
+  return _blocked_attention(q, k, v, segment_ids=segment_ids, causal=causal,
+                            sliding_window=sliding_window, scale=scale, block_q=block_q)
+
+
+def _blocked_attention(q, k, v, *, segment_ids, causal, sliding_window, scale, block_q):
+  """The XLA path: dense attention per block of queries, over only the keys the block can see.
+
+  Causal (and windowed) blocks skip the keys that are masked for every query in the block, as
+  FlashAttention does (Dao 2023, Sec. 3.1), which halves the work of causal attention; the
+  Python loop unrolls into static shapes. On CPU this is ~2x faster than one dense pass.
+  """
+  t, s = q.shape[1], k.shape[1]
+  scale = q.shape[-1] ** -0.5 if scale is None else scale
+  if not causal or t != s:
+    block_q = t
+  block_q = max(block_q, -(-t // 16))  # at most 16 unrolled blocks, to bound compile time
+  outs = []
+  for q0 in range(0, t, block_q):
+    q1 = min(q0 + block_q, t)
+    k1 = q1 if causal else s  # keys past the block's last query are masked for all of it
+    k0 = 0 if sliding_window is None else max(0, q0 - sliding_window + 1)
+    qi = jnp.arange(q0, q1)[:, None]
+    kj = jnp.arange(k0, k1)[None, :]
+    mask = jnp.ones((q1 - q0, k1 - k0), bool)
+    if causal:
+      mask &= kj <= qi
+    if sliding_window is not None:
+      mask &= qi - kj < sliding_window
+    mask = jnp.broadcast_to(mask, (q.shape[0], q1 - q0, k1 - k0))
+    if segment_ids is not None:
+      mask &= segment_ids[:, q0:q1, None] == segment_ids[:, None, k0:k1]
+    outs.append(_attend(q[:, q0:q1], k[:, k0:k1], v[:, k0:k1], mask, scale))
+  return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
+
+
+def cached_attention(q, k, v, lengths, *, sliding_window=None, scale=None, impl="auto"):
+  """New tokens against a contiguous cache that already holds them.
+
+  q [B,Tq,Hq,D]; k/v [B,S,Hkv,D]; lengths int32[B] counts the tokens in the cache including
+  the Tq new ones, so query t of row b sits at slot lengths[b] - Tq + t; causal.
+
+  Every `impl` runs XLA here: the query offsets depend on runtime lengths, and for decoding
+  (Tq small) this is a memory-bound pass over the cache that XLA already does well. Serving
+  with a page pool should call `paged_attention`, which has Pallas kernels.
+  """
+  resolve_impl(impl)  # validates the name
+  tq, s = q.shape[1], k.shape[1]
+  scale = q.shape[-1] ** -0.5 if scale is None else scale
+  q_slot = lengths[:, None] - tq + jnp.arange(tq)[None, :]  # [B,Tq]
+  kj = jnp.arange(s)[None, None, :]
+  mask = kj <= q_slot[:, :, None]
+  if sliding_window is not None:
+    mask &= q_slot[:, :, None] - kj < sliding_window
+  return _attend(q, k, v, mask, scale)

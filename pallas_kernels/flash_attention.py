@@ -1,0 +1,225 @@
+"""FlashAttention-2 (Dao 2023, Alg. 1 forward, Alg. 2 backward) as Pallas kernels.
+
+  o = flash_attention(q, k, v, causal=True, segment_ids=None, sliding_window=None)
+
+q [B, T, Hq, D], k/v [B, S, Hkv, D], Hq % Hkv == 0 (GQA: query head h reads KV head h // G,
+G = Hq // Hkv, through the kernels' index maps; K/V are never repeated in memory). Key j is
+visible to query i iff (not causal or j <= i) and (sliding_window is None or i - j < window)
+and the two tokens share a segment id. Rows with no visible key output 0.
+
+The kernels pad T and S to whole blocks and mask the padding, so any length works; inputs may be
+bf16 or f32 (scores, softmax statistics and accumulators are f32). The backward pass is two
+Pallas kernels (dQ; dK and dV) joined to the forward by `jax.custom_vjp`, since a pallas_call
+cannot be differentiated itself. The forward saves only O and the log-sum-exp L.
+
+There are two kernel variants with the same block math (`_flash_common`): Mosaic for TPU
+(`_flash_tpu`) and Triton for GPU (`_flash_gpu`). `lax.platform_dependent` picks one when the
+computation is lowered, so one jitted function lowers for either platform.
+`flash_attention_reference` is the same function in plain jnp.
+"""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental.pallas import tpu as pltpu
+
+from pallas_kernels import _flash_gpu
+from pallas_kernels import _flash_tpu
+
+ACCELERATORS = ("gpu", "cuda", "rocm", "tpu")
+IMPLS = ("auto", "xla", "pallas")
+BACKENDS = ("tpu", "gpu")
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+  """Tile sizes (powers of two). They change speed, never results.
+
+  block_q/block_k: forward; *_dq: the dQ kernel; *_dkv: the dK/dV kernel. Blocks longer than
+  the (padded) sequence are shrunk to it. On TPU, blocks under 128 are raised to 128 (lane
+  tiling) unless they cover the whole sequence.
+  """
+  block_q: int = 128
+  block_k: int = 128
+  block_q_dq: int = 128
+  block_k_dq: int = 128
+  block_q_dkv: int = 128
+  block_k_dkv: int = 128
+
+  def __post_init__(self):
+    for f in dataclasses.fields(self):
+      n = getattr(self, f.name)
+      if not isinstance(n, int) or n < 8 or n & (n - 1):
+        raise ValueError(f"BlockSizes.{f.name} must be a power of two >= 8, got {n!r}")
+
+  @classmethod
+  def get_default(cls, backend):
+    """Defaults per backend: "tpu" (Mosaic: big tiles, VMEM is plentiful) or "gpu" (Triton)."""
+    if backend == "tpu":
+      return cls(block_q=512, block_k=512, block_q_dq=256, block_k_dq=512,
+                 block_q_dkv=512, block_k_dkv=256)
+    if backend == "gpu":
+      return cls(block_q=128, block_k=64, block_q_dq=64, block_k_dq=64,
+                 block_q_dkv=64, block_k_dkv=64)
+    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def resolve_impl(impl):
+  """"auto" -> "pallas" on GPU/TPU, "xla" on CPU."""
+  if impl not in IMPLS:
+    raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+  if impl == "auto":
+    return "pallas" if jax.default_backend() in ACCELERATORS else "xla"
+  return impl
+
+
+# ---------------------------------------------------------------------------------- reference
+
+
+def _split_segment_ids(segment_ids, t, s):
+  """None, one int array [B, T] (self-attention, T == S) or a pair ([B, T], [B, S])."""
+  if segment_ids is None:
+    return None, None
+  if isinstance(segment_ids, (tuple, list)):
+    q_seg, kv_seg = segment_ids
+  else:
+    if t != s:
+      raise ValueError(f"one segment_ids array needs T == S, got T={t}, S={s}; "
+                       "pass (q_segment_ids, kv_segment_ids) instead")
+    q_seg = kv_seg = segment_ids
+  return q_seg.astype(jnp.int32), kv_seg.astype(jnp.int32)
+
+
+def attention_mask(t, s, *, causal, sliding_window, q_seg=None, kv_seg=None):
+  """bool [B or 1, T, S]: True where key j is visible to query i."""
+  i = jnp.arange(t)[:, None]
+  j = jnp.arange(s)[None, :]
+  mask = jnp.ones((t, s), bool)
+  if causal:
+    mask &= j <= i
+  if sliding_window is not None:
+    mask &= i - j < sliding_window
+  mask = mask[None]
+  if q_seg is not None:
+    mask = mask & (q_seg[:, :, None] == kv_seg[:, None, :])
+  return mask
+
+
+def flash_attention_reference(q, k, v, *, causal=True, segment_ids=None, sliding_window=None,
+                              scale=None):
+  """Plain-jnp attention with the semantics of `flash_attention`, computed in f32.
+
+  GQA by reshaping q to [B, T, K, G, H]; nothing is repeated. Returns q.dtype.
+  """
+  b, t, n, h = q.shape
+  s, kh = k.shape[1], k.shape[2]
+  scale = h ** -0.5 if scale is None else scale
+  q_seg, kv_seg = _split_segment_ids(segment_ids, t, s)
+  mask = attention_mask(t, s, causal=causal, sliding_window=sliding_window, q_seg=q_seg,
+                        kv_seg=kv_seg)
+  qg = q.astype(jnp.float32).reshape(b, t, kh, n // kh, h)
+  logits = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k.astype(jnp.float32)) * scale
+  logits = jnp.where(mask[:, None, None], logits, -jnp.inf)
+  m = jnp.max(logits, axis=-1, keepdims=True)
+  p = jnp.exp(logits - jnp.where(jnp.isfinite(m), m, 0.0))  # fully masked rows: p = 0
+  l = jnp.sum(p, axis=-1, keepdims=True)
+  p = p / jnp.where(l == 0, 1.0, l)
+  o = jnp.einsum("BKGTS,BSKH->BTKGH", p, v.astype(jnp.float32))
+  return o.reshape(b, t, n, h).astype(q.dtype)
+
+
+# ------------------------------------------------------------------------------------ kernels
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+  causal: bool
+  window: int | None
+  scale: float
+  block_sizes: BlockSizes | None
+  interpret: bool | pltpu.InterpretParams
+  backend: str | None
+
+
+def _run(cfg, name, *args):
+  """Call `name` ("forward"/"backward") of the kernel variant for the platform being lowered."""
+
+  def variant(backend):
+    module = _flash_tpu if backend == "tpu" else _flash_gpu
+    blocks = cfg.block_sizes or BlockSizes.get_default(backend)
+    return functools.partial(getattr(module, name), causal=cfg.causal, window=cfg.window,
+                             scale=cfg.scale, blocks=blocks, interpret=cfg.interpret)
+
+  if cfg.backend is not None:
+    return variant(cfg.backend)(*args)
+  if cfg.interpret:  # on CPU: the TPU variant unless another is asked for
+    return variant("tpu")(*args)
+  gpu = variant("gpu")
+  return lax.platform_dependent(*args, tpu=variant("tpu"), cuda=gpu, rocm=gpu)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _flash(q, k, v, q_seg, kv_seg, cfg):
+  return _run(cfg, "forward", q, k, v, q_seg, kv_seg)[0]
+
+
+def _flash_fwd(q, k, v, q_seg, kv_seg, cfg):
+  o, lse = _run(cfg, "forward", q, k, v, q_seg, kv_seg)
+  return o, (q, k, v, q_seg, kv_seg, o, lse)
+
+
+def _flash_bwd(cfg, res, do):
+  dq, dk, dv = _run(cfg, "backward", *res, do)
+  return dq, dk, dv, None, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+@functools.partial(jax.jit, static_argnames=("causal", "sliding_window", "scale", "impl",
+                                             "block_sizes", "interpret", "backend"))
+def flash_attention(q, k, v, *, causal=True, segment_ids=None, sliding_window=None, scale=None,
+                    impl="auto", block_sizes=None, interpret=None, backend=None):
+  """FlashAttention-2 over q [B,T,Hq,D], k/v [B,S,Hkv,D] -> [B,T,Hq,D] in q.dtype.
+
+  segment_ids: None, int [B, T] (requires T == S) or a pair ([B, T], [B, S]); tokens attend only
+    within their segment (packed documents).
+  sliding_window: key j is visible to query i only if i - j < sliding_window.
+  scale: softmax scale, default D ** -0.5.
+  impl: "auto" (Pallas on GPU/TPU, XLA reference on CPU), "xla" or "pallas".
+  block_sizes: a `BlockSizes`; None takes `BlockSizes.get_default` of the backend.
+  interpret: run the Pallas kernels in the interpreter (default: True when not on GPU/TPU).
+    A `pltpu.InterpretParams` selects TPU interpret mode for the TPU variant (simulated VMEM
+    and DMAs, NaN-filled uninitialised memory, shuffled "parallel" grid axes).
+  backend: force the "tpu" or "gpu" kernel variant. None: chosen by the platform being lowered
+    (in interpret mode the TPU variant).
+  """
+  if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+    raise ValueError(f"flash_attention expects q [B,T,Hq,D], k/v [B,S,Hkv,D]; got "
+                     f"q {q.shape}, k {k.shape}, v {v.shape}")
+  b, t, hq, d = q.shape
+  if k.shape != v.shape or k.shape[0] != b or k.shape[3] != d:
+    raise ValueError(f"k and v must both be [B={b}, S, Hkv, D={d}]; got k {k.shape}, "
+                     f"v {v.shape}")
+  if hq % k.shape[2]:
+    raise ValueError(f"query heads Hq={hq} must be a multiple of KV heads Hkv={k.shape[2]}")
+  if sliding_window is not None and sliding_window < 1:
+    raise ValueError(f"sliding_window must be >= 1 or None, got {sliding_window}")
+  if backend is not None and backend not in BACKENDS:
+    raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+  scale = float(d ** -0.5 if scale is None else scale)
+  if resolve_impl(impl) == "xla":
+    return flash_attention_reference(q, k, v, causal=causal, segment_ids=segment_ids,
+                                     sliding_window=sliding_window, scale=scale)
+  q_seg, kv_seg = _split_segment_ids(segment_ids, t, k.shape[1])
+  for name, seg, n in (("q", q_seg, t), ("kv", kv_seg, k.shape[1])):
+    if seg is not None and seg.shape != (b, n):
+      raise ValueError(f"{name} segment ids must be [B={b}, {n}], got {seg.shape}")
+  if interpret is None:
+    interpret = jax.default_backend() not in ACCELERATORS
+  cfg = _Static(causal=bool(causal), window=sliding_window, scale=scale,
+                block_sizes=block_sizes, interpret=interpret, backend=backend)
+  return _flash(q, k, v, q_seg, kv_seg, cfg)

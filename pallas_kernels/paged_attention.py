@@ -1,0 +1,351 @@
+"""PagedAttention (Kwon et al. 2023) for decoding: new tokens against a paged KV cache.
+
+  o = paged_attention(q, k_pages, v_pages, lengths, page_indices)
+
+q [B, Hq, D] (one new token per sequence) or [B, Tq, Hq, D] (several: speculative verification,
+chunked prefill); k_pages, v_pages [Hkv, num_pages, page_size, D] (the shared page pool);
+lengths int32[B], tokens in the cache including the Tq new ones; page_indices int32[B, P_seq],
+the page table: position p of sequence b lives in slot p % page_size of physical page
+page_indices[b, p // page_size]. Query t of row b sits at position lengths[b] - Tq + t and sees
+positions <= its own (causal among the new tokens).
+
+One program handles a (sequence, KV head) pair and all G * Tq queries that read that head, so
+each page is read once per KV head (GQA without repeating K/V). Pages at or past a sequence's
+length are never read. Long contexts can be split over pages (flash-decoding, Dao et al. 2023):
+each split emits a partial output and its log-sum-exp, and `_combine` merges them.
+
+TPU (Mosaic): the page table and lengths are scalar-prefetched into SMEM
+(`pltpu.PrefetchScalarGridSpec`); each grid step reads `pages_per_compute_block` pages through
+block specs whose index maps look pages up in the table, clamped to the last valid page so steps
+past the length issue no new DMA (and `pl.when` skips their compute).
+GPU (Triton): one program per (sequence, KV head, split) loops over its valid pages, loading each
+through the table. head_dim and page_size must be powers of two (head_dim >= 16); other shapes
+run the XLA reference on GPU.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels import _flash_common as fc
+from pallas_kernels.flash_attention import ACCELERATORS, resolve_impl
+
+LANES = 128
+SUBLANES = 8
+GPU_MIN_ROWS = 16  # tl.dot needs >= 16 rows
+
+
+# ---------------------------------------------------------------------------------- reference
+
+
+def _as_4d(q):
+  return (q[:, None], True) if q.ndim == 3 else (q, False)
+
+
+def gather_pages(pages, page_indices):
+  """[Hkv, num_pages, P, D] pool + [B, P_seq] table -> contiguous [B, P_seq * P, Hkv, D]."""
+  hkv, _, page_size, d = pages.shape
+  b, pps = page_indices.shape
+  x = pages[:, page_indices]  # [Hkv, B, P_seq, P, D]
+  return x.reshape(hkv, b, pps * page_size, d).transpose(1, 2, 0, 3)
+
+
+def paged_attention_reference(q, k_pages, v_pages, lengths, page_indices, *, scale=None):
+  """Plain jnp: gather each sequence's pages, then dense causal attention in f32."""
+  q4, single = _as_4d(q)
+  b, tq, hq, d = q4.shape
+  hkv = k_pages.shape[0]
+  scale = d ** -0.5 if scale is None else scale
+  k = gather_pages(k_pages, page_indices).astype(jnp.float32)
+  v = gather_pages(v_pages, page_indices).astype(jnp.float32)
+  s = k.shape[1]
+  # Slots at or past the length hold stale data (maybe NaN): zero them so 0 * NaN never occurs.
+  valid = (jnp.arange(s)[None, :] < lengths[:, None])[:, :, None, None]
+  k, v = jnp.where(valid, k, 0.0), jnp.where(valid, v, 0.0)
+  pos = lengths[:, None] - tq + jnp.arange(tq)[None, :]  # [B, Tq]
+  mask = jnp.arange(s)[None, None, :] <= pos[:, :, None]  # [B, Tq, S]
+  qg = q4.astype(jnp.float32).reshape(b, tq, hkv, hq // hkv, d)
+  logits = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k) * scale
+  logits = jnp.where(mask[:, None, None], logits, -jnp.inf)
+  m = jnp.max(logits, axis=-1, keepdims=True)
+  p = jnp.exp(logits - jnp.where(jnp.isfinite(m), m, 0.0))
+  l = jnp.sum(p, axis=-1, keepdims=True)
+  o = jnp.einsum("BKGTS,BSKH->BTKGH", p / jnp.where(l == 0, 1.0, l), v)
+  o = o.reshape(b, tq, hq, d).astype(q.dtype)
+  return o[:, 0] if single else o
+
+
+# ------------------------------------------------------------------------------ shared pieces
+
+
+def _group_queries(q4, hkv, rows):
+  """[B, Tq, Hq, D] -> [B, Hkv, rows, D]; row r = g * Tq + t (padded rows are zeros)."""
+  b, tq, hq, d = q4.shape
+  g = hq // hkv
+  x = q4.reshape(b, tq, hkv, g, d).transpose(0, 2, 3, 1, 4).reshape(b, hkv, g * tq, d)
+  return fc.pad_axis(x, 2, rows)
+
+
+def _rows_back(tq, n, rows):
+  """How many positions before the newest token each row's query sits (int32 [rows])."""
+  back = np.zeros(rows, np.int32)
+  back[:n] = tq - 1 - np.arange(n) % tq
+  return back
+
+
+def _ungroup(o, b, tq, hq, d):
+  hkv = o.shape[1]
+  o = o[:, :, :(hq // hkv) * tq].reshape(b, hkv, hq // hkv, tq, d)
+  return o.transpose(0, 3, 1, 2, 4).reshape(b, tq, hq, d)
+
+
+def _combine(o_part, lse_part):
+  """Merge per-split results: o = sum_s exp(L_s - L) o_s with L = logsumexp_s L_s.
+
+  o_part [B, Hkv, n, R, D] (each normalised), lse_part [B, Hkv, n, R] (-inf for empty splits).
+  """
+  if o_part.shape[2] == 1:
+    return o_part[:, :, 0]
+  m = jnp.max(lse_part, axis=2, keepdims=True)
+  w = jnp.exp(lse_part - jnp.where(jnp.isfinite(m), m, 0.0))
+  den = jnp.sum(w, axis=2)
+  o = jnp.sum(w[..., None] * o_part, axis=2)
+  return o / jnp.where(den == 0, 1.0, den)[..., None]
+
+
+# ------------------------------------------------------------------------------------- TPU
+
+
+def logical_page(length, step, j, *, page_size, ppcb, pps):
+  """The page (index into the row's page table) that input j reads at grid step `step`.
+
+  Steps past the length are clamped to the last step that holds tokens, and inputs past the
+  last valid page to that page, so the index map repeats the previous block and Mosaic issues no
+  new DMA; the kernel skips their compute. Only pages holding tokens are ever named (page 0 for
+  an empty sequence).
+  """
+  n_valid = fc.imin(fc.imax(fc.idiv(length + page_size - 1, page_size), 1), pps)
+  step = fc.imin(step, fc.idiv(n_valid - 1, ppcb))
+  return fc.imin(step * ppcb + j, n_valid - 1)
+
+
+def _tpu_kernel(lengths_ref, pages_ref, back_ref, q_ref, *refs, scale, page_size, ppcb, steps):
+  """One step: `ppcb` pages of one (sequence, KV head, split); FlashAttention-2 Alg. 1 update."""
+  k_refs, v_refs = refs[:ppcb], refs[ppcb:2 * ppcb]
+  o_ref, lse_ref, m_sc, l_sc, acc_sc = refs[2 * ppcb:]
+  b, split, i = pl.program_id(0), pl.program_id(2), pl.program_id(3)
+  length = lengths_ref[b]
+  first = (split * steps + i) * ppcb  # first logical page of this step
+
+  @pl.when(i == 0)
+  def _init():
+    m_sc[...] = jnp.full(m_sc.shape, -jnp.inf, jnp.float32)
+    l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
+    acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
+
+  @pl.when(first * page_size < length)  # pages past the length: no compute
+  def _step():
+    # Join the pages into one [ppcb * P, D] block; via f32 so any page size joins on whole tiles.
+    def join(rs):
+      return jnp.concatenate([r[...].astype(jnp.float32) for r in rs], axis=0)
+
+    k, v = join(k_refs).astype(q_ref.dtype), join(v_refs)
+    s = fc.dot(q_ref[...], k, fc.NT_DIMS) * scale
+    k_pos = first * page_size + lax.broadcasted_iota(jnp.int32, s.shape, 1)
+    q_pos = length - 1 - fc.widen(back_ref[...], s.shape[1])
+    v_pos = first * page_size + lax.broadcasted_iota(jnp.int32, v.shape, 0)
+    v = jnp.where(v_pos < length, v, 0.0).astype(q_ref.dtype)  # stale slots may hold NaN
+    m, l, acc = fc.online_softmax_step(s, k_pos <= q_pos, m_sc[...], l_sc[...], acc_sc[...], v)
+    m_sc[...], l_sc[...], acc_sc[...] = m, l, acc
+
+  @pl.when(i == steps - 1)
+  def _finish():
+    o, lse = fc.finish_softmax(m_sc[...], l_sc[...], acc_sc[...], empty_lse=-jnp.inf)
+    o_ref[...] = o
+    lse_ref[...] = lse
+
+
+def _paged_tpu(q4, k_pages, v_pages, lengths, page_indices, *, scale, ppcb, num_splits,
+               interpret):
+  b, tq, hq, d = q4.shape
+  hkv, _, page_size, _ = k_pages.shape
+  pps = page_indices.shape[1]
+  n = (hq // hkv) * tq
+  rows = fc.round_up(n, SUBLANES)
+  qs = _group_queries(q4, hkv, rows)
+  back = jnp.broadcast_to(jnp.asarray(_rows_back(tq, n, rows))[:, None], (rows, LANES))
+  ppcb = ppcb or max(1, min(pps, 256 // page_size))
+  total_steps = -(-pps // ppcb)
+  num_splits = num_splits or (min(2, total_steps) if b * hkv == 1 else 1)
+  steps = -(-total_steps // num_splits)
+
+  def page_index(j):
+    def index_map(bi, h, split, i, lengths_ref, pages_ref):
+      page = logical_page(lengths_ref[bi], split * steps + i, j, page_size=page_size, ppcb=ppcb,
+                          pps=pps)
+      return h, pages_ref[bi * pps + page], 0, 0
+    return index_map
+
+  page_specs = [pl.BlockSpec((None, None, page_size, d), page_index(j)) for j in range(ppcb)]
+  part_spec = lambda w: pl.BlockSpec((None, None, None, rows, w),
+                                     lambda bi, h, split, i, *_: (bi, h, split, 0, 0))
+  kernel = functools.partial(_tpu_kernel, scale=scale, page_size=page_size, ppcb=ppcb,
+                             steps=steps)
+  o, lse = pl.pallas_call(
+      kernel,
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=2,
+          grid=(b, hkv, num_splits, steps),
+          in_specs=[pl.BlockSpec((rows, LANES), lambda *_: (0, 0)),
+                    pl.BlockSpec((None, None, rows, d), lambda bi, h, *_: (bi, h, 0, 0)),
+                    *page_specs, *page_specs],
+          out_specs=[part_spec(d), part_spec(LANES)],
+          scratch_shapes=[pltpu.VMEM((rows, LANES), jnp.float32),
+                          pltpu.VMEM((rows, LANES), jnp.float32),
+                          pltpu.VMEM((rows, d), jnp.float32)]),
+      out_shape=[jax.ShapeDtypeStruct((b, hkv, num_splits, rows, d), jnp.float32),
+                 jax.ShapeDtypeStruct((b, hkv, num_splits, rows, LANES), jnp.float32)],
+      compiler_params=pltpu.CompilerParams(
+          dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
+      interpret=interpret,
+      name="paged_attention",
+  )(lengths, page_indices.reshape(-1), back, qs, *([k_pages] * ppcb), *([v_pages] * ppcb))
+  return _ungroup(_combine(o, lse[..., 0]), b, tq, hq, d)
+
+
+# ------------------------------------------------------------------------------------- GPU
+
+
+def _broadcast_dot(a, b, dims, precision=None):
+  """a @ b (NN) or a @ b.T (NT) as multiply-and-sum, for pages too short for tl.dot (< 16)."""
+  del precision
+  a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+  if dims == fc.NT_DIMS:
+    return jnp.sum(a[:, None, :] * b[None, :, :], axis=2)
+  return jnp.sum(a[:, :, None] * b[None, :, :], axis=1)
+
+
+def _gpu_kernel(lengths_ref, pages_ref, back_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale,
+                page_size, pages_per_split, pps, precision):
+  """One (sequence, KV head, split): loop over the split's valid pages, one page at a time."""
+  matmul = fc.dot if page_size >= GPU_MIN_ROWS else _broadcast_dot
+  b, split = pl.program_id(0), pl.program_id(2)
+  length = lengths_ref[b]
+  n_valid = jnp.minimum(lax.div(length + page_size - 1, page_size), pps)
+  lo = split * pages_per_split
+  hi = jnp.minimum(lo + pages_per_split, n_valid)  # pages past the length are never read
+  q = q_ref[...]
+  q_pos = (length - 1 - back_ref[...])[:, None]
+
+  def body(lp, carry):
+    page = pages_ref[lp]
+    k, v = k_ref[page], v_ref[page]
+    s = matmul(q, k, fc.NT_DIMS, precision) * scale
+    k_pos = lp * page_size + lax.broadcasted_iota(jnp.int32, s.shape, 1)
+    v_pos = lp * page_size + lax.broadcasted_iota(jnp.int32, v.shape, 0)
+    v = jnp.where(v_pos < length, v, jnp.zeros_like(v))  # stale slots may hold NaN
+    return fc.online_softmax_step(s, k_pos <= q_pos, *carry, v, precision, matmul)
+
+  rows = q.shape[0]
+  init = (jnp.full((rows, 1), -jnp.inf, jnp.float32), jnp.zeros((rows, 1), jnp.float32),
+          jnp.zeros(q.shape, jnp.float32))
+  o, lse = fc.finish_softmax(*lax.fori_loop(lo, hi, body, init), empty_lse=-jnp.inf)
+  o_ref[...] = o
+  lse_ref[...] = lse.reshape(rows)
+
+
+def _paged_gpu(q4, k_pages, v_pages, lengths, page_indices, *, scale, num_splits, interpret):
+  b, tq, hq, d = q4.shape
+  hkv, num_pages, page_size, _ = k_pages.shape
+  pps = page_indices.shape[1]
+  if page_size & (page_size - 1) or d & (d - 1) or d < GPU_MIN_ROWS:
+    # Triton tensors must have power-of-two sizes, and padding head_dim would copy the whole
+    # page pool on every call. Such shapes take the XLA path on GPU; raising instead would also
+    # break lowering for TPU, since platform_dependent traces every platform's branch.
+    return paged_attention_reference(q4, k_pages, v_pages, lengths, page_indices, scale=scale)
+  n = (hq // hkv) * tq
+  rows = fc.next_pow2(max(n, GPU_MIN_ROWS))
+  qs = _group_queries(q4, hkv, rows)
+  back = jnp.asarray(_rows_back(tq, n, rows))
+  # Flash-decoding split: enough programs to fill the GPU, but >= 8 pages per split.
+  num_splits = num_splits or int(np.clip(-(-256 // (b * hkv)), 1, -(-pps // 8)))
+  pages_per_split = -(-pps // num_splits)
+  pool_spec = pl.BlockSpec((None, num_pages, page_size, d), lambda bi, h, s: (h, 0, 0, 0))
+  part_spec = lambda *w: pl.BlockSpec((None, None, None, rows, *w),
+                                      lambda bi, h, s: (bi, h, s, 0, *([0] * len(w))))
+  kernel = functools.partial(
+      _gpu_kernel, scale=scale, page_size=page_size, pages_per_split=pages_per_split, pps=pps,
+      precision=lax.Precision.HIGHEST if q4.dtype == jnp.float32 else None)
+  o, lse = pl.pallas_call(
+      kernel,
+      grid=(b, hkv, num_splits),
+      in_specs=[pl.BlockSpec((b,), lambda *_: (0,)),
+                pl.BlockSpec((None, pps), lambda bi, h, s: (bi, 0)),
+                pl.BlockSpec((rows,), lambda *_: (0,)),
+                pl.BlockSpec((None, None, rows, d), lambda bi, h, s: (bi, h, 0, 0)),
+                pool_spec, pool_spec],
+      out_specs=[part_spec(d), pl.BlockSpec((None, None, None, rows),
+                                            lambda bi, h, s: (bi, h, s, 0))],
+      out_shape=[jax.ShapeDtypeStruct((b, hkv, num_splits, rows, d), jnp.float32),
+                 jax.ShapeDtypeStruct((b, hkv, num_splits, rows), jnp.float32)],
+      compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
+      interpret=bool(interpret),  # TPU interpret params mean plain interpret here
+      name="paged_attention",
+  )(lengths, page_indices, back, qs, k_pages, v_pages)
+  return _ungroup(_combine(o, lse), b, tq, hq, d)
+
+
+# ---------------------------------------------------------------------------------- public
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "impl", "pages_per_compute_block",
+                                             "num_splits", "interpret", "backend"))
+def paged_attention(q, k_pages, v_pages, lengths, page_indices, *, scale=None, impl="auto",
+                    pages_per_compute_block=None, num_splits=None, interpret=None,
+                    backend=None):
+  """Attention of new tokens over a paged KV cache. Returns q's shape and dtype.
+
+  q [B, Hq, D] or [B, Tq, Hq, D]; k_pages, v_pages [Hkv, num_pages, page_size, D];
+  lengths int32[B] (cache tokens including the new ones); page_indices int32[B, pages_per_seq].
+  impl: "auto" (Pallas on GPU/TPU, XLA reference on CPU), "xla" or "pallas".
+  pages_per_compute_block: pages per TPU grid step (default: 256 tokens' worth).
+  num_splits: flash-decoding splits over pages (default: by occupancy).
+  interpret: run the kernel in the Pallas interpreter (default: True when not on GPU/TPU); a
+    `pltpu.InterpretParams` selects TPU interpret mode for the TPU variant.
+  backend: force the "tpu" or "gpu" variant (default: by the platform being lowered; the TPU
+    variant in interpret mode).
+  """
+  q4, single = _as_4d(q)
+  b, tq, hq, d = q4.shape
+  if k_pages.ndim != 4 or k_pages.shape != v_pages.shape or k_pages.shape[3] != d:
+    raise ValueError(f"k_pages and v_pages must both be [Hkv, num_pages, page_size, D={d}]; "
+                     f"got {k_pages.shape} and {v_pages.shape}")
+  if hq % k_pages.shape[0]:
+    raise ValueError(f"query heads Hq={hq} must be a multiple of KV heads Hkv={k_pages.shape[0]}")
+  if lengths.shape != (b,) or page_indices.ndim != 2 or page_indices.shape[0] != b:
+    raise ValueError(f"lengths must be [B={b}] and page_indices [B={b}, pages_per_seq]; got "
+                     f"{lengths.shape} and {page_indices.shape}")
+  if backend not in (None, "tpu", "gpu"):
+    raise ValueError(f"backend must be 'tpu', 'gpu' or None, got {backend!r}")
+  scale = float(d ** -0.5 if scale is None else scale)
+  lengths, page_indices = lengths.astype(jnp.int32), page_indices.astype(jnp.int32)
+  if resolve_impl(impl) == "xla":
+    return paged_attention_reference(q, k_pages, v_pages, lengths, page_indices, scale=scale)
+  if interpret is None:
+    interpret = jax.default_backend() not in ACCELERATORS
+  tpu = functools.partial(_paged_tpu, scale=scale, ppcb=pages_per_compute_block,
+                          num_splits=num_splits, interpret=interpret)
+  gpu = functools.partial(_paged_gpu, scale=scale, num_splits=num_splits, interpret=interpret)
+  args = (q4, k_pages, v_pages, lengths, page_indices)
+  if backend is not None or interpret:
+    o = (gpu if backend == "gpu" else tpu)(*args)
+  else:
+    o = lax.platform_dependent(*args, tpu=tpu, cuda=gpu, rocm=gpu)
+  o = o.astype(q.dtype)
+  return o[:, 0] if single else o

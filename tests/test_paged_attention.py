@@ -1,0 +1,172 @@
+"""Paged attention kernel vs. its reference and vs. dense attention, in interpret mode on CPU."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental.pallas import tpu as pltpu
+
+from pallas_kernels.attention import cached_attention
+from pallas_kernels.paged_attention import logical_page, paged_attention
+from pallas_kernels.paged_attention import paged_attention_reference
+
+PAGE = 16
+# TPU interpret mode simulates VMEM and the DMAs the block specs issue; out-of-bounds reads raise.
+INTERPRET = {"tpu": pltpu.InterpretParams(random_seed=0), "gpu": True}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _quick_compiles():
+  """Interpreted kernels become large XLA loops whose optimisation costs more than it saves here."""
+  before = jax.config.values["jax_disable_most_optimizations"]
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", before)
+
+
+def _paged_cache(k, v, lengths, page_size, num_pages, seed=0):
+  """Writes contiguous k/v [B, S, Hkv, D] into a pool of shuffled physical pages.
+
+  Returns k_pages, v_pages [Hkv, num_pages, page_size, D], page_indices [B, S // page_size] and
+  the set of (page, slot) each row owns (positions < its length). Unused pages hold noise.
+  """
+  rng = np.random.default_rng(seed)
+  b, s, hkv, d = k.shape
+  pps = s // page_size
+  table = rng.permutation(num_pages)[:b * pps].reshape(b, pps)
+  k_pages = rng.standard_normal((hkv, num_pages, page_size, d)).astype(np.float32)
+  v_pages = rng.standard_normal((hkv, num_pages, page_size, d)).astype(np.float32)
+  owned = [set() for _ in range(b)]
+  for row in range(b):
+    for pos in range(s):
+      page, slot = table[row, pos // page_size], pos % page_size
+      k_pages[:, page, slot] = k[row, pos]
+      v_pages[:, page, slot] = v[row, pos]
+      if pos < lengths[row]:
+        owned[row].add((page, slot))
+  return k_pages, v_pages, table.astype(np.int32), owned
+
+
+def _setup(b, tq, hq, hkv, d, pps, lengths, seed=0, page=PAGE):
+  rng = np.random.default_rng(seed)
+  s = pps * page
+  q = rng.standard_normal((b, tq, hq, d)).astype(np.float32)
+  k = rng.standard_normal((b, s, hkv, d)).astype(np.float32)
+  v = rng.standard_normal((b, s, hkv, d)).astype(np.float32)
+  k_pages, v_pages, table, owned = _paged_cache(k, v, lengths, page, b * pps + 3, seed)
+  return q, k, v, k_pages, v_pages, table, owned
+
+
+def test_reference_matches_hand_computed():
+  """Two sequences, page_size 2, pages out of order; one query head, head_dim 1."""
+  # Pool of 4 pages of 2 slots; row 0 = pages [2, 0] (length 3), row 1 = pages [1, 3] (length 1).
+  k_pages = np.array([[[[1.0], [2.0]], [[5.0], [9.0]], [[0.0], [1.0]], [[7.0], [7.0]]]])
+  v_pages = 10 * k_pages
+  table = np.array([[2, 0], [1, 3]], np.int32)
+  lengths = np.array([3, 1], np.int32)
+  q = np.array([[[1.0]], [[2.0]]])  # [B, Hq, D]
+  # Row 0 sees positions 0..2: keys (0, 1, 1) from page 2 slots 0-1 then page 0 slot 0.
+  w0 = np.exp(np.array([0.0, 1.0, 1.0]))
+  want0 = (w0 * 10 * np.array([0.0, 1.0, 1.0])).sum() / w0.sum()
+  # Row 1 sees position 0 only: page 1 slot 0, value 50.
+  got = paged_attention_reference(jnp.asarray(q, jnp.float32), jnp.asarray(k_pages, jnp.float32),
+                                  jnp.asarray(v_pages, jnp.float32), jnp.asarray(lengths),
+                                  jnp.asarray(table), scale=1.0)
+  np.testing.assert_allclose(got[:, 0, 0], [want0, 50.0], rtol=1e-6)
+
+
+# (B, Tq, Hq, Hkv, D, page_size, pages_per_seq, backend, pages_per_compute_block, num_splits)
+CASES = [
+    (4, 1, 8, 2, 64, 16, 6, "tpu", None, None),
+    (4, 1, 9, 3, 128, 16, 6, "tpu", 4, 2),
+    (4, 3, 4, 4, 64, 16, 6, "tpu", 1, None),
+    (4, 4, 8, 2, 128, 16, 6, "tpu", 3, 3),
+    (4, 2, 8, 2, 64, 8, 5, "tpu", 2, None),
+    (4, 1, 8, 2, 64, 16, 6, "gpu", None, None),
+    (4, 3, 9, 3, 128, 16, 6, "gpu", None, 2),
+    (4, 2, 4, 4, 64, 16, 6, "gpu", None, 1),
+    (4, 2, 8, 2, 64, 8, 5, "gpu", None, 2),  # pages shorter than tl.dot's minimum of 16
+]
+
+
+def _case_id(c):
+  b, tq, hq, hkv, d, page, pps, backend, ppcb, splits = c
+  return (f"{backend}-B{b}-Tq{tq}-H{hq}:{hkv}-D{d}-page{page}x{pps}-ppcb{ppcb}"
+          f"-splits{splits}")
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_kernel_matches_reference_and_dense(case):
+  b, tq, hq, hkv, d, page, pps, backend, ppcb, splits = case
+  # Lengths 1 (with Tq > 1 the earlier queries see nothing and give 0), page_size,
+  # page_size + 1 and the maximum.
+  lengths = np.array([1, page, page + 1, pps * page], np.int32)[:b]
+  q, k, v, k_pages, v_pages, table, _ = _setup(b, tq, hq, hkv, d, pps, lengths, page=page)
+  kernel = jax.jit(functools.partial(paged_attention, impl="pallas", interpret=INTERPRET[backend],
+                                     backend=backend, pages_per_compute_block=ppcb,
+                                     num_splits=splits))
+  args = (jnp.asarray(q), jnp.asarray(k_pages), jnp.asarray(v_pages), jnp.asarray(lengths),
+          jnp.asarray(table))
+  got = kernel(*args)
+  np.testing.assert_allclose(got, paged_attention_reference(*args), atol=2e-5)
+  # The same keys held contiguously, through the model's dense cached attention.
+  dense = cached_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(lengths),
+                           impl="xla")
+  np.testing.assert_allclose(got, dense, atol=2e-5)
+
+
+@pytest.mark.parametrize("backend", ["tpu", "gpu"])
+def test_pages_a_sequence_does_not_own_are_never_read(backend):
+  """Fill every page (and slot) a row does not own with NaN: its output must not change."""
+  b, tq, hq, hkv, d, pps = 3, 2, 8, 2, 64, 5
+  lengths = np.array([2, PAGE + 3, pps * PAGE], np.int32)
+  q, _, _, k_pages, v_pages, table, owned = _setup(b, tq, hq, hkv, d, pps, lengths, seed=5)
+  kernel = jax.jit(functools.partial(paged_attention, impl="pallas", backend=backend,
+                                     interpret=INTERPRET[backend], pages_per_compute_block=2,
+                                     num_splits=2))
+  clean = kernel(q, k_pages, v_pages, lengths, table)
+  for row in range(b):
+    poisoned_k, poisoned_v = np.full_like(k_pages, np.nan), np.full_like(v_pages, np.nan)
+    for page, slot in owned[row]:
+      poisoned_k[:, page, slot] = k_pages[:, page, slot]
+      poisoned_v[:, page, slot] = v_pages[:, page, slot]
+    got = kernel(q, poisoned_k, poisoned_v, lengths, table)[row]
+    assert np.all(np.isfinite(got)), f"row {row} read a page it does not own"
+    np.testing.assert_allclose(got, clean[row], atol=1e-6)
+
+
+def test_tpu_index_map_names_only_valid_pages_and_repeats_past_the_end():
+  """On TPU a block spec DMAs whatever page its index map names, even on a step whose compute
+  is skipped; so the map must name only pages holding tokens, and repeat itself once past the
+  length (a repeated block index issues no new copy)."""
+  for page_size, ppcb, pps in [(16, 1, 5), (16, 3, 7), (8, 4, 8)]:
+    steps = -(-pps // ppcb)
+    for length in range(0, pps * page_size + 1):
+      n_valid = max(1, -(-length // page_size))
+      last_useful = (n_valid - 1) // ppcb
+      for j in range(ppcb):
+        pages = [logical_page(length, step, j, page_size=page_size, ppcb=ppcb, pps=pps)
+                 for step in range(steps + 2)]
+        assert all(0 <= p < n_valid for p in pages), (length, j, pages)
+        assert len(set(pages[last_useful:])) == 1, (length, j, pages)
+        for step in range(last_useful + 1):  # steps with tokens read their own pages
+          want = step * ppcb + j
+          assert pages[step] == min(want, n_valid - 1)
+
+
+def test_one_token_bf16_and_xla_impl():
+  """q in the [B, Hq, D] form of one new token, bf16."""
+  b, tq, hq, hkv, d, pps = 2, 1, 8, 2, 128, 4
+  lengths = np.array([5, pps * PAGE], np.int32)
+  q, _, _, k_pages, v_pages, table, _ = _setup(b, tq, hq, hkv, d, pps, lengths, seed=7)
+  args = [jnp.asarray(x, jnp.bfloat16) for x in (q[:, 0], k_pages, v_pages)]
+  args += [jnp.asarray(lengths), jnp.asarray(table)]
+  want = paged_attention_reference(*args)
+  got = paged_attention(*args, impl="pallas", interpret=INTERPRET["tpu"])
+  assert got.shape == (b, hq, d) and got.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.float32(got), np.float32(want), atol=3e-2)
+  np.testing.assert_allclose(np.float32(paged_attention(*args, impl="xla")), np.float32(want))
+  with pytest.raises(ValueError, match="impl"):
+    paged_attention(*args, impl="mosaic")
