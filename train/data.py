@@ -81,6 +81,11 @@ def list_files(data_cfg) -> tuple[list[str], list[str]]:
   return paths[n_val:], paths[:n_val]
 
 
+def match_files(corpus: str) -> list[str]:
+  """Every file of a corpus ("stdlib" or comma-separated globs), sorted, unsplit."""
+  return sorted(_corpus_files(corpus))
+
+
 def _corpus_files(corpus: str) -> dict[str, str]:
   """Maps each file's absolute path to its path relative to its corpus root."""
   if corpus == STDLIB:

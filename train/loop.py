@@ -10,6 +10,7 @@ import functools
 import json
 import math
 import os
+import shutil
 import signal
 import time
 from typing import Any, Callable
@@ -127,6 +128,24 @@ def _any_process(flag: bool) -> bool:
   return bool(np.any(multihost_utils.process_allgather(np.array(flag))))
 
 
+_SHAPE_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff",
+                 "tie_embeddings", "scan_layers")
+
+
+def _check_init_from(cfg, model_cfg: ModelConfig) -> None:
+  """The source run must have our parameter shapes; its tokenizer is ours unless one is set."""
+  source = cfg.train.init_from
+  theirs = run_dir.load_model_config(source)
+  diff = {k: (getattr(model_cfg, k), getattr(theirs, k)) for k in _SHAPE_FIELDS
+          if getattr(model_cfg, k) != getattr(theirs, k)}
+  if diff:
+    raise ConfigError(f"train.init_from={source!r} has another architecture: " + ", ".join(
+        f"model.{k}={ours} here but {src} there" for k, (ours, src) in diff.items()))
+  if not cfg.data.tokenizer:
+    with cfg.unlocked():
+      cfg.data.tokenizer = os.path.join(source, "tokenizer.json")
+
+
 def _tokenizer(cfg, workdir, vocab_size, train_files):
   """Process 0 trains (or loads) the tokenizer; the others wait, then load its file."""
   if jax.process_count() == 1:
@@ -149,6 +168,8 @@ def train(cfg) -> dict:
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
 
+  if cfg.train.init_from:
+    _check_init_from(cfg, model_cfg)
   # Data first: bad input fails here, before anything in the workdir is touched.
   train_files, val_files = data_lib.list_files(cfg.data)
   tokenizer = _tokenizer(cfg, workdir, model_cfg.vocab_size, train_files)
@@ -177,6 +198,9 @@ def train(cfg) -> dict:
   if is_main:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(cfg.to_json(indent=2))
+    extra = os.path.join(cfg.train.init_from, "tokenizer_config.json")
+    if cfg.train.init_from and os.path.isfile(extra):  # the chat template and special tokens
+      shutil.copy(extra, os.path.join(workdir, "tokenizer_config.json"))
 
   p_train_step, p_eval_step = prog.train_step, prog.eval_step
 
