@@ -44,6 +44,7 @@ def get_config() -> ml_collections.ConfigDict:
   d.seq_len = 256  # Tokens per packed training row (T).
   d.tokenizer = ""  # Path to a tokenizer.json to use; empty trains a byte-level BPE on the train split.
   d.tokenizer_train_mb = 8.0  # Megabytes of training text the BPE tokenizer is learned from.
+  d.shuffle_rows = 512  # Training rows shuffled together (a window spanning many files); 0 disables.
   d.worker_count = 0  # grain worker processes (0 = in the main process).
 
   c.train = t = ml_collections.ConfigDict()

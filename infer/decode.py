@@ -52,6 +52,27 @@ class DecodeState:
     return jnp.take_along_axis(self.tokens, (self.context_lens - 1)[:, None], axis=1)[:, 0]
 
 
+def unstack_layers(cfg: ModelConfig, params):
+  """The same model with one parameter subtree per layer (`layers_0`, ...) instead of one
+  scanned stack. Inference runs unrolled so that a cache kept as one buffer per layer is
+  updated in place; a scan would slice and re-stack the whole cache on every step."""
+  if not cfg.scan_layers:
+    return cfg, params
+  params = dict(params)
+  stacked = params.pop("layers")
+  for i in range(cfg.n_layers):
+    params[f"layers_{i}"] = jax.tree.map(lambda x: x[i], stacked)
+  return dataclasses.replace(cfg, scan_layers=False), params
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
+  """A contiguous cache with one [B, S, K, H] buffer per layer (a tuple: see unstack_layers)."""
+  dtype = cfg.compute_dtype if dtype is None else dtype
+  shape = (batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+  layers = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers))
+  return KVCache(k=layers(), v=layers(), lengths=jnp.zeros((batch,), jnp.int32))
+
+
 def bucket(n: int, minimum: int = 8) -> int:
   return max(minimum, 1 << (max(n, 1) - 1).bit_length())
 
@@ -77,7 +98,7 @@ def commit(s: DecodeState, new_BM, count_B, eos_ids) -> tuple[DecodeState, jax.A
   idx = jnp.arange(m)[None, :]
   valid = (idx < count_B[:, None]) & (idx < (s.max_new - s.num_generated)[:, None])
   valid &= ~s.done[:, None]
-  is_eos = jnp.isin(new_BM, jnp.asarray(eos_ids, jnp.int32)) & valid
+  is_eos = jnp.isin(new_BM, eos_ids) & valid
   valid &= (jnp.cumsum(is_eos, axis=1) - is_eos) == 0  # keep up to and including the first EOS
   taken = jnp.sum(valid, axis=1).astype(jnp.int32)
   rows = jnp.arange(b)[:, None]
@@ -99,42 +120,58 @@ def seen_mask(tokens_BS, lens_B, vocab: int, features: Features):
   return jnp.zeros((b, vocab), bool).at[jnp.arange(b)[:, None], ids].set(True, mode="drop")
 
 
-# Streaming: the loop hands each step's tokens to the host with jax.debug.callback (unordered,
-# so it never serialises the loop); a sink reorders by step and calls the user's function.
+# Streaming: every `stream` steps (and when the loop ends) the loop hands the host a window of
+# each row's latest tokens with jax.debug.callback (unordered, so it never serialises the loop;
+# measured in bench/decode.py: one callback per token step costs about as much as a small
+# model's step on CPU, so they are batched). The sink prints each row's tokens exactly once,
+# in order, whatever order the windows arrive in.
 _SINKS: dict[int, "_StreamSink"] = {}
 _SINK_IDS = itertools.count()
 
 
 class _StreamSink:
   def __init__(self, fn: Callable[[int, list[int]], None], num_rows: int):
-    self.fn, self.num_rows, self.next_step, self.pending = fn, num_rows, 0, {}
+    self.fn, self.sent, self.pending = fn, [0] * num_rows, []
 
-  def __call__(self, step, new_BM, count_B):
-    self.pending[int(step)] = (np.asarray(new_BM), np.asarray(count_B))
-    while self.next_step in self.pending:
-      new, count = self.pending.pop(self.next_step)
-      for row in range(self.num_rows):
-        if count[row]:
-          self.fn(row, new[row, :count[row]].tolist())
-      self.next_step += 1
-
-
-def _emit(sink_id, step, new_BM, count_B):
-  _SINKS[int(sink_id)](step, new_BM, count_B)
-
-
-def emit(stream: bool, sink_id, step, new_BM, count_B):
-  if stream:
-    jax.debug.callback(_emit, sink_id, step, new_BM, count_B, ordered=False)
+  def __call__(self, window_BW, total_B):
+    self.pending.append((np.asarray(window_BW), np.asarray(total_B).tolist()))
+    while True:  # a window is usable once every token before it has been sent
+      usable = [i for i, (w, total) in enumerate(self.pending)
+                if all(sent >= n - w.shape[1] for sent, n in zip(self.sent, total))]
+      if not usable:
+        return
+      window, total = self.pending.pop(usable[0])
+      for row, n in enumerate(total):
+        if n > self.sent[row]:
+          self.fn(row, window[row, window.shape[1] - (n - self.sent[row]):].tolist())
+          self.sent[row] = n
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "features", "eos_ids", "cache_len",
-                                             "cache_dtype", "stream"))
-def _prefill_step(params, prompts_BT, prompt_lens_B, max_new_B, keys_B, sampling, sink_id, *,
-                  cfg: ModelConfig, features: Features, eos_ids, cache_len: int, cache_dtype,
-                  stream: bool) -> DecodeState:
+def _emit(sink_id, window_BW, total_B):
+  _SINKS[int(sink_id)](window_BW, total_B)
+
+
+def emit(stream: int, sink_id, s: DecodeState, width: int, now=True):
+  """Sends each row's last `width` tokens and its token count to the host sink."""
+  if not stream:
+    return
+  def send():
+    idx = jnp.maximum(s.context_lens[:, None] - width + jnp.arange(width)[None, :], 0)
+    window = jnp.take_along_axis(s.tokens, idx, axis=1)
+    jax.debug.callback(_emit, sink_id, window, s.num_generated, ordered=False)
+  if now is True:
+    send()
+  else:
+    jax.lax.cond(now, send, lambda: None)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "features", "cache_len", "cache_dtype",
+                                             "stream"))
+def _prefill_step(params, prompts_BT, prompt_lens_B, max_new_B, keys_B, sampling, eos_ids,
+                  sink_id, *, cfg: ModelConfig, features: Features, cache_len: int, cache_dtype,
+                  stream: int) -> DecodeState:
   b, t = prompts_BT.shape
-  cache = KVCache.init(cfg, b, cache_len, cache_dtype)
+  cache = init_cache(cfg, b, cache_len, cache_dtype)
   last_logits, cache = prefill(Transformer(cfg), params, prompts_BT, prompt_lens_B, cache)
   tokens = jnp.zeros((b, cache_len), jnp.int32).at[:, :t].set(prompts_BT)
   seen = seen_mask(prompts_BT, prompt_lens_B, cfg.vocab_size, features)
@@ -145,15 +182,15 @@ def _prefill_step(params, prompts_BT, prompt_lens_B, max_new_B, keys_B, sampling
                   accepted=zeros)
   tok = sampling_lib.sample_rows(sampling_lib.token_keys(keys_B, zeros), last_logits, sampling,
                                  features, seen)
-  s, taken = commit(s, tok[:, None], jnp.ones((b,), jnp.int32), eos_ids)
-  emit(stream, sink_id, jnp.int32(0), tok[:, None], taken)
+  s, _ = commit(s, tok[:, None], jnp.ones((b,), jnp.int32), eos_ids)
+  emit(stream, sink_id, s, 1)
   return s
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "features", "eos_ids", "stream"),
+@functools.partial(jax.jit, static_argnames=("cfg", "features", "stream"),
                    donate_argnames=("s",))
-def _decode_loop(params, s: DecodeState, sink_id, *, cfg: ModelConfig, features: Features,
-                 eos_ids, stream: bool) -> DecodeState:
+def _decode_loop(params, s: DecodeState, eos_ids, sink_id, *, cfg: ModelConfig,
+                 features: Features, stream: int) -> DecodeState:
   model = Transformer(cfg)
 
   def body(s: DecodeState):
@@ -165,9 +202,10 @@ def _decode_loop(params, s: DecodeState, sink_id, *, cfg: ModelConfig, features:
     # A finished row's cache stops advancing, so it can never run past the cache's end.
     cache = cache.replace(lengths=jnp.where(s.done, s.cache.lengths, cache.lengths))
     live = (~s.done).astype(jnp.int32)
-    s2, taken = commit(s.replace(cache=cache), tok[:, None], jnp.ones_like(live), eos_ids)
-    emit(stream, sink_id, s.step + 1, tok[:, None], taken)
-    return s2.replace(step=s.step + 1, target_steps=s.target_steps + live)
+    s2, _ = commit(s.replace(cache=cache), tok[:, None], jnp.ones_like(live), eos_ids)
+    s2 = s2.replace(step=s.step + 1, target_steps=s.target_steps + live)
+    emit(stream, sink_id, s2, stream, (s2.step % max(stream, 1) == 0) | jnp.all(s2.done))
+    return s2
 
   return jax.lax.while_loop(lambda s: ~jnp.all(s.done), body, s)
 
@@ -232,10 +270,11 @@ def generate_with_stats(cfg: ModelConfig, params, prompts: Sequence[Sequence[int
                         eos_ids=(), seed: int | Sequence[int] = 0, draft=None,
                         num_draft_tokens: int = 4,
                         stream: Callable[[int, list[int]], None] | None = None,
-                        cache_dtype=None) -> Generation:
+                        stream_every: int = 8, cache_dtype=None) -> Generation:
   """Generates for a batch of token-id prompts. Per-row `max_new_tokens`, `sampling` and
   `seed` may be lists. `draft`: None, `speculative.ModelDraft(cfg, params)` or
-  `speculative.PromptLookup(ngram)`. `stream(row, new_token_ids)` is called as tokens come."""
+  `speculative.PromptLookup(ngram)`. `stream(row, new_token_ids)` is called as tokens come,
+  every `stream_every` steps (each callback from the loop costs about one small step on CPU)."""
   from infer import speculative  # the speculative loop builds on this module
 
   n = len(prompts)
@@ -249,6 +288,11 @@ def generate_with_stats(cfg: ModelConfig, params, prompts: Sequence[Sequence[int
       raise ValueError(f"prompt {i} has {len(p)} tokens; with max_new_tokens={m} that exceeds "
                        f"the model's context of {limit} tokens (model.max_seq_len)")
   eos_ids = tuple(int(e) for e in eos_ids)
+  cfg, params = unstack_layers(cfg, params)
+  if isinstance(draft, speculative.ModelDraft):
+    draft = speculative.ModelDraft(*unstack_layers(draft.cfg, draft.params))
+  eos_arr = np.full((bucket(len(eos_ids), 4),), -1, np.int32)  # an input: no recompile
+  eos_arr[:len(eos_ids)] = eos_ids
   k = num_draft_tokens if draft is not None else 0
   if draft is not None:
     speculative.check_draft(cfg, draft, k)
@@ -271,21 +315,22 @@ def generate_with_stats(cfg: ModelConfig, params, prompts: Sequence[Sequence[int
   sink_id = next(_SINK_IDS)
   if stream is not None:
     _SINKS[sink_id] = _StreamSink(lambda row, toks: row < n and stream(row, toks), b)
-  static = dict(cfg=cfg, features=features, eos_ids=eos_ids, stream=stream is not None)
+  static = dict(cfg=cfg, features=features, stream=0 if stream is None else max(stream_every, 1))
   try:
     t0 = time.perf_counter()
     if draft is None:
-      s = _prefill_step(params, batch, lens, max_new_arr, keys, sampling_arr, sink_id,
+      s = _prefill_step(params, batch, lens, max_new_arr, keys, sampling_arr, eos_arr, sink_id,
                         cache_len=cache_len, cache_dtype=cache_dtype, **static)
       jax.block_until_ready(s)
       t1 = time.perf_counter()
-      s = _decode_loop(params, s, sink_id, **static)
+      s = _decode_loop(params, s, eos_arr, sink_id, **static)
     else:
       s = speculative.prefill(params, draft, batch, lens, max_new_arr, keys, sampling_arr,
-                              sink_id, cache_len=cache_len, cache_dtype=cache_dtype, **static)
+                              eos_arr, sink_id, cache_len=cache_len, cache_dtype=cache_dtype,
+                              **static)
       jax.block_until_ready(s)
       t1 = time.perf_counter()
-      s = speculative.decode_loop(params, draft, s, sink_id, num_draft=k, **static)
+      s = speculative.decode_loop(params, draft, s, eos_arr, sink_id, num_draft=k, **static)
     tokens, ctx, plens = jax.device_get((s.tokens, s.context_lens, s.prompt_lens))
     t2 = time.perf_counter()
     if stream is not None:

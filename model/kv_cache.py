@@ -15,8 +15,10 @@ from model.config import ModelConfig
 
 @flax.struct.dataclass
 class KVCache:
-  k: jax.Array  # [L, B, S, K, H]
-  v: jax.Array  # [L, B, S, K, H]
+  # [L, B, S, K, H], or a tuple of L [B, S, K, H] buffers with unrolled layers (inference:
+  # each buffer is updated in place, where a scan over a stacked cache copies it every step).
+  k: jax.Array
+  v: jax.Array
   lengths: jax.Array  # int32[B]
 
   @classmethod
@@ -28,7 +30,7 @@ class KVCache:
 
   @property
   def max_len(self) -> int:
-    return self.k.shape[2]
+    return self.k[0].shape[1] if isinstance(self.k, (tuple, list)) else self.k.shape[2]
 
 
 def write(cache_BSKH: jax.Array, new_BTKH: jax.Array, start_B: jax.Array) -> jax.Array:
@@ -47,8 +49,10 @@ class PagedKVCache:
   input. Page 0 is the null page: unused table entries point at it; it holds only padding,
   which attention never uses.
   """
-  k_pages: jax.Array  # [L, K, num_pages, P, H]: the layout paged_attention reads per layer
-  v_pages: jax.Array  # [L, K, num_pages, P, H]
+  # [L, K, num_pages, P, H] (per layer: the layout paged_attention reads), or a tuple of L
+  # [K, num_pages, P, H] pools with unrolled layers, as for KVCache.
+  k_pages: jax.Array
+  v_pages: jax.Array
   page_indices: jax.Array  # int32[B, pages_per_seq]
   lengths: jax.Array  # int32[B]
 
@@ -63,7 +67,8 @@ class PagedKVCache:
 
   @property
   def page_size(self) -> int:
-    return self.k_pages.shape[3]
+    pages = self.k_pages
+    return pages[0].shape[2] if isinstance(pages, (tuple, list)) else pages.shape[3]
 
 
 @flax.struct.dataclass

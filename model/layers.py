@@ -56,10 +56,15 @@ def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
                    jnp.where(wavelen > low_wavelen, inv_freq / factor, mid))
 
 
-def apply_rope(x_BTNH, positions_BT, inv_freq):
+def rope_table(positions_BT, cfg: ModelConfig):
+  """(sin, cos), each f32[B, T, 1, H/2]: computed once per forward, shared by every layer."""
+  angles = positions_BT[:, :, None, None].astype(jnp.float32) * rope_inv_freq(cfg)
+  return jnp.sin(angles), jnp.cos(angles)
+
+
+def apply_rope(x_BTNH, rope):
   """Rotates the two halves of each head (the HF Llama layout, not llama.cpp's interleaved)."""
-  angles = positions_BT[:, :, None, None].astype(jnp.float32) * inv_freq  # [B,T,1,H/2]
-  sin, cos = jnp.sin(angles), jnp.cos(angles)
+  sin, cos = rope
   x1, x2 = jnp.split(x_BTNH.astype(jnp.float32), 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x_BTNH.dtype)
@@ -89,7 +94,7 @@ class Attention(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BTD, positions, segment_ids, start, layer_kv):
+  def __call__(self, x_BTD, rope, segment_ids, start, layer_kv):
     cfg = self.cfg
     d, n, k, h = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     init = nn.initializers.normal(cfg.init_std)
@@ -103,9 +108,8 @@ class Attention(nn.Module):
     q = jnp.einsum("BTD,DNH->BTNH", x_BTD, wq.astype(dt))
     key = jnp.einsum("BTD,DKH->BTKH", x_BTD, wk.astype(dt))
     val = jnp.einsum("BTD,DKH->BTKH", x_BTD, wv.astype(dt))
-    inv_freq = rope_inv_freq(cfg)
-    q = constrain(apply_rope(q, positions, inv_freq), ("batch", "length", "act_heads", None))
-    key = constrain(apply_rope(key, positions, inv_freq), ("batch", "length", "act_kv_heads", None))
+    q = constrain(apply_rope(q, rope), ("batch", "length", "act_heads", None))
+    key = constrain(apply_rope(key, rope), ("batch", "length", "act_kv_heads", None))
     val = constrain(val, ("batch", "length", "act_kv_heads", None))
 
     if layer_kv is None:
@@ -154,9 +158,9 @@ class Block(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BTD, positions, segment_ids, start, layer_kv):
+  def __call__(self, x_BTD, rope, segment_ids, start, layer_kv):
     h, new_kv = Attention(self.cfg, name="attn")(
-        RMSNorm(self.cfg, name="attn_norm")(x_BTD), positions, segment_ids, start, layer_kv)
+        RMSNorm(self.cfg, name="attn_norm")(x_BTD), rope, segment_ids, start, layer_kv)
     x_BTD = x_BTD + h
     x_BTD = x_BTD + MLP(self.cfg, name="mlp")(RMSNorm(self.cfg, name="mlp_norm")(x_BTD))
     return constrain(x_BTD, ("batch", "length", "act_embed")), new_kv

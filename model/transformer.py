@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from model.config import ModelConfig
 from model.kv_cache import KVCache, PagedKVCache, PageTable
-from model.layers import Block, RMSNorm, _param
+from model.layers import Block, RMSNorm, _param, rope_table
 from model.sharding import constrain
 
 _REMAT_POLICIES = {
@@ -53,21 +53,29 @@ class Transformer(nn.Module):
       start = None if cache is None else cache.lengths
       layers_kv = None if cache is None else (cache.k, cache.v)
 
+    rope = rope_table(positions, cfg)
     block = _block_class(cfg)
     if cfg.scan_layers:
       stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                       in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0),
                       length=cfg.n_layers, metadata_params={nn.PARTITION_NAME: "layers"})
-      x, new_kv = stack(cfg, name="layers")(x, positions, attn_segments, start, layers_kv)
+      x, new_kv = stack(cfg, name="layers")(x, rope, attn_segments, start, layers_kv)
     else:
       new_k, new_v = [], []
       for i in range(cfg.n_layers):
         layer_kv = None if cache is None else (layers_kv[0][i], layers_kv[1][i])
-        x, kv = block(cfg, name=f"layers_{i}")(x, positions, attn_segments, start, layer_kv)
+        x, kv = block(cfg, name=f"layers_{i}")(x, rope, attn_segments, start, layer_kv)
         if kv is not None:
           new_k.append(kv[0])
           new_v.append(kv[1])
-      new_kv = (jnp.stack(new_k), jnp.stack(new_v)) if cache is not None else None
+      if cache is None:
+        new_kv = None
+      elif isinstance(layers_kv[0], (tuple, list)):
+        # A cache held as one buffer per layer (inference) stays so: each layer's buffer is
+        # updated in place, where stacking would copy the whole cache every step.
+        new_kv = (tuple(new_k), tuple(new_v))
+      else:
+        new_kv = (jnp.stack(new_k), jnp.stack(new_v))
 
     x = RMSNorm(cfg, name="final_norm")(x)
     if return_hidden:

@@ -284,7 +284,7 @@ def test_shards_read_disjoint_files(tmp_path, tok):
 
 def test_repeat_shuffles_each_epoch_differently(tmp_path, tok):
   files = _text_corpus(tmp_path, 8)
-  it = _iterator(_cfg(), tok, files, shuffle=True, repeat=True, seq_len=8,
+  it = _iterator(_cfg(shuffle_rows=0), tok, files, shuffle=True, repeat=True, seq_len=8,
                  batch_size=1)
   # Read three epochs' worth of rows and find the file order in each.
   text = tok.decode(np.concatenate(
@@ -294,6 +294,20 @@ def test_repeat_shuffles_each_epoch_differently(tmp_path, tok):
   epochs = [order[:8], order[8:16], order[16:24]]
   assert all(sorted(e) == sorted(epochs[0]) for e in epochs)
   assert len({tuple(e) for e in epochs}) > 1
+
+
+def test_row_shuffle_permutes_rows_within_a_window(tmp_path, tok):
+  files = _text_corpus(tmp_path, 8)
+
+  def rows(shuffle_rows):
+    it = _iterator(_cfg(shuffle_rows=shuffle_rows), tok, files, shuffle=True, repeat=True,
+                   seq_len=8, batch_size=16)
+    out = np.concatenate([next(it)["inputs"] for _ in range(4)])  # one window of 64 rows
+    it.close()
+    return [tuple(r) for r in out]
+
+  plain, mixed = rows(0), rows(64)
+  assert sorted(mixed) == sorted(plain) and mixed != plain
 
 
 # ----------------------------------------------------------------------------

@@ -283,6 +283,11 @@ def make_iterator(data_cfg, tokenizer: tokenizers.Tokenizer, files: list[str],
   ds = _documents(shard, tokenizer, data_cfg, seed=seed, shuffle=shuffle,
                   repeat=repeat)
   ds = _pack(ds, seq_len).map(_finish_row)
+  if shuffle and data_cfg.shuffle_rows > 1:
+    # Consecutive rows come from the same file: mixing rows over a window of several files
+    # keeps each batch from being one file's worth of correlated text.
+    ds = grain.experimental.WindowShuffleIterDataset(
+        ds, window_size=data_cfg.shuffle_rows, seed=seed % 2**32)
   if repeat:
     ds = ds.batch(batch_size, drop_remainder=True)
   else:

@@ -1,0 +1,442 @@
+"""A continuous-batching engine over the paged KV cache (Kwon et al. 2023; Orca, Yu et al. 2022).
+
+Each `step()`:
+  1. admits waiting requests (oldest first) while a slot and the pages for their prompt are
+     free, reusing cached full pages of a shared prefix (infer/pages.py);
+  2. gives every running request the pages its next tokens need, copying a shared page before
+     the first write into it (copy-on-write); when the pool runs out, the newest running
+     request is preempted: its pages are freed and it waits to be recomputed (prompt plus what
+     it already generated), never dropped;
+  3. runs one jitted device step: pending copies, a chunk of each prefilling prompt (long
+     prompts are split into chunks, interleaved with decoding), one token for every decoding
+     request, and sampling with each request's own settings and seed;
+  4. appends the sampled tokens; finished requests free their pages at once, so waiting
+     requests take their slots on the next step.
+
+The device sees plain arrays: the page pool (donated, updated in place), page tables, lengths.
+A request only ever reads pages in its own table (its own or shared copies of the same prefix)
+and the null page, so it can never read another request's tokens.
+"""
+
+import bisect
+import collections
+import dataclasses
+import functools
+import time
+from typing import Callable, Sequence
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from infer import sampling as sampling_lib
+from infer.decode import unstack_layers
+from infer.pages import NULL_PAGE, OutOfPages, PageAllocator, chain_hash
+from infer.sampling import Features, SamplingBatch, SamplingParams
+from model import ModelConfig, Transformer
+from model.kv_cache import PagedKVCache
+
+
+MIN_TABLE_WIDTH = 4  # pages
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+  num_pages: int = 512  # including the null page
+  page_size: int = 16
+  max_batch: int = 16  # requests running at once (rows of the decode forward)
+  prefill_chunk: int = 128  # prompt tokens per prefilling request per step
+  prefill_rows: int = 1  # prefilling requests advanced per step
+  max_seq_len: int = 0  # 0: the model's max_seq_len
+  prefix_caching: bool = True
+  cache_dtype: str | None = None  # None: the model's compute dtype
+
+
+@dataclasses.dataclass
+class Request:
+  id: int
+  prompt: list[int]
+  max_new_tokens: int
+  sampling: SamplingParams
+  seed: int
+  eos_ids: frozenset
+  arrival: float
+  output: list[int] = dataclasses.field(default_factory=list)
+  pages: list[int] = dataclasses.field(default_factory=list)  # logical -> physical page
+  keys: list[bytes] = dataclasses.field(default_factory=list)  # prefix keys of its full pages
+  computed: int = 0  # tokens whose K/V are in its pages
+  slot: int | None = None
+  copies: list[tuple[int, int]] = dataclasses.field(default_factory=list)  # (src, dst) pending
+  finished: bool = False
+  preemptions: int = 0
+  cached_tokens: int = 0  # prompt tokens served from the prefix cache (last admission)
+  first_token_time: float | None = None
+  finish_time: float | None = None
+  seen: np.ndarray | None = None  # bool[V], for the repetition penalty
+
+  @property
+  def tokens(self) -> list[int]:
+    return self.prompt + self.output
+
+  @property
+  def to_feed(self) -> int:
+    return len(self.prompt) + len(self.output) - self.computed
+
+
+@flax.struct.dataclass
+class _Group:
+  """One forward's rows: `n_real` tokens of each row from position `start` (0: inactive)."""
+  tokens: jax.Array  # int32[R, T]
+  n_real: jax.Array  # int32[R]
+  start: jax.Array  # int32[R]
+  table: jax.Array  # int32[R, pages_per_seq]
+  seeds: jax.Array  # uint32[R]
+  counter: jax.Array  # int32[R]: tokens generated so far (the sampling key's counter)
+  sampling: SamplingBatch
+  seen: jax.Array  # bool[R, V] or bool[R, 1]
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "features"),
+                   donate_argnames=("k_pages", "v_pages"))
+def _device_step(params, k_pages, v_pages, copy_src, copy_dst, groups: tuple[_Group, ...], *,
+                 cfg: ModelConfig, features: Features):
+  # Copy-on-write first: no row writes a shared page, so sources are still intact.
+  k_pages = tuple(k.at[:, copy_dst].set(k[:, copy_src]) for k in k_pages)
+  v_pages = tuple(v.at[:, copy_dst].set(v[:, copy_src]) for v in v_pages)
+  model = Transformer(cfg)
+  out = []
+  for g in groups:  # rows of different groups own different pages: order does not matter
+    r, t = g.tokens.shape
+    cache = PagedKVCache(k_pages=k_pages, v_pages=v_pages, page_indices=g.table,
+                         lengths=g.start)
+    pos = g.start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+    real = (jnp.arange(t)[None, :] < g.n_real[:, None]).astype(jnp.int32)
+    logits, cache = model.apply({"params": params}, g.tokens, pos, segment_ids=real,
+                                cache=cache)
+    k_pages, v_pages = cache.k_pages, cache.v_pages
+    last = jnp.take_along_axis(logits, jnp.maximum(g.n_real - 1, 0)[:, None, None], axis=1)
+    keys = sampling_lib.token_keys(sampling_lib.row_keys(g.seeds), g.counter)
+    out.append(sampling_lib.sample_rows(keys, last[:, 0], g.sampling, features, g.seen))
+  return k_pages, v_pages, tuple(out)
+
+
+@dataclasses.dataclass
+class Completion:
+  tokens: list[int]  # generated ids (prompt excluded), cut after the first EOS
+  arrival: float
+  first_token_time: float
+  finish_time: float
+  preemptions: int
+  cached_tokens: int
+
+  @property
+  def latency(self) -> float:
+    return self.finish_time - self.arrival
+
+
+class Engine:
+  """Continuous batching over a paged KV cache. Host-side scheduling, device-side arrays."""
+
+  def __init__(self, cfg: ModelConfig, params, config: EngineConfig = EngineConfig(), *,
+               eos_ids: Sequence[int] = ()):
+    # Unrolled layers, one page pool per layer: each step updates the pools in place.
+    self.cfg, self.params = unstack_layers(cfg, params)
+    self.config = config
+    self.eos_ids = frozenset(int(e) for e in eos_ids)
+    self.max_seq_len = config.max_seq_len or cfg.max_seq_len
+    p = config.page_size
+    self.pages_per_seq = -(-self.max_seq_len // p)
+    self.allocator = PageAllocator(config.num_pages, p)
+    shape = (cfg.n_kv_heads, config.num_pages, p, cfg.head_dim)
+    dtype = cfg.compute_dtype if config.cache_dtype is None else jnp.dtype(config.cache_dtype)
+    pools = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers))
+    self.k_pages, self.v_pages = pools(), pools()  # [K, num_pages, P, H] per layer
+    self.waiting: collections.deque[Request] = collections.deque()
+    self.running: list[Request] = []
+    self.requests: dict[int, Request] = {}
+    self.free_slots = list(range(config.max_batch))
+    self.features = Features()
+    self.num_steps = 0
+    self.num_preemptions = 0
+    self._next_id = 0
+
+  # ------------------------------------------------------------------------------ requests
+
+  def add_request(self, prompt: Sequence[int], *, max_new_tokens: int,
+                  sampling: SamplingParams = SamplingParams(), seed: int = 0,
+                  eos_ids: Sequence[int] | None = None, arrival: float | None = None) -> int:
+    prompt = [int(t) for t in prompt]
+    if not prompt:
+      raise ValueError("a request needs at least one prompt token")
+    if max_new_tokens < 1:
+      raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    total = len(prompt) + max_new_tokens
+    if total > self.max_seq_len:
+      raise ValueError(f"prompt of {len(prompt)} tokens + max_new_tokens={max_new_tokens} "
+                       f"exceeds the engine's max_seq_len={self.max_seq_len}")
+    if -(-total // self.config.page_size) > self.allocator.capacity:
+      raise ValueError(f"a request of {total} tokens needs more pages than the pool has "
+                       f"({self.allocator.capacity} of {self.config.page_size} tokens); raise "
+                       "num_pages")
+    rid = self._next_id
+    self._next_id += 1
+    r = Request(id=rid, prompt=prompt, max_new_tokens=max_new_tokens, sampling=sampling,
+                seed=seed, eos_ids=self.eos_ids if eos_ids is None else frozenset(eos_ids),
+                arrival=time.perf_counter() if arrival is None else arrival)
+    self.features = self.features | Features.of([sampling])
+    self.requests[rid] = r
+    self._enqueue(r)
+    return rid
+
+  def has_work(self) -> bool:
+    return bool(self.waiting or self.running)
+
+  def completion(self, rid: int) -> Completion:
+    r = self.requests[rid]
+    return Completion(tokens=list(r.output), arrival=r.arrival,
+                      first_token_time=r.first_token_time, finish_time=r.finish_time,
+                      preemptions=r.preemptions, cached_tokens=r.cached_tokens)
+
+  def run(self, on_tokens: Callable[[int, list[int]], None] | None = None
+          ) -> dict[int, Completion]:
+    """Steps until every request has finished; returns their completions by id."""
+    while self.has_work():
+      for rid, toks in self.step():
+        if on_tokens is not None:
+          on_tokens(rid, toks)
+    return {rid: self.completion(rid) for rid, r in self.requests.items() if r.finished}
+
+  # ------------------------------------------------------------------------------ scheduling
+
+  def _enqueue(self, r: Request):
+    """Waiting requests stay in arrival order, so a preempted one goes back near the front."""
+    keys = [(w.arrival, w.id) for w in self.waiting]
+    self.waiting.insert(bisect.bisect(keys, (r.arrival, r.id)), r)
+
+  def _match_prefix(self, tokens: list[int]) -> list[tuple[int, bytes]]:
+    if not self.config.prefix_caching:
+      return []
+    p, parent, matched = self.config.page_size, b"", []
+    for i in range(len(tokens) // p):
+      key = chain_hash(parent, tokens[i * p:(i + 1) * p])
+      page = self.allocator.lookup(key)
+      if page is None:
+        break
+      matched.append((page, key))
+      parent = key
+    return matched
+
+  def _admit(self):
+    p = self.config.page_size
+    while self.waiting and self.free_slots:
+      r = self.waiting[0]
+      tokens = r.tokens
+      matched = self._match_prefix(tokens)
+      # At least the last token is computed again: its logits give the next token.
+      computed = min(len(matched) * p, len(tokens) - 1)
+      # Pages for the whole prompt, plus one to copy if the last token's page is shared.
+      need = -(-len(tokens) // p) - len(matched) + (computed < len(matched) * p)
+      revived = sum(self.allocator.refcount[page] == 0 for page, _ in matched)
+      if self.allocator.num_free - revived < need:
+        return  # wait until finished requests free pages (keeps arrival order)
+      for page, _ in matched:
+        self.allocator.retain(page)
+      self.waiting.popleft()
+      r.pages = [page for page, _ in matched]
+      r.keys = [key for _, key in matched]
+      r.computed = r.cached_tokens = computed
+      r.slot = self.free_slots.pop()
+      r.seen = None  # built when a step first needs it
+      self.running.append(r)
+
+  def _preempt(self, r: Request):
+    """Frees all of r's pages and puts it back in the queue; it recomputes later."""
+    for page in r.pages:
+      self.allocator.release(page)
+    r.pages, r.keys, r.copies, r.computed = [], [], [], 0
+    self.free_slots.append(r.slot)
+    r.slot = None
+    r.preemptions += 1
+    self.num_preemptions += 1
+    self.running.remove(r)
+    self._enqueue(r)
+
+  def _reserve(self, r: Request, n: int):
+    """Pages for r's positions [computed, computed + n), copying a shared one first."""
+    p = self.config.page_size
+    first = r.computed // p
+    if first < len(r.pages):
+      page, src = self.allocator.copy_on_write(r.pages[first])
+      if page != src:
+        r.pages[first] = page
+        r.copies.append((src, page))
+        del r.keys[first:]  # the private copy is no longer the cached page
+    while len(r.pages) < -(-(r.computed + n) // p):
+      r.pages.append(self.allocator.allocate())
+
+  def _schedule(self) -> tuple[list[Request], list[Request]]:
+    decode = [r for r in self.running if r.to_feed == 1]
+    prefill = sorted((r for r in self.running if r.to_feed > 1),
+                     key=lambda r: (r.arrival, r.id))[:self.config.prefill_rows]
+    for r in sorted(decode + prefill, key=lambda r: (r.arrival, r.id)):
+      if r not in self.running:
+        continue  # preempted for an older request in this loop
+      n = min(r.to_feed, self.config.prefill_chunk)
+      while True:
+        try:
+          self._reserve(r, n)
+          break
+        except OutOfPages:
+          victim = max(self.running, key=lambda q: (q.arrival, q.id))
+          self._preempt(victim)
+          if victim is r:
+            break
+    return ([r for r in decode if r in self.running],
+            [r for r in prefill if r in self.running])
+
+  # ------------------------------------------------------------------------------ the step
+
+  def table_widths(self) -> list[int]:
+    """The page-table widths a step may use: powers of two from MIN_TABLE_WIDTH up, capped
+    at pages_per_seq. A step's table is only as wide as its longest row needs, so attention
+    does not sweep max_seq_len every step, at the price of one compile per width."""
+    widths, w = [], min(MIN_TABLE_WIDTH, self.pages_per_seq)
+    while w < self.pages_per_seq:
+      widths.append(w)
+      w *= 2
+    return widths + [self.pages_per_seq]
+
+  def _table_width(self, rows: list[Request]) -> int:
+    need = max((len(r.pages) for r in rows), default=1)
+    return next(w for w in self.table_widths() if w >= need)
+
+  def _group(self, rows: list[Request | None], t: int, width: int) -> _Group:
+    """Host arrays for a forward over `rows` (None: an inactive row)."""
+    n_rows, v = len(rows), self.cfg.vocab_size
+    tokens = np.zeros((n_rows, t), np.int32)
+    n_real = np.zeros((n_rows,), np.int32)
+    start = np.zeros((n_rows,), np.int32)
+    table = np.full((n_rows, width), NULL_PAGE, np.int32)
+    seeds = np.zeros((n_rows,), np.uint32)
+    counter = np.zeros((n_rows,), np.int32)
+    seen = np.zeros((n_rows, v if self.features.penalty else 1), bool)
+    settings = []
+    for i, r in enumerate(rows):
+      settings.append(SamplingParams() if r is None else r.sampling)
+      if r is None:
+        continue
+      n = min(r.to_feed, t)
+      tokens[i, :n] = r.tokens[r.computed:r.computed + n]
+      n_real[i], start[i] = n, r.computed
+      table[i, :len(r.pages)] = r.pages
+      seeds[i], counter[i] = r.seed, len(r.output)
+      if self.features.penalty:
+        if r.seen is None:  # first step that needs it (also after preemption)
+          r.seen = np.zeros(v, bool)
+          r.seen[r.tokens] = True
+        seen[i] = r.seen
+    return _Group(tokens=tokens, n_real=n_real, start=start, table=table, seeds=seeds,
+                  counter=counter, sampling=SamplingBatch.of(settings), seen=seen)
+
+  def step(self) -> list[tuple[int, list[int]]]:
+    """One scheduling round and device step; returns (request id, new tokens) pairs."""
+    self._admit()
+    decode, prefill = self._schedule()
+    if not decode and not prefill:
+      return []
+    cfg = self.config
+    groups, members = [], []
+    width = self._table_width(decode + prefill)
+    if prefill:
+      rows = prefill + [None] * (cfg.prefill_rows - len(prefill))
+      groups.append(self._group(rows, cfg.prefill_chunk, width))
+      members.append(rows)
+    if decode:
+      rows = [None] * cfg.max_batch
+      for r in decode:
+        rows[r.slot] = r
+      groups.append(self._group(rows, 1, width))
+      members.append(rows)
+    copies = [c for r in self.running for c in r.copies]
+    src, dst = self._copy_arrays()
+    if copies:
+      src[:len(copies)], dst[:len(copies)] = zip(*copies)
+    fed = {r.id: min(r.to_feed, cfg.prefill_chunk) for r in decode + prefill}
+    self.k_pages, self.v_pages, sampled = _device_step(
+        self.params, self.k_pages, self.v_pages, src, dst, tuple(groups), cfg=self.cfg,
+        features=self.features)
+    sampled = jax.device_get(sampled)  # the one host sync per step
+    now = time.perf_counter()
+    self.num_steps += 1
+    events = []
+    for rows, toks in zip(members, sampled):
+      for r, tok in zip(rows, toks.tolist()):
+        if r is None:
+          continue
+        r.copies = []
+        r.computed += fed[r.id]
+        self._register_full_pages(r)
+        if r.computed == len(r.prompt) + len(r.output):  # fed to the end: tok is new
+          r.output.append(tok)
+          if r.seen is not None:
+            r.seen[tok] = True
+          if r.first_token_time is None:
+            r.first_token_time = now
+          events.append((r.id, [tok]))
+          if tok in r.eos_ids or len(r.output) >= r.max_new_tokens:
+            self._finish(r, now)
+    return events
+
+  def _copy_arrays(self):
+    width = self.config.max_batch + self.config.prefill_rows  # <= one copy per request
+    return np.zeros((width,), np.int32), np.zeros((width,), np.int32)
+
+  def warmup(self, widths: Sequence[int] | None = None) -> float:
+    """Compiles the step for every table width (and each mix of prefill and decode rows)
+    on idle rows, so serving never stops to compile. Returns the seconds it took."""
+    t0 = time.perf_counter()
+    cfg, src, dst = self.config, *self._copy_arrays()
+    for width in self.table_widths() if widths is None else widths:
+      prefill = self._group([None] * cfg.prefill_rows, cfg.prefill_chunk, width)
+      decode = self._group([None] * cfg.max_batch, 1, width)
+      for groups in ((prefill,), (decode,), (prefill, decode)):
+        self.k_pages, self.v_pages, out = _device_step(
+            self.params, self.k_pages, self.v_pages, src, dst, groups, cfg=self.cfg,
+            features=self.features)
+    jax.block_until_ready(out)
+    return time.perf_counter() - t0
+
+  def _register_full_pages(self, r: Request):
+    if not self.config.prefix_caching:
+      return
+    p, tokens = self.config.page_size, None
+    while len(r.keys) < r.computed // p:
+      i = len(r.keys)
+      tokens = r.tokens if tokens is None else tokens
+      key = chain_hash(r.keys[-1] if r.keys else b"", tokens[i * p:(i + 1) * p])
+      self.allocator.register(r.pages[i], key)
+      r.keys.append(key)
+
+  def _finish(self, r: Request, now: float):
+    for page in r.pages:
+      self.allocator.release(page)
+    r.pages, r.keys = [], []
+    r.finished, r.finish_time = True, now
+    self.free_slots.append(r.slot)
+    r.slot = None
+    self.running.remove(r)
+
+
+def serve(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *,
+          max_new_tokens: int | Sequence[int], sampling=SamplingParams(), seed=0, eos_ids=(),
+          config: EngineConfig = EngineConfig()) -> list[list[int]]:
+  """Runs a list of prompts through a fresh engine; generated ids per prompt, in order."""
+  n = len(prompts)
+  per_row = lambda x: list(x) if isinstance(x, (list, tuple)) else [x] * n
+  engine = Engine(cfg, params, config, eos_ids=eos_ids)
+  ids = [engine.add_request(p, max_new_tokens=m, sampling=s, seed=sd)
+         for p, m, s, sd in zip(prompts, per_row(max_new_tokens), per_row(sampling),
+                                per_row(seed))]
+  done = engine.run()
+  return [done[i].tokens for i in ids]

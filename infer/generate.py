@@ -1,0 +1,162 @@
+"""Generate text from a trained run, an HF directory or a GGUF file.
+
+  python infer/generate.py --checkpoint runs/tiny --prompt "def fib(n):" --max_new_tokens 64
+  python infer/generate.py --checkpoint runs/tiny --prompts_file prompts.txt --json
+  python infer/generate.py --checkpoint runs/tiny --prompt "..." --prompt_lookup 3
+  python infer/generate.py --checkpoint runs/big --draft runs/tiny --num_draft_tokens 4 ...
+  python infer/generate.py --hf ~/SmolLM2-135M-Instruct --chat --prompt "Hi!"
+
+Without --json the text streams to the terminal as it is generated (one prompt after the
+other). With --json all prompts run as one batch and each prints one JSON line: prompt, text,
+token_ids (generated only), timings, tokens/s, and acceptance stats when speculating.
+--prompts_file: one prompt per line; a .jsonl file holds one JSON string (or an object with
+a "prompt" key) per line, for prompts with newlines.
+"""
+
+import os
+import sys
+
+# Run as a script, Python puts infer/ first on sys.path, where infer/gguf.py would shadow the
+# `gguf` package; the repo root goes there instead (the package may not be pip-installed).
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+sys.path.insert(0, os.path.dirname(_HERE))
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import time  # noqa: E402
+
+
+def parse_args(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  src = ap.add_mutually_exclusive_group(required=True)
+  src.add_argument("--checkpoint", metavar="WORKDIR", help="a run directory (config.json, "
+                   "tokenizer.json, checkpoints/)")
+  src.add_argument("--hf", metavar="DIR", help="a Hugging Face Llama directory")
+  src.add_argument("--gguf", metavar="FILE", help="a llama.cpp GGUF file")
+  ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+  ap.add_argument("--prompt", action="append", default=[], help="repeatable")
+  ap.add_argument("--prompts_file", help="one prompt per line (.jsonl: JSON strings)")
+  ap.add_argument("--chat", action="store_true", help="apply the model's chat template")
+  ap.add_argument("--max_new_tokens", type=int, default=128)
+  ap.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
+  ap.add_argument("--top_k", type=int, default=0)
+  ap.add_argument("--top_p", type=float, default=1.0)
+  ap.add_argument("--min_p", type=float, default=0.0)
+  ap.add_argument("--repetition_penalty", type=float, default=1.0)
+  ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--draft", metavar="WORKDIR", help="speculative decoding with this smaller "
+                  "model (same vocabulary)")
+  ap.add_argument("--num_draft_tokens", type=int, default=4)
+  ap.add_argument("--prompt_lookup", type=int, default=0, metavar="N",
+                  help="speculative decoding with prompt-lookup drafts of n-grams up to N")
+  ap.add_argument("--cache_dtype", choices=("float32", "bfloat16"), default=None)
+  ap.add_argument("--json", action="store_true", help="one JSON line per prompt")
+  args = ap.parse_args(argv)
+  if args.draft and args.prompt_lookup:
+    ap.error("--draft and --prompt_lookup are alternatives; pick one")
+  return args
+
+
+def read_prompts(args) -> list[str]:
+  prompts = list(args.prompt)
+  if args.prompts_file:
+    with open(args.prompts_file) as f:
+      for line in f:
+        if not line.strip():
+          continue
+        if args.prompts_file.endswith(".jsonl"):
+          item = json.loads(line)
+          prompts.append(item["prompt"] if isinstance(item, dict) else item)
+        else:
+          prompts.append(line.rstrip("\n"))
+  if not prompts:
+    raise ValueError("no prompt: give --prompt (repeatable) or --prompts_file")
+  return prompts
+
+
+def load(args):
+  from infer import loaders
+  if args.checkpoint:
+    return loaders.load_checkpoint(args.checkpoint, step=args.step)
+  if args.hf:
+    return loaders.load_hf(args.hf)
+  return loaders.load_gguf(args.gguf)
+
+
+class TextStream:
+  """Prints a token stream as text: decodes the whole output so far and prints what is new,
+  holding back an incomplete UTF-8 character until its last byte arrives."""
+
+  def __init__(self, tokenizer, out=sys.stdout):
+    self.tokenizer, self.out, self.ids, self.printed = tokenizer, out, [], 0
+
+  def __call__(self, row, ids):
+    del row
+    self.ids.extend(ids)
+    text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+    if text.endswith("\ufffd"):
+      return
+    self.out.write(text[self.printed:])
+    self.out.flush()
+    self.printed = len(text)
+
+
+def main(argv=None) -> int:
+  args = parse_args(argv)
+  import jax.numpy as jnp
+
+  from infer import speculative
+  from infer.decode import generate_with_stats
+  from infer.sampling import SamplingParams
+
+  try:
+    prompts = read_prompts(args)
+    model = load(args)
+    sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                              min_p=args.min_p, repetition_penalty=args.repetition_penalty)
+    draft = None
+    if args.draft:
+      from infer import loaders
+      d = loaders.load_checkpoint(args.draft)
+      draft = speculative.ModelDraft(d.cfg, d.params)
+    elif args.prompt_lookup:
+      draft = speculative.PromptLookup(ngram=args.prompt_lookup)
+    encode = model.encode_chat if args.chat else model.encode
+    ids = [encode(p) for p in prompts]
+    kw = dict(max_new_tokens=args.max_new_tokens, sampling=sampling, eos_ids=model.eos_ids,
+              draft=draft, num_draft_tokens=args.num_draft_tokens,
+              cache_dtype=None if args.cache_dtype is None else jnp.dtype(args.cache_dtype))
+    if args.json:
+      t0 = time.perf_counter()
+      g = generate_with_stats(model.cfg, model.params, ids, seed=args.seed, **kw)
+      total = time.perf_counter() - t0
+      for i, (prompt, out) in enumerate(zip(prompts, g.tokens)):
+        rec = {"prompt": prompt, "text": model.tokenizer.decode(out, skip_special_tokens=True),
+               "token_ids": out, "prompt_tokens": len(ids[i]), "num_tokens": len(out),
+               # One batch: the timings are the batch's.
+               "timings": {"prefill_s": g.prefill_s, "decode_s": g.decode_s, "total_s": total},
+               "tokens_per_s": len(out) / max(g.prefill_s + g.decode_s, 1e-9)}
+        if draft is not None:
+          rec["acceptance_rate"] = g.accepted[i] / max(g.drafted[i], 1)
+          rec["tokens_per_step"] = (len(out) - 1) / max(g.target_steps[i], 1)
+        print(json.dumps(rec, ensure_ascii=False), flush=True)
+    else:
+      for prompt, prompt_ids in zip(prompts, ids):
+        print(prompt, end="", flush=True)
+        g = generate_with_stats(model.cfg, model.params, [prompt_ids], seed=args.seed,
+                                stream=TextStream(model.tokenizer), **kw)
+        n = g.generated_tokens
+        line = (f"\n[{n} tokens, {n / max(g.prefill_s + g.decode_s, 1e-9):.1f} tokens/s"
+                + (f", acceptance {g.acceptance_rate:.2f}, {g.tokens_per_step:.2f} tokens/step"
+                   if draft is not None else "") + "]")
+        print(line, file=sys.stderr, flush=True)
+  except (ValueError, FileNotFoundError, NotImplementedError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,101 @@
+"""Everything generation needs from a model on disk, whatever its format.
+
+  load_checkpoint(workdir)  a run directory of ours (infer/workdir.py)
+  load_hf(directory)        a Hugging Face Llama directory (infer/hf.py)
+  load_gguf(path)           a llama.cpp GGUF file (infer/gguf.py)
+
+Each returns a `LoadedModel`: config, params, tokenizer, EOS/BOS ids and the chat template.
+"""
+
+import dataclasses
+import importlib
+import json
+import os
+from typing import Any
+
+from model import ModelConfig
+
+_EOS = "<|endoftext|>"  # our trained tokenizers' document separator (train/data.py)
+
+
+@dataclasses.dataclass
+class LoadedModel:
+  cfg: ModelConfig
+  params: Any
+  tokenizer: Any  # tokenizers.Tokenizer
+  eos_ids: tuple[int, ...] = ()
+  bos_id: int | None = None  # prepended to plain prompts when the tokenizer does not
+  chat_template: str | None = None
+  tokenizer_config: dict = dataclasses.field(default_factory=dict)
+  source: str = ""
+
+  def encode(self, text: str) -> list[int]:
+    ids = self.tokenizer.encode(text).ids
+    if self.bos_id is not None and (not ids or ids[0] != self.bos_id):
+      ids = [self.bos_id] + ids
+    return ids
+
+  def encode_chat(self, text: str) -> list[int]:
+    """The prompt the model was tuned on: the user message through its chat template."""
+    if not self.chat_template:
+      raise ValueError(f"{self.source} has no chat template (tokenizer_config.json "
+                       "'chat_template'); drop --chat to use the prompt as plain text")
+    from infer.chat import render_chat, special_tokens
+    rendered = render_chat(self.chat_template, [{"role": "user", "content": text}],
+                           add_generation_prompt=True, **special_tokens(self.tokenizer_config))
+    return self.tokenizer.encode(rendered, add_special_tokens=False).ids
+
+
+def _token_id(tokenizer, token) -> int | None:
+  if isinstance(token, dict):
+    token = token.get("content")
+  return tokenizer.token_to_id(token) if token else None
+
+
+def load_checkpoint(workdir: str, step: int | None = None) -> LoadedModel:
+  from infer import workdir as run_dir
+  cfg = run_dir.load_model_config(workdir)
+  tokenizer = run_dir.load_tokenizer(workdir)
+  params = run_dir.load_params(workdir, cfg, step=step)
+  config = {}
+  path = os.path.join(workdir, "tokenizer_config.json")
+  if os.path.isfile(path):
+    with open(path) as f:
+      config = json.load(f)
+  eos = _token_id(tokenizer, config.get("eos_token")) or tokenizer.token_to_id(_EOS)
+  bos = _token_id(tokenizer, config.get("bos_token"))
+  if bos is None:
+    bos = eos  # training puts the separator before every document (train/loop.py's sample)
+  return LoadedModel(cfg=cfg, params=params, tokenizer=tokenizer,
+                     eos_ids=() if eos is None else (eos,), bos_id=bos,
+                     chat_template=config.get("chat_template"), tokenizer_config=config,
+                     source=workdir)
+
+
+def _converter(module: str, what: str):
+  try:
+    return importlib.import_module(module)
+  except ImportError as e:
+    raise NotImplementedError(
+        f"loading {what} needs {module.replace('.', '/')}.py, which is missing or failed to "
+        f"import ({e})") from None
+
+
+def _from_converted(loaded, path: str) -> LoadedModel:
+  cfg, params, tokenizer, extra = loaded
+  if tokenizer is None:
+    raise ValueError(f"{path} has no tokenizer (tokenizer.json)")
+  return LoadedModel(cfg=cfg, params=params, tokenizer=tokenizer,
+                     eos_ids=tuple(extra.get("eos_token_ids") or ()),
+                     # Their tokenizers add BOS themselves where the model expects one.
+                     bos_id=None, chat_template=extra.get("chat_template"),
+                     tokenizer_config=extra.get("tokenizer_config") or {}, source=path)
+
+
+def load_hf(directory: str) -> LoadedModel:
+  return _from_converted(_converter("infer.hf", "Hugging Face checkpoints").load_hf(directory),
+                         directory)
+
+
+def load_gguf(path: str) -> LoadedModel:
+  return _from_converted(_converter("infer.gguf", "GGUF files").load_gguf(path), path)

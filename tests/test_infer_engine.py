@@ -1,0 +1,204 @@
+"""The paged allocator and the continuous-batching engine."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from infer.decode import generate
+from infer.engine import Engine, EngineConfig
+from infer.pages import OutOfPages, PageAllocator, chain_hash
+from infer.sampling import SamplingParams
+from model import ModelConfig, Transformer
+
+CFG = ModelConfig(vocab_size=80, d_model=48, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=96,
+                  max_seq_len=128, init_std=0.3)
+GREEDY = SamplingParams(temperature=0)
+SMALL = EngineConfig(num_pages=64, page_size=4, max_batch=4, prefill_chunk=8, prefill_rows=1)
+
+
+@pytest.fixture(scope="module")
+def params():
+  tokens = jnp.zeros((1, 1), jnp.int32)
+  init = jax.jit(lambda key: Transformer(CFG).init(key, tokens, tokens)["params"])
+  return nn.unbox(init(jax.random.PRNGKey(0)))
+
+
+# ------------------------------------------------------------------------------ allocator
+
+
+def test_allocator_conserves_pages_and_refuses_double_free():
+  alloc = PageAllocator(num_pages=9, page_size=4)
+  rng = np.random.default_rng(0)
+  held = []
+  for _ in range(500):
+    if held and (rng.random() < 0.5 or alloc.num_free == 0):
+      alloc.release(held.pop(rng.integers(len(held))))
+    elif rng.random() < 0.2 and held:
+      page = held[rng.integers(len(held))]
+      alloc.retain(page)
+      held.append(page)
+    else:
+      held.append(alloc.allocate())
+    alloc.check()
+    assert alloc.num_free + alloc.num_used == alloc.capacity == 8
+    assert 0 not in held  # the null page is never handed out
+  for page in held:
+    alloc.release(page)
+  alloc.check()
+  page = alloc.allocate()
+  alloc.release(page)
+  with pytest.raises(ValueError, match="double free"):
+    alloc.release(page)
+  for _ in range(8):
+    alloc.allocate()
+  with pytest.raises(OutOfPages):
+    alloc.allocate()
+
+
+def test_prefix_keys_and_copy_on_write():
+  alloc = PageAllocator(num_pages=6, page_size=2)
+  a = alloc.allocate()
+  key = chain_hash(b"", [1, 2])
+  alloc.register(a, key)
+  assert alloc.lookup(key) == a and alloc.lookup(chain_hash(b"", [1, 3])) is None
+  assert chain_hash(key, [3, 4]) != chain_hash(chain_hash(b"", [9, 9]), [3, 4])  # a chain
+  assert alloc.copy_on_write(a) == (a, a)  # sole owner: write in place
+  alloc.retain(a)
+  fresh, src = alloc.copy_on_write(a)
+  assert src == a and fresh != a and alloc.refcount[a] == 1 and alloc.refcount[fresh] == 1
+  alloc.release(a)  # free, but still cached under its key ...
+  assert alloc.lookup(key) == a and alloc.refcount[a] == 0
+  alloc.retain(a)  # ... so a later request revives it
+  assert alloc.refcount[a] == 1
+  alloc.release(a)
+  for _ in range(alloc.num_free):  # reusing the page forgets its key
+    alloc.allocate()
+  assert alloc.lookup(key) is None
+  alloc.check()
+
+
+# ------------------------------------------------------------------------------ engine
+
+
+def _requests(seed, n, lengths=(3, 30), new=(2, 12)):
+  rng = np.random.default_rng(seed)
+  return [(rng.integers(1, CFG.vocab_size, rng.integers(*lengths)).tolist(),
+           int(rng.integers(*new))) for _ in range(n)]
+
+
+def _run(engine, requests, check=None, **kw):
+  ids = [engine.add_request(p, max_new_tokens=m, **kw) for p, m in requests]
+  while engine.has_work():
+    engine.step()
+    engine.allocator.check()
+    for r in engine.running:  # a table holds only the request's own (or shared) pages
+      assert all(engine.allocator.refcount[p] >= 1 for p in r.pages)
+      assert len(set(r.pages)) == len(r.pages) and 0 not in r.pages
+    if check is not None:
+      check(engine)
+  assert engine.allocator.num_used == 0  # everything freed at the end
+  return [engine.requests[i].output for i in ids]
+
+
+@pytest.fixture(scope="module")
+def workload(params):
+  requests = _requests(0, 10)
+  want = generate(CFG, params, [p for p, _ in requests], max_new_tokens=[m for _, m in requests],
+                  sampling=GREEDY)
+  return requests, want
+
+
+def test_batch_equals_each_request_alone(params, workload):
+  requests, want = workload
+  got = _run(Engine(CFG, params, SMALL), requests, sampling=GREEDY)
+  assert got == want  # the contiguous-cache decode loop, batched
+  for (prompt, m), out in zip(requests[:3], want[:3]):
+    assert _run(Engine(CFG, params, SMALL), [(prompt, m)], sampling=GREEDY)[0] == out
+
+
+def test_small_pool_preempts_and_still_finishes_everything(params, workload):
+  requests, want = workload
+  engine = Engine(CFG, params, EngineConfig(num_pages=13, page_size=4, max_batch=4,
+                                            prefill_chunk=8))
+  assert _run(engine, requests, sampling=GREEDY) == want
+  assert engine.num_preemptions > 0
+  assert engine.allocator.peak_used <= 12
+
+
+def test_long_prompts_are_chunked_between_decode_steps(params):
+  engine = Engine(CFG, params, SMALL)
+  short = engine.add_request([5, 6, 7], max_new_tokens=20, sampling=GREEDY)
+  engine.step()
+  engine.step()
+  long = engine.add_request(list(range(1, 41)), max_new_tokens=3, sampling=GREEDY)
+  decoded_while_prefilling = 0
+  while not engine.requests[long].output:
+    events = dict(engine.step())
+    decoded_while_prefilling += short in events
+  assert decoded_while_prefilling >= 4  # 40 prompt tokens in chunks of 8: 5 steps
+  engine.run()
+
+
+def test_shared_prefix_pages_are_refcounted_and_copied_on_write(params):
+  engine = Engine(CFG, params, SMALL)
+  prefix = list(range(10, 22))  # three full pages of 4
+  a = engine.add_request(prefix + [1, 2], max_new_tokens=4, sampling=GREEDY)
+  while engine.requests[a].computed < 12:
+    engine.step()
+  b = engine.add_request(prefix + [3], max_new_tokens=4, sampling=GREEDY)
+  c = engine.add_request(prefix, max_new_tokens=4, sampling=GREEDY)  # all pages cached
+  engine.step()
+  ra, rb, rc = (engine.requests[i] for i in (a, b, c))
+  assert rb.cached_tokens == 12 and rc.cached_tokens == 11  # c recomputes its last token
+  assert rb.pages[:3] == ra.pages[:3]
+  assert rc.pages[:2] == ra.pages[:2] and rc.pages[2] != ra.pages[2]  # copied on write
+  assert [engine.allocator.refcount[p] for p in ra.pages[:3]] == [3, 3, 2]
+  engine.run()
+  want = generate(CFG, params, [prefix + [1, 2], prefix + [3], prefix], max_new_tokens=4,
+                  sampling=GREEDY)
+  assert [engine.requests[i].output for i in (a, b, c)] == want
+
+
+def test_requests_never_read_pages_they_do_not_own(params, workload):
+  """After every step, NaN goes into every free page and every page of a victim request:
+  the others must not notice (NaN spreads through any read, even a masked one, unless the
+  attention ignores the slot)."""
+  requests, want = workload
+  engine = Engine(CFG, params, EngineConfig(num_pages=40, page_size=4, max_batch=4,
+                                            prefill_chunk=8, prefix_caching=False))
+  victim = engine.add_request(list(range(60, 75)), max_new_tokens=30, sampling=GREEDY)
+
+  def poison(engine):
+    bad = engine.allocator.refcount == 0
+    bad[0] = False  # the null page holds only padding
+    if not engine.requests[victim].finished:
+      bad[engine.requests[victim].pages] = True
+    fill = lambda x: jnp.where(jnp.asarray(bad)[None, :, None, None], jnp.nan, x)
+    engine.k_pages = tuple(map(fill, engine.k_pages))
+    engine.v_pages = tuple(map(fill, engine.v_pages))
+
+  assert _run(engine, requests[:6], check=poison, sampling=GREEDY) == want[:6]
+
+
+def test_sampled_requests_match_the_decode_loop_with_the_same_seeds(params, workload):
+  requests, _ = workload
+  requests = requests[:4]
+  settings = [SamplingParams(temperature=1.0), SamplingParams(temperature=0.7, top_k=8),
+              SamplingParams(temperature=0.9, top_p=0.8, repetition_penalty=1.2), GREEDY]
+  engine = Engine(CFG, params, SMALL)
+  ids = [engine.add_request(p, max_new_tokens=m, sampling=s, seed=10 + i)
+         for i, ((p, m), s) in enumerate(zip(requests, settings))]
+  done = engine.run()
+  want = generate(CFG, params, [p for p, _ in requests], max_new_tokens=[m for _, m in requests],
+                  sampling=settings, seed=[10, 11, 12, 13])
+  assert [done[i].tokens for i in ids] == want
+
+
+def test_impossible_requests_are_errors(params):
+  engine = Engine(CFG, params, EngineConfig(num_pages=5, page_size=4, max_batch=2))
+  with pytest.raises(ValueError, match="num_pages"):
+    engine.add_request(list(range(20)), max_new_tokens=4)
+  with pytest.raises(ValueError, match="max_seq_len"):
+    engine.add_request(list(range(120)), max_new_tokens=20)
