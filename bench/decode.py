@@ -4,10 +4,18 @@
   python bench/decode.py --checkpoint runs/tiny --prompt_lookup 3 --num_draft_tokens 4
   python bench/decode.py --random_model small --draft_random tiny --num_draft_tokens 4
   python bench/decode.py --random_model tiny --stream   # cost of streaming every N steps
+  python bench/decode.py --gguf SmolLM2-135M-Instruct.Q4_1.gguf --dtype bfloat16
+  python bench/decode.py --gguf SmolLM2-135M-Instruct.Q4_1.gguf --draft_layers 8
 
 Every configuration runs once to compile, then `--repeats` times; the best run counts.
-The prompt is code-like (a function repeated with small changes), the case prompt lookup is
-for. `speedup` compares speculative with plain decode tokens/s, measured in the same process.
+With a tokenizer the prompts are real code: the first `--prompt_len` tokens of Python
+standard-library files (`--prompts stdlib`, one file per row), or a function repeated with
+small changes (`--prompts repeat`, the easy case for prompt lookup). `speedup` compares
+speculative with plain decode tokens/s, measured in the same process.
+
+Decoding one token reads every weight once (the KV cache is small next to them at these
+lengths), so `weight_bytes_per_step / ms_per_token` is the achieved read bandwidth; compare
+it with `--measure_bandwidth`, a streaming read of a buffer much larger than the caches.
 """
 
 import os

@@ -202,3 +202,12 @@ def test_impossible_requests_are_errors(params):
     engine.add_request(list(range(20)), max_new_tokens=4)
   with pytest.raises(ValueError, match="max_seq_len"):
     engine.add_request(list(range(120)), max_new_tokens=20)
+
+
+def test_pallas_paged_kernel_serves_the_same_tokens(params, workload):
+  # attention_impl="pallas" runs the paged-attention kernel (interpreted on CPU) in the engine
+  # and the flash kernel in training; the decode loop's contiguous cache stays on XLA.
+  import dataclasses
+  requests, want = workload
+  cfg = dataclasses.replace(CFG, attention_impl="pallas")
+  assert _run(Engine(cfg, params, SMALL), requests[:4], sampling=GREEDY) == want[:4]

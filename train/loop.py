@@ -7,7 +7,6 @@ and on SIGTERM/SIGINT finishes the current step, saves, and returns.
 
 import dataclasses
 import functools
-import json
 import math
 import os
 import shutil
@@ -106,7 +105,10 @@ class _HostBatches:
 
 
 def _stop_on_signals():
-  """SIGTERM/SIGINT set a flag; the loop saves after the current step and returns."""
+  """SIGTERM/SIGINT set a flag; the loop saves after the current step and returns.
+
+  Returns (flag, restore): restore() puts the previous handlers back (a notebook keeps its
+  own Ctrl-C after training)."""
   flag = {"stop": False}
 
   def handler(signum, frame):
@@ -116,9 +118,12 @@ def _stop_on_signals():
     flag["stop"] = True
     print(f"\nsignal {signum}: finishing the current step, then saving", flush=True)
 
-  for sig in (signal.SIGTERM, signal.SIGINT):
-    signal.signal(sig, handler)
-  return flag
+  previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+  def restore():
+    for sig, old in previous.items():
+      signal.signal(sig, old)
+  return flag, restore
 
 
 def _any_process(flag: bool) -> bool:
@@ -225,7 +230,7 @@ def train(cfg) -> dict:
     print(f"model: {n_params / 1e6:.2f}M params | mesh {dict(mesh.shape)} | "
           f"{tokens_per_step} tokens/step | steps {start}->{steps}", flush=True)
 
-  stop = _stop_on_signals()
+  stop, restore_signals = _stop_on_signals()
   batches = _HostBatches(train_it, mesh, batch_size)
   bar = tqdm(total=steps, initial=start, disable=not is_main, dynamic_ncols=True, mininterval=1.0)
   last, saved_step = {}, latest
@@ -246,34 +251,37 @@ def train(cfg) -> dict:
                      if k in m}, refresh=False)
     return m
 
-  for i in range(start, steps):
-    state, device_metrics = p_train_step(state, next(batches))
-    step = i + 1
-    # Step `step` is dispatched: now read the previous step's metrics without stalling it.
-    if pending is not None:
-      last = log(*pending)
-      pending = None
-    if i == start:  # the first step compiles: keep it out of the throughput
-      jax.block_until_ready(state)
-      clock["t"], clock["steps"] = time.perf_counter(), 0
-    else:
-      clock["steps"] += 1
-    extra = {}
-    if cfg.train.eval_every and step % cfg.train.eval_every == 0 or step == steps:
-      jax.block_until_ready(state)  # so that only evaluation is taken off the clock
-      t0 = time.perf_counter()
-      extra = evaluate(state.params)
-      if clock["t"] is not None:
-        clock["t"] += time.perf_counter() - t0
-    if step % cfg.train.log_every == 0 or extra:
-      pending = (step, device_metrics, extra)
-    bar.update(1)
-    stopping = _any_process(stop["stop"])
-    if step % cfg.checkpoint.every == 0 or step == steps or stopping:
-      ckpt.save(state, train_it.get_state())
-      saved_step = step
-    if stopping:
-      break
+  try:
+    for i in range(start, steps):
+      state, device_metrics = p_train_step(state, next(batches))
+      step = i + 1
+      # Step `step` is dispatched: now read the previous step's metrics without stalling it.
+      if pending is not None:
+        last = log(*pending)
+        pending = None
+      if i == start:  # the first step compiles: keep it out of the throughput
+        jax.block_until_ready(state)
+        clock["t"], clock["steps"] = time.perf_counter(), 0
+      else:
+        clock["steps"] += 1
+      extra = {}
+      if cfg.train.eval_every and step % cfg.train.eval_every == 0 or step == steps:
+        jax.block_until_ready(state)  # so that only evaluation is taken off the clock
+        t0 = time.perf_counter()
+        extra = evaluate(state.params)
+        if clock["t"] is not None:
+          clock["t"] += time.perf_counter() - t0
+      if step % cfg.train.log_every == 0 or extra:
+        pending = (step, device_metrics, extra)
+      bar.update(1)
+      stopping = _any_process(stop["stop"])
+      if step % cfg.checkpoint.every == 0 or step == steps or stopping:
+        ckpt.save(state, train_it.get_state())
+        saved_step = step
+      if stopping:
+        break
+  finally:
+    restore_signals()
   if pending is not None:
     last = log(*pending)
   bar.close()
@@ -283,13 +291,13 @@ def train(cfg) -> dict:
   writer.close()
   train_it.close()
 
-  if not stop["stop"] and cfg.sample.max_new_tokens > 0 and is_main and jax.process_count() == 1:
+  if not stop["stop"] and cfg.sample.max_new_tokens > 0 and jax.process_count() == 1:
     prompt = [eos] + tokenizer.encode(cfg.sample.prompt).ids
     out = generate(model_cfg, state.params, [prompt], max_new_tokens=cfg.sample.max_new_tokens,
                    sampling=SamplingParams(temperature=cfg.sample.temperature,
                                            top_k=cfg.sample.top_k),
                    eos_ids=(eos,), seed=cfg.seed)[0]
-    text = tokenizer.decode([eos] + prompt[1:] + out, skip_special_tokens=True)
+    text = tokenizer.decode(prompt + out, skip_special_tokens=True)
     print(f"\n--- sample (step {int(jax.device_get(state.step))}) ---\n{text}\n---", flush=True)
     last["sample"] = text
   return last
