@@ -19,7 +19,8 @@ import re
 
 import numpy as np
 
-from infer.hf import ArraySource, ConversionError, hf_shapes, layer_name, params_from_source
+from infer.files import ConversionError
+from infer.hf import ArraySource, hf_shapes, layer_name, params_from_source
 from model import ModelConfig
 
 _ARCHITECTURES = ("llama",)

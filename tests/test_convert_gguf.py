@@ -17,7 +17,8 @@ from gguf import GGMLQuantizationType as Q  # noqa: E402
 from gguf import quants  # noqa: E402
 
 from infer.gguf import load_gguf  # noqa: E402
-from infer.hf import ConversionError, hf_tensors  # noqa: E402
+from infer.files import ConversionError  # noqa: E402
+from infer.hf import hf_tensors  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 D, N, K, F, L = 256, 4, 2, 256, 2  # K-quants need rows of 256 values

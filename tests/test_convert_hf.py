@@ -14,7 +14,8 @@ import pytest
 from flax import traverse_util
 
 from infer import workdir
-from infer.hf import ConversionError, hf_shapes, hf_tensors, load_hf, parse_size, save_hf
+from infer.files import ConversionError, parse_size
+from infer.hf import hf_shapes, hf_tensors, load_hf, save_hf
 from model import ModelConfig, Transformer, sharding
 from train.convert import Pretrained, convert, write
 

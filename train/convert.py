@@ -25,8 +25,9 @@ import json
 from typing import Any
 
 from infer import workdir as workdir_lib
-from infer.hf import (ConversionError, atomic_directory, check_destination, load_hf,
-                      read_tokenizer_files, relayout, token_ids, write_hf, write_tokenizer_files)
+from infer.files import (ConversionError, atomic_directory, check_destination,
+                         read_tokenizer_files, token_ids, write_tokenizer_files)
+from infer.hf import load_hf, relayout, write_hf
 from model import ModelConfig, sharding
 
 READ_FORMATS = ("gguf", "hf", "orbax")
