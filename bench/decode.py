@@ -25,6 +25,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import sysconfig  # noqa: E402
+import time  # noqa: E402
 
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
@@ -34,7 +36,7 @@ import numpy as np  # noqa: E402
 from infer import speculative  # noqa: E402
 from infer.decode import generate_with_stats  # noqa: E402
 from infer.sampling import SamplingParams  # noqa: E402
-from model import ModelConfig, Transformer  # noqa: E402
+from model import ModelConfig, Transformer, fused  # noqa: E402
 
 PRESETS = {  # --random_model shapes
     "test": dict(vocab_size=128, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128),
@@ -79,6 +81,40 @@ def code_prompt(tokenizer, vocab: int, length: int, seed: int) -> list[int]:
   return ids[:length]
 
 
+STDLIB_FILES = ("functools.py", "argparse.py", "dataclasses.py", "textwrap.py", "json/decoder.py",
+                "collections/__init__.py", "inspect.py", "typing.py")
+
+
+def stdlib_prompts(tokenizer, length: int, n: int) -> list[list[int]]:
+  """n prompts of `length` tokens of real Python: row i reads STDLIB_FILES[i % 8], from token
+  (i // 8) * length on, so a batch of 32 has 32 different prompts."""
+  root = sysconfig.get_paths()["stdlib"]
+  texts = {}
+  prompts = []
+  for i in range(n):
+    name = STDLIB_FILES[i % len(STDLIB_FILES)]
+    if name not in texts:
+      with open(os.path.join(root, name)) as f:
+        texts[name] = tokenizer.encode(f.read()).ids
+    start = (i // len(STDLIB_FILES)) * length
+    prompts.append(texts[name][start:start + length])
+  return prompts
+
+
+def measure_bandwidth(gib: float = 1.0) -> float:
+  """GB/s of a streaming read (a jitted sum over a buffer much larger than the caches): the
+  bound a decode step that reads every weight once can approach."""
+  x = jnp.ones((int(gib * (1 << 28)),), jnp.float32)
+  f = jax.jit(jnp.sum)
+  f(x).block_until_ready()
+  best = float("inf")
+  for _ in range(10):
+    t0 = time.perf_counter()
+    f(x).block_until_ready()
+    best = min(best, time.perf_counter() - t0)
+  return x.nbytes / best / 1e9
+
+
 def run(cfg, params, prompts, args, draft=None, stream=None, stream_every=8):
   kw = dict(max_new_tokens=args.new_tokens, sampling=SamplingParams(temperature=args.temperature),
             draft=draft, num_draft_tokens=args.num_draft_tokens, seed=0, stream=stream,
@@ -97,6 +133,12 @@ def main():
   src = ap.add_mutually_exclusive_group(required=True)
   src.add_argument("--checkpoint", help="a run directory")
   src.add_argument("--random_model", choices=sorted(PRESETS))
+  src.add_argument("--gguf", help="a llama.cpp GGUF file (dequantized on load)")
+  src.add_argument("--hf", help="a Hugging Face Llama directory")
+  ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                  help="weights in memory; compute stays float32 (upcast per product)")
+  ap.add_argument("--prompts", default="stdlib", choices=("stdlib", "repeat"),
+                  help="with a tokenizer: stdlib files, or a function repeated with changes")
   ap.add_argument("--batch", type=int, default=1)
   ap.add_argument("--prompt_len", type=int, default=128)
   ap.add_argument("--new_tokens", type=int, default=128)
@@ -105,33 +147,56 @@ def main():
   ap.add_argument("--prompt_lookup", type=int, default=0, metavar="N")
   ap.add_argument("--draft", help="a run directory for the draft model")
   ap.add_argument("--draft_random", choices=sorted(PRESETS), help="a random draft model")
+  ap.add_argument("--draft_layers", type=int, default=0, metavar="N",
+                  help="self-speculative draft: the model's first N layers, norm and head")
+  ap.add_argument("--measure_bandwidth", action="store_true",
+                  help="also measure this machine's streaming read bandwidth")
   ap.add_argument("--num_draft_tokens", type=int, default=4)
   ap.add_argument("--stream", action="store_true", help="also time with a streaming callback")
   args = ap.parse_args()
 
   tokenizer = None
-  if args.checkpoint:
-    from infer.loaders import load_checkpoint
-    m = load_checkpoint(args.checkpoint)
+  if args.checkpoint or args.gguf or args.hf:
+    from infer import loaders
+    m = (loaders.load_checkpoint(args.checkpoint) if args.checkpoint
+         else loaders.load_gguf(args.gguf) if args.gguf else loaders.load_hf(args.hf))
     cfg, params, tokenizer = m.cfg, m.params, m.tokenizer
   else:
     cfg, params, _ = random_model(args.random_model, args.prompt_len + args.new_tokens + 64)
-  prompts = [code_prompt(tokenizer, cfg.vocab_size, args.prompt_len, seed=i)
-             for i in range(args.batch)]
+  if tokenizer is not None and args.prompts == "stdlib":
+    prompts = stdlib_prompts(tokenizer, args.prompt_len, args.batch)
+  else:
+    prompts = [code_prompt(tokenizer, cfg.vocab_size, args.prompt_len, seed=i)
+               for i in range(args.batch)]
+  # The inference layout, once (model/fused.py); generate would otherwise redo it every call.
+  dtype = jnp.dtype(args.dtype)
+  params = fused.prepare(cfg, params, dtype)
   plain, compile_s = run(cfg, params, prompts, args)
   steps = max(sum(plain.target_steps) / args.batch, 1)
-  n_params = sum(x.size for x in jax.tree.leaves(params))
-  weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+  leaves = jax.tree.leaves(params.replace(embedding=params.embedding[:0]) if cfg.tie_embeddings
+                           else params)  # a tied embedding is one array, read as the head
+  n_params = sum(x.size for x in leaves)
+  # Each decode step reads every weight once (the embedding only as the LM head); the input
+  # embedding's one row per token and the KV cache are left out.
+  weight_bytes = sum(x.size * x.dtype.itemsize for x in leaves)
+  ms = 1e3 * plain.decode_s / steps
   out = {
       "device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
-      "model": args.checkpoint or args.random_model, "params_m": n_params / 1e6,
+      "model": args.checkpoint or args.gguf or args.hf or args.random_model,
+      "params_m": n_params / 1e6, "dtype": args.dtype,
       "batch": args.batch, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
       "prefill_tokens_per_s": plain.stats()["prefill_tokens_per_s"],
       "decode_tokens_per_s": plain.stats()["decode_tokens_per_s"],
-      "ms_per_token": 1e3 * plain.decode_s / steps,  # per decode step (one token per row)
-      "weights_gb_per_s": weight_bytes * steps / plain.decode_s / 1e9,
+      "ms_per_token": ms,  # per decode step (one token per row)
+      "weight_bytes_per_step": weight_bytes,
+      "weights_gb_per_s": weight_bytes / ms / 1e6,
       "compile_s": compile_s,
   }
+  if args.measure_bandwidth:
+    bound = measure_bandwidth()
+    out["read_bandwidth_gb_per_s"] = bound
+    out["bound_tokens_per_s"] = bound * 1e9 / weight_bytes * args.batch
+    out["fraction_of_bound"] = out["weights_gb_per_s"] / bound
   if args.stream:  # decode time with a streaming callback every N steps, relative to none
     out["stream_overhead"] = {}
     for every in (1, 4, 8, 16):
@@ -145,6 +210,8 @@ def main():
     from infer.loaders import load_checkpoint
     d = load_checkpoint(args.draft)
     draft = speculative.ModelDraft(d.cfg, d.params)
+  elif args.draft_layers:
+    draft = speculative.EarlyExit(args.draft_layers)
   elif args.draft_random:
     dcfg, dparams, _ = random_model(args.draft_random, cfg.max_seq_len, seed=1)
     draft = speculative.ModelDraft(dcfg, dparams)
@@ -153,7 +220,8 @@ def main():
     k = args.num_draft_tokens
     alpha = spec.acceptance_rate
     out["speculative"] = {
-        "draft": type(draft).__name__, "num_draft_tokens": k,
+        "draft": repr(draft) if not isinstance(draft, speculative.ModelDraft) else "ModelDraft",
+        "num_draft_tokens": k,
         "acceptance_rate": alpha, "tokens_per_step": spec.tokens_per_step,
         "expected_tokens_per_step": (1 - alpha ** (k + 1)) / (1 - alpha) if alpha < 1 else k + 1,
         "decode_tokens_per_s": spec.stats()["decode_tokens_per_s"],

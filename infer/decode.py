@@ -9,6 +9,10 @@ Shapes are bucketed (batch, prompt length and new-token budget rounded up to pow
 the program compiles once per bucket; per-row limits and settings are array inputs.
 
 With `draft=` the loop is speculative (infer/speculative.py): same state, more tokens per step.
+
+The forward is model/fused.py's: the module's computation over weights laid out once for
+matrix-vector products (fused QKV and gate/up, [out, in] matrices); `generate*` accept the
+module's parameter tree or an already prepared `fused.FusedParams` (prepare once to reuse).
 """
 
 import dataclasses
@@ -24,7 +28,7 @@ import numpy as np
 
 from infer import sampling as sampling_lib
 from infer.sampling import Features, SamplingBatch, SamplingParams
-from model import KVCache, ModelConfig, Transformer
+from model import KVCache, ModelConfig, fused
 
 
 @flax.struct.dataclass
@@ -77,15 +81,15 @@ def bucket(n: int, minimum: int = 8) -> int:
   return max(minimum, 1 << (max(n, 1) - 1).bit_length())
 
 
-def prefill(model, params, prompts_BT, prompt_lens_B, cache):
+def prefill(cfg: ModelConfig, params: fused.FusedParams, prompts_BT, prompt_lens_B, cache):
   """Runs the prompts through the model; returns the logits at each row's last prompt token
   and the cache holding the prompts. Sampling the first token from those logits then sets up
   the invariant every step keeps: the cache holds the context minus its last token."""
   b, t = prompts_BT.shape
   positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
   real = (jnp.arange(t)[None, :] < prompt_lens_B[:, None]).astype(jnp.int32)
-  logits, cache = model.apply({"params": params}, prompts_BT, positions, segment_ids=real,
-                              cache=cache)
+  logits, cache = fused.forward(cfg, params, prompts_BT, positions, segment_ids=real,
+                                cache=cache)
   last = jnp.take_along_axis(logits, (prompt_lens_B - 1)[:, None, None], axis=1)[:, 0]
   return last, cache
 
@@ -172,7 +176,7 @@ def _prefill_step(params, prompts_BT, prompt_lens_B, max_new_B, keys_B, sampling
                   stream: int) -> DecodeState:
   b, t = prompts_BT.shape
   cache = init_cache(cfg, b, cache_len, cache_dtype)
-  last_logits, cache = prefill(Transformer(cfg), params, prompts_BT, prompt_lens_B, cache)
+  last_logits, cache = prefill(cfg, params, prompts_BT, prompt_lens_B, cache)
   tokens = jnp.zeros((b, cache_len), jnp.int32).at[:, :t].set(prompts_BT)
   seen = seen_mask(prompts_BT, prompt_lens_B, cfg.vocab_size, features)
   zeros = jnp.zeros((b,), jnp.int32)
@@ -191,12 +195,10 @@ def _prefill_step(params, prompts_BT, prompt_lens_B, max_new_B, keys_B, sampling
                    donate_argnames=("s",))
 def _decode_loop(params, s: DecodeState, eos_ids, sink_id, *, cfg: ModelConfig,
                  features: Features, stream: int) -> DecodeState:
-  model = Transformer(cfg)
-
   def body(s: DecodeState):
     last = s.last_tokens()
     pos = s.cache.lengths[:, None]
-    logits, cache = model.apply({"params": params}, last[:, None], pos, cache=s.cache)
+    logits, cache = fused.forward(cfg, params, last[:, None], pos, cache=s.cache)
     keys = sampling_lib.token_keys(s.keys, s.num_generated)
     tok = sampling_lib.sample_rows(keys, logits[:, 0], s.sampling, features, s.seen)
     # A finished row's cache stops advancing, so it can never run past the cache's end.
@@ -272,7 +274,8 @@ def generate_with_stats(cfg: ModelConfig, params, prompts: Sequence[Sequence[int
                         stream: Callable[[int, list[int]], None] | None = None,
                         stream_every: int = 8, cache_dtype=None) -> Generation:
   """Generates for a batch of token-id prompts. Per-row `max_new_tokens`, `sampling` and
-  `seed` may be lists. `draft`: None, `speculative.ModelDraft(cfg, params)` or
+  `seed` may be lists. `params`: the module's tree or `fused.prepare(cfg, params)`. `draft`:
+  None, `speculative.ModelDraft(cfg, params)`, `speculative.EarlyExit(n_layers)` or
   `speculative.PromptLookup(ngram)`. `stream(row, new_token_ids)` is called as tokens come,
   every `stream_every` steps (each callback from the loop costs about one small step on CPU)."""
   from infer import speculative  # the speculative loop builds on this module
@@ -288,9 +291,15 @@ def generate_with_stats(cfg: ModelConfig, params, prompts: Sequence[Sequence[int
       raise ValueError(f"prompt {i} has {len(p)} tokens; with max_new_tokens={m} that exceeds "
                        f"the model's context of {limit} tokens (model.max_seq_len)")
   eos_ids = tuple(int(e) for e in eos_ids)
-  cfg, params = unstack_layers(cfg, params)
-  if isinstance(draft, speculative.ModelDraft):
-    draft = speculative.ModelDraft(*unstack_layers(draft.cfg, draft.params))
+  params = fused.prepare(cfg, params)
+  # The forward needs no layer structure from the config: one static config per model shape.
+  cfg = dataclasses.replace(cfg, scan_layers=False, remat="none")
+  if isinstance(draft, speculative.EarlyExit):
+    draft = speculative.early_exit_draft(cfg, params, draft.n_layers)
+  elif isinstance(draft, speculative.ModelDraft):
+    draft = speculative.ModelDraft(
+        dataclasses.replace(draft.cfg, scan_layers=False, remat="none"),
+        fused.prepare(draft.cfg, draft.params))
   eos_arr = np.full((bucket(len(eos_ids), 4),), -1, np.int32)  # an input: no recompile
   eos_arr[:len(eos_ids)] = eos_ids
   k = num_draft_tokens if draft is not None else 0

@@ -53,16 +53,21 @@ class Features:
   top_p: bool = False
   min_p: bool = False
   penalty: bool = False
+  # Every row is greedy: skip the random draw (Gumbel noise over the whole vocabulary and the
+  # probabilities speculative acceptance needs), work no greedy row uses.
+  greedy_only: bool = False
 
   @classmethod
   def of(cls, params: Sequence[SamplingParams]) -> "Features":
     return cls(top_k=any(p.top_k > 0 for p in params), top_p=any(p.top_p < 1 for p in params),
                min_p=any(p.min_p > 0 for p in params),
-               penalty=any(p.repetition_penalty != 1 for p in params))
+               penalty=any(p.repetition_penalty != 1 for p in params),
+               greedy_only=all(p.temperature == 0 for p in params))
 
   def __or__(self, other: "Features") -> "Features":
-    return Features(*(a or b for a, b in zip(dataclasses.astuple(self),
-                                              dataclasses.astuple(other))))
+    union = Features(*(a or b for a, b in zip(dataclasses.astuple(self),
+                                               dataclasses.astuple(other))))
+    return dataclasses.replace(union, greedy_only=self.greedy_only and other.greedy_only)
 
 
 @flax.struct.dataclass
@@ -143,8 +148,10 @@ def token_keys(keys_B, counter_B, salt: int = 0):
   return jax.vmap(fold)(keys_B, counter_B)
 
 
-def sample_processed(keys_B, logits_BV, s: SamplingBatch):
+def sample_processed(keys_B, logits_BV, s: SamplingBatch, greedy_only: bool = False):
   """Samples rows of already-processed logits; rows with temperature 0 take the argmax."""
+  if greedy_only:
+    return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
   sampled = jax.vmap(lambda k, l: jax.random.categorical(k, l))(keys_B, logits_BV)
   greedy = jnp.argmax(logits_BV, axis=-1)
   return jnp.where(s.temperature > 0, sampled, greedy).astype(jnp.int32)
@@ -152,7 +159,10 @@ def sample_processed(keys_B, logits_BV, s: SamplingBatch):
 
 def sample_rows(keys_B, logits_BV, s: SamplingBatch, features: Features, seen_BV=None):
   """int32[B] tokens from f32[B, V] logits, each row with its own settings and key."""
-  return sample_processed(keys_B, process_logits(logits_BV, s, features, seen_BV), s)
+  if features.greedy_only and not features.penalty:  # every filter keeps the argmax
+    return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+  return sample_processed(keys_B, process_logits(logits_BV, s, features, seen_BV), s,
+                          features.greedy_only)
 
 
 def sample(rng, logits_BV, params: SamplingParams = SamplingParams()):

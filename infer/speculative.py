@@ -9,6 +9,11 @@ shape p and q. Greedy rows accept while the draft equals the target's argmax.
 
 Drafts:
   ModelDraft(cfg, params): a smaller model with the same vocabulary and its own cache.
+  EarlyExit(n_layers): self-speculation: the target's own first n layers, then its final norm
+    and head (Draft & Verify, Zhang et al. 2024; LayerSkip, Elhoushi et al. 2024, Sec. 4,
+    which also trains the model for it). It is a ModelDraft that shares the target's weights
+    but keeps its own n-layer cache, so it needs no other model; verification by the full
+    model keeps the output exact (greedy: identical to plain decoding).
   PromptLookup(ngram): copies the continuation of the latest earlier match of the context's
     last n-gram (Saxena 2023, "prompt lookup decoding"); it has no q, so it counts as one-hot:
     accept with probability p(x), on rejection sample from p without x.
@@ -28,7 +33,7 @@ import jax.numpy as jnp
 from infer import sampling as sampling_lib
 from infer.decode import DecodeState, commit, emit, init_cache, prefill as prefill_model
 from infer.sampling import Features, SamplingBatch
-from model import ModelConfig, Transformer
+from model import ModelConfig, fused
 
 _SALT_DRAFT, _SALT_ACCEPT = 1, 1000
 
@@ -37,6 +42,19 @@ _SALT_DRAFT, _SALT_ACCEPT = 1, 1000
 class ModelDraft:
   cfg: ModelConfig
   params: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class EarlyExit:
+  n_layers: int  # the target's first n layers draft; generate_with_stats builds the ModelDraft
+
+
+def early_exit_draft(cfg: ModelConfig, params: fused.FusedParams, n_layers: int) -> ModelDraft:
+  """The first `n_layers` of the (prepared) target as a draft model: no weight is copied."""
+  if not 1 <= n_layers < cfg.n_layers:
+    raise ValueError(f"an early-exit draft needs 1 <= n_layers < {cfg.n_layers} (the target's "
+                     f"layers), got {n_layers}")
+  return ModelDraft(dataclasses.replace(cfg, n_layers=n_layers), params.first_layers(n_layers))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +84,7 @@ def max_seq_len(cfg: ModelConfig, draft) -> int:
 
 
 def speculative_accept(keys_B, p_logits_BKV, draft_BK, q_logits_BKV=None, num_draft_B=None,
-                       greedy_B=None):
+                       greedy_B=None, greedy_only: bool = False):
   """One verification step for each row (Leviathan et al. 2023, Alg. 1).
 
   p_logits_BKV: f32[B, k+1, V] target logits after sampling filters (-inf = filtered out);
@@ -74,10 +92,16 @@ def speculative_accept(keys_B, p_logits_BKV, draft_BK, q_logits_BKV=None, num_dr
   drafts (prompt lookup); num_draft_B: int32[B] drafts per row (<= k; default k); greedy_B:
   bool[B] rows that accept while draft == argmax p. Returns (accepted int32[B], the token that
   follows them int32[B]): a resample at the first rejection, else the bonus token.
+  greedy_only (static): every row is greedy, so no probability or random draw is needed.
   """
   b, k1, v = p_logits_BKV.shape
   k = k1 - 1
   num_draft_B = jnp.full((b,), k, jnp.int32) if num_draft_B is None else num_draft_B
+  if greedy_only:
+    target_argmax = jnp.argmax(p_logits_BKV, axis=-1).astype(jnp.int32)  # [B,k+1]
+    ok = (draft_BK == target_argmax[:, :k]) & (jnp.arange(k)[None, :] < num_draft_B[:, None])
+    n = jnp.sum(jnp.cumprod(ok, axis=1), axis=1).astype(jnp.int32)
+    return n, jnp.take_along_axis(target_argmax, n[:, None], axis=1)[:, 0]
   greedy_B = jnp.zeros((b,), bool) if greedy_B is None else greedy_B
   split = jax.vmap(lambda key: jax.random.split(key))(keys_B)
   key_u, key_x = split[:, 0], split[:, 1]
@@ -163,7 +187,6 @@ def _draft_model_propose(draft: ModelDraft, draft_params, s: DecodeState, k: int
                          features: Features):
   """k tokens from the draft model. Its cache may lag the context by one token (the last
   accepted draft token when a whole proposal was accepted): the first forward feeds up to two."""
-  model = Transformer(draft.cfg)
   cache = s.draft_cache
   ctx = s.context_lens
   feed_n = jnp.clip(ctx - cache.lengths, 1, 2)  # 2 after a fully accepted proposal
@@ -171,13 +194,14 @@ def _draft_model_propose(draft: ModelDraft, draft_params, s: DecodeState, k: int
   feed = jnp.take_along_axis(s.tokens, idx, axis=1)
   pos = cache.lengths[:, None] + jnp.arange(2)[None, :]
   real = (jnp.arange(2)[None, :] < feed_n[:, None]).astype(jnp.int32)
-  logits, cache = model.apply({"params": draft_params}, feed, pos, segment_ids=real, cache=cache)
+  logits, cache = fused.forward(draft.cfg, draft_params, feed, pos, segment_ids=real,
+                                cache=cache)
   logits = jnp.take_along_axis(logits, (feed_n - 1)[:, None, None], axis=1)[:, 0]
 
   def draw(i, logits_BV, seen):
     q = sampling_lib.process_logits(logits_BV, s.sampling, features, seen)
     keys = sampling_lib.token_keys(s.keys, s.num_generated, _SALT_DRAFT + i)
-    x = sampling_lib.sample_processed(keys, q, s.sampling)
+    x = sampling_lib.sample_processed(keys, q, s.sampling, features.greedy_only)
     if seen.shape[1] > 1:
       seen = seen.at[jnp.arange(x.shape[0]), x].set(True)
     return x, q, seen
@@ -186,8 +210,8 @@ def _draft_model_propose(draft: ModelDraft, draft_params, s: DecodeState, k: int
 
   def step(carry, i):
     x, cache, seen = carry
-    logits, cache = model.apply({"params": draft_params}, x[:, None], cache.lengths[:, None],
-                                cache=cache)
+    logits, cache = fused.forward(draft.cfg, draft_params, x[:, None], cache.lengths[:, None],
+                                  cache=cache)
     x2, q2, seen = draw(i, logits[:, 0], seen)
     return (x2, cache, seen), (x2, q2)
 
@@ -207,8 +231,7 @@ def _prefill(params, draft_params, prompts_BT, prompt_lens_B, max_new_B, keys_B,
                     cache_dtype=cache_dtype, stream=stream)
   if draft_cfg is not None:
     cache = init_cache(draft_cfg, prompts_BT.shape[0], cache_len, cache_dtype)
-    _, cache = prefill_model(Transformer(draft_cfg), draft_params, prompts_BT, prompt_lens_B,
-                             cache)
+    _, cache = prefill_model(draft_cfg, draft_params, prompts_BT, prompt_lens_B, cache)
     s = s.replace(draft_cache=cache)
   return s
 
@@ -227,7 +250,7 @@ def prefill(params, draft, prompts_BT, prompt_lens_B, max_new_B, keys_B, samplin
 def _decode_loop(params, draft_params, s: DecodeState, eos_ids, sink_id, *, cfg: ModelConfig,
                  features: Features, stream: int, num_draft: int,
                  draft_cfg: ModelConfig | None, ngram: int):
-  model, k = Transformer(cfg), num_draft
+  k = num_draft
   greedy = s.sampling.temperature == 0
 
   def body(s: DecodeState):
@@ -244,10 +267,11 @@ def _decode_loop(params, draft_params, s: DecodeState, eos_ids, sink_id, *, cfg:
     m = s.cache.lengths
     feed = jnp.concatenate([s.last_tokens()[:, None], drafts], axis=1)
     pos = m[:, None] + jnp.arange(k + 1)[None, :]
-    logits, cache = model.apply({"params": params}, feed, pos, cache=s.cache)
+    logits, cache = fused.forward(cfg, params, feed, pos, cache=s.cache)
     p_logits = _process(logits, s.sampling, features, _with_drafts_seen(s.seen, drafts))
     keys = sampling_lib.token_keys(s.keys, s.num_generated, _SALT_ACCEPT)
-    n, nxt = speculative_accept(keys, p_logits, drafts, q_logits, count, greedy)
+    n, nxt = speculative_accept(keys, p_logits, drafts, q_logits, count, greedy,
+                                features.greedy_only)
 
     new = jnp.concatenate([drafts, jnp.zeros((b, 1), jnp.int32)], axis=1)
     new = new.at[jnp.arange(b), n].set(nxt)

@@ -25,6 +25,14 @@ def _param(module, name, init, shape, axes, dtype):
   return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
 
 
+def rms_norm(x, scale, cfg: ModelConfig):
+  """RMSNorm over the last axis; shared by the module and model/fused.py."""
+  # Normalise in f32 even under bf16 compute: the mean of squares loses precision otherwise.
+  x32 = x.astype(jnp.float32)
+  y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + cfg.norm_eps)
+  return (y * scale.astype(jnp.float32)).astype(cfg.compute_dtype)
+
+
 class RMSNorm(nn.Module):
   cfg: ModelConfig
 
@@ -32,10 +40,7 @@ class RMSNorm(nn.Module):
   def __call__(self, x):
     scale = _param(self, "scale", nn.initializers.ones, (x.shape[-1],), ("norm",),
                    self.cfg.weight_dtype)
-    # Normalise in f32 even under bf16 compute: the mean of squares loses precision otherwise.
-    x32 = x.astype(jnp.float32)
-    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.cfg.norm_eps)
-    return (y * scale.astype(jnp.float32)).astype(self.cfg.compute_dtype)
+    return rms_norm(x, scale, self.cfg)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
