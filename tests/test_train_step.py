@@ -17,9 +17,6 @@ from train.loop import build_program
 from train.state import create_state
 from train.tasks import pretrain
 
-jax.config.update("jax_threefry_partitionable", True)
-
-
 def small_config(**train):
   cfg = load_config("configs/tiny.py", {})
   with cfg.unlocked():

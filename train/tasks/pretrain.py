@@ -30,4 +30,5 @@ def loss_fn(params, batch, *, model, z_loss: float = 0.0):
   nll_sum = jnp.sum(nll * mask)
   z_sum = jnp.sum(jnp.square(log_z) * mask)
   total = nll_sum + z_loss * z_sum
+  # "z_loss" reports mean (log Z)^2 per token whatever its coefficient, to watch logit drift.
   return total, {"loss": nll_sum, "z_loss": z_sum, "tokens": jnp.sum(mask)}
