@@ -82,6 +82,17 @@ def max_range_len(range_fn, n):
   return max(1, max(hi - lo + 1 for lo, hi in (range_fn(i) for i in range(n))))
 
 
+def kv_schedule(*, bq, bk, nq, nk, causal, window):
+  """(steps, kv_block): the static number of KV steps of a query block, and the KV block that
+  step j of query block i visits. Past its range a block's steps stay on its last KV block, so
+  the pipeline issues no new DMA for the skipped (fully masked) blocks."""
+  def kv_block(i, j):
+    lo, hi = kv_block_range(i, bq=bq, bk=bk, nk=nk, causal=causal, window=window)
+    return imin(lo + j, hi)
+  kv_range = lambda i: kv_block_range(i, bq=bq, bk=bk, nk=nk, causal=causal, window=window)
+  return max_range_len(kv_range, nq), kv_block
+
+
 def needs_mask(*, causal, window, has_segments, kv_len, kv_pad):
   return causal or window is not None or has_segments or kv_len != kv_pad
 

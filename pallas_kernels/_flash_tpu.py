@@ -106,13 +106,7 @@ def forward(q, k, v, q_seg, kv_seg, *, causal, window, scale, blocks, interpret)
   p = _Plan(q, k, blocks, interpret)
   bq, bk = p.bq, p.bk
   nq, nk = p.t_pad // bq, p.s_pad // bk
-  kv_range = functools.partial(fc.kv_block_range, bq=bq, bk=bk, nk=nk, causal=causal,
-                               window=window)
-  steps = fc.max_range_len(kv_range, nq)
-
-  def kv_block(i, j):
-    lo, hi = kv_range(i)
-    return fc.imin(lo + j, hi)  # past the range: stay on the last block, no new DMA
+  steps, kv_block = fc.kv_schedule(bq=bq, bk=bk, nq=nq, nk=nk, causal=causal, window=window)
 
   q_spec = pl.BlockSpec((None, None, bq, p.d), lambda b, h, i, j: (b, h, i, 0))
   kv_spec = pl.BlockSpec((None, None, bk, p.d),
@@ -241,13 +235,8 @@ def backward(q, k, v, q_seg, kv_seg, o, lse, do, *, causal, window, scale, block
   # dQ: grid (B, Hq, query blocks, KV steps), as in the forward.
   bq, bk = p.bq_dq, p.bk_dq
   nq, nk = p.t_pad // bq, p.s_pad // bk
-  kv_range = functools.partial(fc.kv_block_range, bq=bq, bk=bk, nk=nk, causal=causal,
-                               window=window)
-  kv_steps = fc.max_range_len(kv_range, nq)
-
-  def kv_block(i, j):
-    lo, hi = kv_range(i)
-    return fc.imin(lo + j, hi)
+  kv_steps, kv_block = fc.kv_schedule(bq=bq, bk=bk, nq=nq, nk=nk, causal=causal,
+                                      window=window)
 
   q_spec = pl.BlockSpec((None, None, bq, p.d), lambda b, h, i, j: (b, h, i, 0))
   kv_spec = pl.BlockSpec((None, None, bk, p.d),

@@ -31,13 +31,7 @@ INTERPRET = {"tpu": pltpu.InterpretParams(random_seed=0), "gpu": True}
 TOL = {jnp.float32: 2e-5, jnp.bfloat16: 3e-2}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _quick_compiles():
-  """Interpreted kernels become large XLA loops whose optimisation costs more than it saves here."""
-  before = jax.config.values["jax_disable_most_optimizations"]
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", before)
+pytestmark = pytest.mark.usefixtures("quick_compiles")
 
 
 def _inputs(b, t, s, hq, hkv, d, dtype, seed=0):

@@ -17,13 +17,7 @@ PAGE = 16
 INTERPRET = {"tpu": pltpu.InterpretParams(random_seed=0), "gpu": True}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _quick_compiles():
-  """Interpreted kernels become large XLA loops whose optimisation costs more than it saves here."""
-  before = jax.config.values["jax_disable_most_optimizations"]
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", before)
+pytestmark = pytest.mark.usefixtures("quick_compiles")
 
 
 def _paged_cache(k, v, lengths, page_size, num_pages, seed=0):
