@@ -47,3 +47,14 @@ def test_flop_count_of_llama3_8b_matches_the_usual_6n():
   assert abs(n_matmul - 7.5e9) / 7.5e9 < 0.01  # 8.03B params less the 0.53B input embedding
   assert training_flops_per_token(cfg, 8192) == pytest.approx(
       6 * n_matmul + 6 * 32 * 32 * 128 * 8193, rel=1e-9)
+
+
+@pytest.mark.parametrize("key,value,named", [("model.dtype", "float64", "model.dtype"),
+                                             ("model.n_kv_heads", "3", "model.n_kv_heads"),
+                                             ("mesh.data", "3", "mesh.data"),
+                                             ("train.decay", "step", "train.decay")])
+def test_invalid_values_are_config_errors_naming_the_key(key, value, named):
+  from train.loop import model_and_mesh
+  cfg = load_config("configs/tiny.py", {key: value})
+  with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
+    model_and_mesh(cfg)

@@ -12,9 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from model import ModelConfig, sharding
 from train import metrics as metrics_lib
-from train.loop import build_program, validate
+from train.loop import build_program, model_and_mesh
 
 
 def _bytes_per_device(tree, shardings) -> int:
@@ -25,9 +24,7 @@ def _bytes_per_device(tree, shardings) -> int:
 
 
 def dry_run(cfg) -> dict:
-  model_cfg = ModelConfig.from_config(cfg.model)
-  mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
-  validate(cfg, model_cfg, mesh)
+  model_cfg, mesh = model_and_mesh(cfg)
   prog = build_program(cfg, model_cfg, mesh)
   state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                        prog.abstract, prog.shardings)

@@ -32,6 +32,19 @@ from train.tasks import pretrain
 from train.tokenizer import EOS, load_or_train_tokenizer
 
 
+def model_and_mesh(cfg):
+  """(ModelConfig, mesh) from a run config; their errors become ConfigErrors (clean messages
+  naming the key, no traceback)."""
+  try:
+    model_cfg = ModelConfig.from_config(cfg.model)
+    mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    optim.learning_rate_schedule(cfg.train)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  validate(cfg, model_cfg, mesh)
+  return model_cfg, mesh
+
+
 def validate(cfg, model_cfg: ModelConfig, mesh) -> None:
   """Config errors that would otherwise surface as shape errors deep inside jit."""
   t = cfg.train
@@ -167,9 +180,7 @@ def _tokenizer(cfg, workdir, vocab_size, train_files):
 def train(cfg) -> dict:
   """Runs cfg.train.steps optimizer steps (resuming from cfg.workdir). Returns last metrics."""
   workdir = cfg.workdir
-  model_cfg = ModelConfig.from_config(cfg.model)
-  mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
-  validate(cfg, model_cfg, mesh)
+  model_cfg, mesh = model_and_mesh(cfg)
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
 
