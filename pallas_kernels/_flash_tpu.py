@@ -98,6 +98,16 @@ def _fwd_kernel(q_ref, k_ref, v_ref, qseg_ref, kseg_ref, o_ref, lse_ref, m_sc, l
     lse_ref[...] = lse
 
 
+def _segment_inputs(q_seg, kv_seg, p, bq, bk, kv_block):
+  """(args, in_specs) of the segment ids for a grid (B, heads, query blocks, KV steps): query
+  ids as lane-dense columns, KV ids as rows of the KV block that step j visits."""
+  if q_seg is None:
+    return [None, None], [None, None]
+  return ([_seg_cols(q_seg, p.t_pad), _seg_rows(kv_seg, p.s_pad)],
+          [pl.BlockSpec((None, bq, LANES), lambda b, h, i, j: (b, i, 0)),
+           pl.BlockSpec((None, SUBLANES, bk), lambda b, h, i, j: (b, 0, kv_block(i, j)))])
+
+
 def forward(q, k, v, q_seg, kv_seg, *, causal, window, scale, blocks, interpret):
   """q [B,T,Hq,D], k/v [B,S,Hkv,D], segment ids int32 [B,T]/[B,S] or None.
 
@@ -114,13 +124,9 @@ def forward(q, k, v, q_seg, kv_seg, *, causal, window, scale, blocks, interpret)
   row_stat_spec = pl.BlockSpec((None, None, bq, LANES), lambda b, h, i, j: (b, h, i, 0))
   args = [_to_bhtd(q, p.t_pad), _to_bhtd(k, p.s_pad), _to_bhtd(v, p.s_pad)]
   in_specs = [q_spec, kv_spec, kv_spec]
-  if q_seg is None:
-    args += [None, None]
-    in_specs += [None, None]
-  else:
-    args += [_seg_cols(q_seg, p.t_pad), _seg_rows(kv_seg, p.s_pad)]
-    in_specs += [pl.BlockSpec((None, bq, LANES), lambda b, h, i, j: (b, i, 0)),
-                 pl.BlockSpec((None, SUBLANES, bk), lambda b, h, i, j: (b, 0, kv_block(i, j)))]
+  seg_args, seg_specs = _segment_inputs(q_seg, kv_seg, p, bq, bk, kv_block)
+  args += seg_args
+  in_specs += seg_specs
   kernel = functools.partial(_fwd_kernel, scale=scale, causal=causal, window=window,
                              kv_len=p.s, kv_pad=p.s_pad, bq=bq, bk=bk, nk=nk)
   o, lse = pl.pallas_call(
@@ -244,13 +250,9 @@ def backward(q, k, v, q_seg, kv_seg, o, lse, do, *, causal, window, scale, block
   row_spec = pl.BlockSpec((None, None, 1, bq), lambda b, h, i, j: (b, h, 0, i))
   args = [qs, dos, ks, vs, lse_rows, delta_rows]
   in_specs = [q_spec, q_spec, kv_spec, kv_spec, row_spec, row_spec]
-  if q_seg is None:
-    args += [None, None]
-    in_specs += [None, None]
-  else:
-    args += [_seg_cols(q_seg, p.t_pad), _seg_rows(kv_seg, p.s_pad)]
-    in_specs += [pl.BlockSpec((None, bq, LANES), lambda b, h, i, j: (b, i, 0)),
-                 pl.BlockSpec((None, SUBLANES, bk), lambda b, h, i, j: (b, 0, kv_block(i, j)))]
+  seg_args, seg_specs = _segment_inputs(q_seg, kv_seg, p, bq, bk, kv_block)
+  args += seg_args
+  in_specs += seg_specs
   dq = pl.pallas_call(
       functools.partial(_dq_kernel, bq=bq, bk=bk, nk=nk, **common),
       grid_spec=pltpu.PrefetchScalarGridSpec(
