@@ -19,7 +19,6 @@ from model import ModelConfig, sharding  # noqa: E402
 from train import metrics  # noqa: E402
 from train.config import load_config  # noqa: E402
 from train.loop import build_program  # noqa: E402
-from train.state import create_state  # noqa: E402
 
 
 def main():
@@ -54,7 +53,7 @@ def main():
   model_cfg = ModelConfig.from_config(cfg.model)
   mesh = sharding.make_mesh(-1, 1, 1)
   prog = build_program(cfg, model_cfg, mesh)
-  state, _ = create_state(prog.model, prog.tx, mesh, 0, args.seq)
+  state = prog.init_state(0)
 
   rng = np.random.default_rng(0)
   tokens = rng.integers(0, args.vocab, (args.batch, args.seq + 1)).astype(np.int32)

@@ -11,7 +11,7 @@ def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.workdir = "runs/default"  # Run directory: config.json, checkpoints/, tokenizer.json, metrics.jsonl, tb/.
   c.seed = 0  # Seed for parameter init, dropout-free training RNG and data shuffling.
-  c.task = "pretrain"  # What to train: pretrain (later: sft, reward, dpo, ppo, grpo).
+  c.task = "pretrain"  # What to train: pretrain, sft, reward, dpo, ppo or grpo (train/tasks/).
 
   c.model = m = ml_collections.ConfigDict()
   m.vocab_size = 4096  # Embedding rows; must be >= the tokenizer's vocabulary.
@@ -35,9 +35,12 @@ def get_config() -> ml_collections.ConfigDict:
   m.remat = "none"  # Rematerialisation per block: none, full, dots (save matmul outputs), dots_no_batch.
   m.attention_impl = "auto"  # auto (Pallas on GPU/TPU, XLA on CPU), xla, or pallas.
   m.init_std = 0.02  # Std of the normal init of weight matrices.
+  m.value_head = False  # A scalar head instead of the LM head (reward models); values [B, T].
 
   c.data = d = ml_collections.ConfigDict()
   d.corpus = "stdlib"  # "stdlib" (the running Python's standard library sources) or a glob of files.
+  d.val_corpus = ""  # A glob of validation files; empty holds out val_fraction of the corpus files.
+  d.make = ""  # "module:function" writing the data into the corpus's directory when it matches nothing.
   d.format = "text"  # For a glob: text (a file is a document) or jsonl (a line is a document).
   d.text_field = "text"  # JSONL field holding the document text.
   d.val_fraction = 0.02  # Fraction of files held out for validation (chosen deterministically by path).
@@ -46,6 +49,10 @@ def get_config() -> ml_collections.ConfigDict:
   d.tokenizer_train_mb = 8.0  # Megabytes of training text the BPE tokenizer is learned from.
   d.shuffle_rows = 512  # Training rows shuffled together (a window spanning many files); 0 disables.
   d.worker_count = 0  # grain worker processes (0 = in the main process).
+  # Post-training data (JSONL: SFT rows, preference pairs or prompts; train/posttrain_data.py).
+  d.truncation = "keep_end"  # Rows over seq_len: keep_end (drop the prompt's start) or drop.
+  d.skip_bad_rows = False  # Skip (and count) malformed rows instead of stopping at the first.
+  d.pack = True  # SFT: pack several examples into a row (segment ids keep them apart).
 
   c.train = t = ml_collections.ConfigDict()
   t.steps = 1000  # Optimizer steps.
@@ -65,6 +72,41 @@ def get_config() -> ml_collections.ConfigDict:
   t.eval_every = 200  # Steps between validation passes; 0 evaluates only at the end.
   t.eval_batches = 8  # Batches per validation pass.
   t.init_from = ""  # A run directory (e.g. a converted model) whose params start training.
+
+  c.lora = lo = ml_collections.ConfigDict()
+  lo.rank = 0  # LoRA rank (Hu et al. 2021); 0 trains every weight. Needs train.init_from.
+  lo.alpha = 16.0  # Adapter scale alpha / rank.
+  lo.targets = "q,k,v,o,gate,up,down"  # Projections that get adapters.
+
+  c.dpo = dp = ml_collections.ConfigDict()
+  dp.beta = 0.1  # Strength of the KL constraint to the reference.
+  dp.loss = "sigmoid"  # sigmoid (Rafailov et al. 2023), ipo (Azar et al. 2023) or hinge.
+  dp.label_smoothing = 0.0  # sigmoid only: assumed fraction of flipped preference labels.
+  dp.reference = ""  # Run directory of the reference; empty: train.init_from (LoRA: the base).
+  dp.precompute_reference = False  # Score the reference once up front instead of every step.
+
+  c.rl = rl = ml_collections.ConfigDict()
+  rl.reward_fn = ""  # "module:function" (prompt, completion) -> float; or use rl.reward_model.
+  rl.reward_model = ""  # Run directory of a reward model (task=reward) scoring completions.
+  rl.value_init = ""  # PPO critic's start: a reward-model run; empty: rl.reward_model, else the policy.
+  rl.prompts_per_rollout = 16  # Prompts sampled per rollout (times group_size for GRPO).
+  rl.group_size = 4  # GRPO: completions per prompt (G).
+  rl.max_new_tokens = 64  # Completion length limit in rollouts and evaluation.
+  rl.temperature = 1.0  # Rollout sampling temperature (log-probs use the same).
+  rl.epochs = 2  # Passes over each rollout batch, in shuffled minibatches of train.batch_size.
+  rl.kl_coef = 0.05  # beta: KL penalty to the reference (PPO: in the reward; GRPO: in the loss).
+  rl.kl_estimator = "k1"  # PPO's per-token KL: k1 (log ratio) or k3 (GRPO always uses k3).
+  rl.kl_target = 0.0  # Adaptive KL controller target (Ziegler et al. 2019); 0 keeps beta fixed.
+  rl.kl_horizon = 10000  # Adaptive KL controller horizon, in sequences.
+  rl.clip = 0.2  # Policy ratio clip epsilon.
+  rl.value_clip = 0.2  # PPO value clip epsilon.
+  rl.vf_coef = 0.1  # PPO value loss coefficient.
+  rl.gamma = 1.0  # GAE discount.
+  rl.lam = 0.95  # GAE lambda.
+  rl.no_eos_penalty = 0.0  # Added to the score of a completion that never emitted EOS.
+  rl.loss_agg = "grpo"  # GRPO: grpo (token mean per sequence, then mean) or bnpo (token mean).
+  rl.eval_prompts = ""  # Glob of prompt JSONL scored with greedy answers at evaluation (needs reward_fn).
+  rl.eval_samples = 64  # Prompts scored per evaluation.
 
   c.checkpoint = ck = ml_collections.ConfigDict()
   ck.every = 200  # Steps between checkpoints (one is always written at the end).

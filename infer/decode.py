@@ -10,6 +10,12 @@ the program compiles once per bucket; per-row limits and settings are array inpu
 
 With `draft=` the loop is speculative (infer/speculative.py): same state, more tokens per step.
 
+With `return_logprobs=True` each generated token also comes with its log-probability under the
+row's tempered distribution before any filter, log_softmax(logits / T)[token] (T = 1 for greedy
+rows), which is what PPO/GRPO need as the behaviour policy's log-probs. That equals the
+distribution the token was drawn from only under temperature-only sampling (no top-k, top-p,
+min-p or repetition penalty), so RL rollouts should sample that way.
+
 The forward is model/fused.py's: the module's computation over weights laid out once for
 matrix-vector products (fused QKV and gate/up, [out, in] matrices); `generate*` accept the
 module's parameter tree or an already prepared `fused.FusedParams` (prepare once to reuse).
@@ -47,6 +53,7 @@ class DecodeState:
   target_steps: jax.Array | None = None  # int32[B]: target forwards while the row was live
   drafted: jax.Array | None = None  # int32[B]: draft tokens proposed
   accepted: jax.Array | None = None  # int32[B]: draft tokens accepted
+  logprobs: jax.Array | None = None  # f32[B, S]: log p(tokens[b, i]) for generated positions
 
   @property
   def context_lens(self):
@@ -94,9 +101,18 @@ def prefill(cfg: ModelConfig, params: fused.FusedParams, prompts_BT, prompt_lens
   return last, cache
 
 
-def commit(s: DecodeState, new_BM, count_B, eos_ids) -> tuple[DecodeState, jax.Array]:
+def token_logprobs(logits_BV, tokens_B, temperature_B):
+  """f32[B]: log_softmax(logits / T)[token] per row, T = 1 where T = 0 (greedy), no filters."""
+  temp = jnp.where(temperature_B > 0, temperature_B, 1.0)
+  logp = jax.nn.log_softmax(logits_BV.astype(jnp.float32) / temp[:, None], axis=-1)
+  return jnp.take_along_axis(logp, tokens_B[:, None], axis=-1)[:, 0]
+
+
+def commit(s: DecodeState, new_BM, count_B, eos_ids,
+           logprobs_BM=None) -> tuple[DecodeState, jax.Array]:
   """Appends up to count[b] of new[b] to each live row, cut after an EOS and at max_new.
-  Returns the state and how many tokens each row really took (for streaming and stats)."""
+  Returns the state and how many tokens each row really took (for streaming and stats).
+  `logprobs_BM` (with s.logprobs set) is written at the same positions as the tokens."""
   b, m = new_BM.shape
   s_len = s.tokens.shape[1]
   idx = jnp.arange(m)[None, :]
@@ -108,12 +124,16 @@ def commit(s: DecodeState, new_BM, count_B, eos_ids) -> tuple[DecodeState, jax.A
   rows = jnp.arange(b)[:, None]
   pos = jnp.where(valid, s.context_lens[:, None] + idx, s_len)  # s_len: dropped
   tokens = s.tokens.at[rows, pos].set(new_BM, mode="drop")
+  logprobs = s.logprobs
+  if logprobs is not None and logprobs_BM is not None:
+    logprobs = logprobs.at[rows, pos].set(logprobs_BM.astype(jnp.float32), mode="drop")
   seen = s.seen
   if seen.shape[1] > 1:
     seen = seen.at[rows, jnp.where(valid, new_BM, seen.shape[1])].set(True, mode="drop")
   num_generated = s.num_generated + taken
   done = s.done | jnp.any(is_eos & valid, axis=1) | (num_generated >= s.max_new)
-  return s.replace(tokens=tokens, seen=seen, num_generated=num_generated, done=done), taken
+  return s.replace(tokens=tokens, seen=seen, num_generated=num_generated, done=done,
+                   logprobs=logprobs), taken
 
 
 def seen_mask(tokens_BS, lens_B, vocab: int, features: Features):
@@ -170,10 +190,10 @@ def emit(stream: int, sink_id, s: DecodeState, width: int, now=True):
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "features", "cache_len", "cache_dtype",
-                                             "stream"))
+                                             "stream", "return_logprobs"))
 def _prefill_step(params, prompts_BT, prompt_lens_B, max_new_B, keys_B, sampling, eos_ids,
                   sink_id, *, cfg: ModelConfig, features: Features, cache_len: int, cache_dtype,
-                  stream: int) -> DecodeState:
+                  stream: int, return_logprobs: bool = False) -> DecodeState:
   b, t = prompts_BT.shape
   cache = init_cache(cfg, b, cache_len, cache_dtype)
   last_logits, cache = prefill(cfg, params, prompts_BT, prompt_lens_B, cache)
@@ -183,10 +203,12 @@ def _prefill_step(params, prompts_BT, prompt_lens_B, max_new_B, keys_B, sampling
   s = DecodeState(step=jnp.int32(0), tokens=tokens, prompt_lens=prompt_lens_B,
                   num_generated=zeros, max_new=max_new_B, done=max_new_B <= 0, cache=cache,
                   seen=seen, keys=keys_B, sampling=sampling, target_steps=zeros, drafted=zeros,
-                  accepted=zeros)
+                  accepted=zeros,
+                  logprobs=jnp.zeros((b, cache_len), jnp.float32) if return_logprobs else None)
   tok = sampling_lib.sample_rows(sampling_lib.token_keys(keys_B, zeros), last_logits, sampling,
                                  features, seen)
-  s, _ = commit(s, tok[:, None], jnp.ones((b,), jnp.int32), eos_ids)
+  lp = token_logprobs(last_logits, tok, sampling.temperature)[:, None] if return_logprobs else None
+  s, _ = commit(s, tok[:, None], jnp.ones((b,), jnp.int32), eos_ids, lp)
   emit(stream, sink_id, s, 1)
   return s
 
@@ -204,7 +226,10 @@ def _decode_loop(params, s: DecodeState, eos_ids, sink_id, *, cfg: ModelConfig,
     # A finished row's cache stops advancing, so it can never run past the cache's end.
     cache = cache.replace(lengths=jnp.where(s.done, s.cache.lengths, cache.lengths))
     live = (~s.done).astype(jnp.int32)
-    s2, _ = commit(s.replace(cache=cache), tok[:, None], jnp.ones_like(live), eos_ids)
+    # Static: the state's structure says whether log-probs are kept (None otherwise).
+    lp = None if s.logprobs is None else token_logprobs(logits[:, 0], tok, s.sampling.temperature)
+    s2, _ = commit(s.replace(cache=cache), tok[:, None], jnp.ones_like(live), eos_ids,
+                   None if lp is None else lp[:, None])
     s2 = s2.replace(step=s.step + 1, target_steps=s.target_steps + live)
     emit(stream, sink_id, s2, stream, (s2.step % max(stream, 1) == 0) | jnp.all(s2.done))
     return s2
@@ -223,6 +248,8 @@ class Generation:
   target_steps: list[int]  # target forwards per row after prefill
   drafted: list[int]  # speculative: draft tokens proposed per row
   accepted: list[int]  # speculative: draft tokens accepted per row
+  # With return_logprobs: log_softmax(logits / T)[token] per token, aligned with `tokens`.
+  logprobs: list[list[float]] | None = None
 
   @property
   def generated_tokens(self) -> int:
@@ -272,13 +299,21 @@ def generate_with_stats(cfg: ModelConfig, params, prompts: Sequence[Sequence[int
                         eos_ids=(), seed: int | Sequence[int] = 0, draft=None,
                         num_draft_tokens: int = 4,
                         stream: Callable[[int, list[int]], None] | None = None,
-                        stream_every: int = 8, cache_dtype=None) -> Generation:
+                        stream_every: int = 8, cache_dtype=None,
+                        return_logprobs: bool = False) -> Generation:
   """Generates for a batch of token-id prompts. Per-row `max_new_tokens`, `sampling` and
   `seed` may be lists. `params`: the module's tree or `fused.prepare(cfg, params)`. `draft`:
   None, `speculative.ModelDraft(cfg, params)`, `speculative.EarlyExit(n_layers)` or
   `speculative.PromptLookup(ngram)`. `stream(row, new_token_ids)` is called as tokens come,
-  every `stream_every` steps (each callback from the loop costs about one small step on CPU)."""
+  every `stream_every` steps (each callback from the loop costs about one small step on CPU).
+  `return_logprobs`: also return each generated token's log_softmax(logits / T)[token] (T = 1
+  for greedy rows; before top-k/top-p/min-p/penalty: sample RL rollouts with temperature only).
+  """
   from infer import speculative  # the speculative loop builds on this module
+
+  if return_logprobs and draft is not None:
+    raise ValueError("return_logprobs is not supported with speculative decoding (draft=...): "
+                     "the speculative loop does not record them; sample rollouts without a draft")
 
   n = len(prompts)
   if n == 0 or any(len(p) == 0 for p in prompts):
@@ -329,7 +364,8 @@ def generate_with_stats(cfg: ModelConfig, params, prompts: Sequence[Sequence[int
     t0 = time.perf_counter()
     if draft is None:
       s = _prefill_step(params, batch, lens, max_new_arr, keys, sampling_arr, eos_arr, sink_id,
-                        cache_len=cache_len, cache_dtype=cache_dtype, **static)
+                        cache_len=cache_len, cache_dtype=cache_dtype,
+                        return_logprobs=return_logprobs, **static)
       jax.block_until_ready(s)
       t1 = time.perf_counter()
       s = _decode_loop(params, s, eos_arr, sink_id, **static)
@@ -348,10 +384,14 @@ def generate_with_stats(cfg: ModelConfig, params, prompts: Sequence[Sequence[int
     _SINKS.pop(sink_id, None)
   stats = jax.device_get((s.target_steps, s.drafted, s.accepted))
   out = [tokens[i, plens[i]:ctx[i]].tolist() for i in range(n)]
+  logprobs = None
+  if return_logprobs:
+    lp = jax.device_get(s.logprobs)
+    logprobs = [lp[i, plens[i]:ctx[i]].tolist() for i in range(n)]
   return Generation(tokens=out, prefill_s=t1 - t0, decode_s=t2 - t1,
                     prompt_tokens=int(sum(len(p) for p in prompts)),
                     target_steps=stats[0][:n].tolist(), drafted=stats[1][:n].tolist(),
-                    accepted=stats[2][:n].tolist())
+                    accepted=stats[2][:n].tolist(), logprobs=logprobs)
 
 
 def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *,

@@ -55,12 +55,14 @@ def latest_step(workdir: str) -> int:
   return max(steps)
 
 
-def load_params(workdir: str, cfg: ModelConfig | None = None, mesh=None, step: int | None = None):
-  """The parameters of a run's latest (or given) checkpoint, sharded onto `mesh`
-  (default: the first device)."""
+def load_params(workdir: str, cfg: ModelConfig | None = None, mesh=None, step: int | None = None,
+                shardings=None):
+  """The parameters of a run's latest (or given) checkpoint, sharded onto `mesh` by the
+  rules (default: the first device), or onto `shardings` (a pytree like the params)."""
   cfg = load_model_config(workdir) if cfg is None else cfg
   step = latest_step(workdir) if step is None else step
-  abstract, shardings = abstract_params(cfg, mesh)
+  abstract, rule_shardings = abstract_params(cfg, mesh)
+  shardings = rule_shardings if shardings is None else shardings
   target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                         abstract, shardings)
   path = os.path.join(os.path.abspath(workdir), "checkpoints", str(step), PARAMS)

@@ -32,6 +32,7 @@ class ModelConfig:
   remat: str = "none"
   attention_impl: str = "auto"
   init_std: float = 0.02
+  value_head: bool = False  # a scalar head instead of the LM head: values [B, T] (reward, critic)
 
   def __post_init__(self):
     if self.head_dim == 0:

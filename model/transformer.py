@@ -5,6 +5,8 @@ One forward for every use (see ARCHITECTURE.md):
                                          segment_ids=None, cache=None)
 tokens, positions, segment_ids: int32[B, T]; logits: float32[B, T, V]. Training passes no
 cache (and gets None back); prefill and decode pass a KVCache and get the updated one.
+With cfg.value_head the output is a scalar per position, values: float32[B, T] (a reward
+model or PPO critic: the backbone of a language model with a head read at chosen tokens).
 `segment_ids` marks packed documents (a token attends only within its own segment); with a
 cache it marks padding instead (0 = pad, not counted in the new lengths).
 """
@@ -80,6 +82,12 @@ class Transformer(nn.Module):
     x = RMSNorm(cfg, name="final_norm")(x)
     if return_hidden:
       out = x
+    elif cfg.value_head:
+      # Zero-initialised: a new head starts by predicting 0 whatever the backbone.
+      head = _param(self, "value_head", nn.initializers.zeros, (cfg.d_model,), ("embed",),
+                    cfg.weight_dtype)
+      out = jnp.einsum("BTD,D->BT", x, head.astype(cfg.compute_dtype),
+                       preferred_element_type=jnp.float32)
     elif cfg.tie_embeddings:
       out = jnp.einsum("BTD,VD->BTV", x, embedding.astype(cfg.compute_dtype),
                        preferred_element_type=jnp.float32)
@@ -88,7 +96,7 @@ class Transformer(nn.Module):
                     (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.weight_dtype)
       out = jnp.einsum("BTD,DV->BTV", x, head.astype(cfg.compute_dtype),
                        preferred_element_type=jnp.float32)
-    if not return_hidden:
+    if not return_hidden and not cfg.value_head:
       out = constrain(out, ("batch", "length", "act_vocab"))
 
     if cache is None:

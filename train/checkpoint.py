@@ -1,8 +1,9 @@
 """Orbax checkpoints of a run: sharded, async, restorable onto another mesh.
 
 Each step directory holds three items:
-  params    the parameter pytree (all that generation, evaluation and conversion need)
-  train     step, optimizer state and RNG (present only in checkpoints written by training)
+  params    the model's parameter pytree (all that generation, evaluation and conversion need)
+  train     step, optimizer state and RNG (present only in checkpoints written by training),
+            and the trained pytree when it is not the model's (LoRA adapters, a PPO critic)
   data      the input iterator's state as JSON (likewise)
 A converted model is a checkpoint with `params` alone; training starts from it with a fresh
 optimizer (train.init_from), and resumes only from checkpoints that have all three.
@@ -42,13 +43,17 @@ class Checkpointer:
   def has_train_state(self, step: int) -> bool:
     return os.path.isdir(os.path.join(self.directory, str(step), TRAIN))
 
-  def save(self, state, data_state: dict | None = None) -> None:
-    """Saves a TrainState (and the iterator state) at state.step. Async unless configured."""
+  def save(self, state, data_state: dict | None = None, model_params=None) -> None:
+    """Saves a TrainState (and the iterator state) at state.step. Async unless configured.
+    `model_params`: the model's parameters when state.params is something else (see
+    tasks.Objective.export); state.params then goes into the train item."""
     step = int(jax.device_get(state.step))
+    train = {"step": state.step, "opt_state": state.opt_state, "rng": state.rng}
+    if model_params is not None:
+      train["params"] = state.params
     items = {
-        PARAMS: ocp.args.StandardSave(state.params),
-        TRAIN: ocp.args.StandardSave({"step": state.step, "opt_state": state.opt_state,
-                                      "rng": state.rng}),
+        PARAMS: ocp.args.StandardSave(state.params if model_params is None else model_params),
+        TRAIN: ocp.args.StandardSave(train),
     }
     if data_state is not None:
       items[DATA] = ocp.args.JsonSave(data_state)
@@ -58,23 +63,24 @@ class Checkpointer:
     self.manager.save(step, args=ocp.args.Composite(**{PARAMS: ocp.args.StandardSave(params)}),
                       force=True)
 
-  def restore(self, step: int, abstract_state, shardings):
-    """(TrainState, data_state or None) restored onto `shardings` (any mesh)."""
-    abstract_train = {"step": abstract_state.step, "opt_state": abstract_state.opt_state,
-                      "rng": abstract_state.rng}
-    train_shardings = {"step": shardings.step, "opt_state": shardings.opt_state,
-                       "rng": shardings.rng}
-    items = {
-        PARAMS: ocp.args.StandardRestore(_abstract(abstract_state.params, shardings.params)),
-        TRAIN: ocp.args.StandardRestore(_abstract(abstract_train, train_shardings)),
-    }
+  def restore(self, step: int, abstract_state, shardings, *, separate_params: bool = False):
+    """(TrainState without frozen arrays, data_state or None) restored onto `shardings` (any
+    mesh). `separate_params`: state.params lives in the train item (see save)."""
+    names = ("step", "opt_state", "rng") + (("params",) if separate_params else ())
+    abstract_train = {k: getattr(abstract_state, k) for k in names}
+    train_shardings = {k: getattr(shardings, k) for k in names}
+    items = {TRAIN: ocp.args.StandardRestore(_abstract(abstract_train, train_shardings))}
+    if not separate_params:
+      items[PARAMS] = ocp.args.StandardRestore(_abstract(abstract_state.params,
+                                                         shardings.params))
     has_data = os.path.isdir(os.path.join(self.directory, str(step), DATA))
     if has_data:
       items[DATA] = ocp.args.JsonRestore()
     out = self.manager.restore(step, args=ocp.args.Composite(**items))
     train = out[TRAIN]
-    state = abstract_state.replace(step=train["step"], params=out[PARAMS],
-                                   opt_state=train["opt_state"], rng=train["rng"])
+    state = abstract_state.replace(
+        step=train["step"], params=train["params"] if separate_params else out[PARAMS],
+        opt_state=train["opt_state"], rng=train["rng"], frozen=None)
     return state, (out[DATA] if has_data else None)
 
   def restore_params(self, step: int, abstract_params, param_shardings):

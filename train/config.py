@@ -5,6 +5,7 @@ An unknown key is an error naming the key and the valid keys beside it.
 
 import ast
 import difflib
+import importlib
 import importlib.util
 import os
 
@@ -99,3 +100,18 @@ def flatten(cfg: ml_collections.ConfigDict, prefix: str = "") -> dict:
     else:
       out[f"{prefix}{key}"] = value
   return out
+
+
+def import_function(spec: str):
+  """The function named by "package.module:function" (reward functions, data generators)."""
+  module_name, colon, name = spec.partition(":")
+  if not colon or not module_name or not name:
+    raise ValueError(f"{spec!r} is not of the form 'package.module:function'")
+  try:
+    module = importlib.import_module(module_name)
+  except ImportError as e:
+    raise ValueError(f"cannot import {module_name!r} for {spec!r}: {e}") from None
+  fn = getattr(module, name, None)
+  if not callable(fn):
+    raise ValueError(f"{module_name!r} has no function {name!r}")
+  return fn

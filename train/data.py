@@ -57,7 +57,9 @@ class DataError(ValueError):
 
 
 def list_files(data_cfg) -> tuple[list[str], list[str]]:
-  """Returns (train, val) file paths of `data_cfg.corpus`, split by path hash.
+  """Returns (train, val) file paths of `data_cfg.corpus`, split by path hash, or, when
+  `data_cfg.val_corpus` is set, the files of each glob. A corpus that matches nothing is first
+  written by `data_cfg.make` ("module:function", called with the corpus's directory) when set.
 
   A file goes to val when a stable hash of its path relative to the corpus
   root falls below `data_cfg.val_fraction`, so the split is the same on every
@@ -65,6 +67,11 @@ def list_files(data_cfg) -> tuple[list[str], list[str]]:
   ordered by that hash: a fixed order that is not alphabetical, so "the first
   N MB" of train is a fair sample of the corpus.
   """
+  if data_cfg.make and not glob.glob(os.path.expanduser(data_cfg.corpus.split(",")[0])):
+    _make_data(data_cfg.make, os.path.dirname(os.path.expanduser(data_cfg.corpus.split(",")[0])))
+  if data_cfg.val_corpus:
+    return (match_files(data_cfg.corpus),
+            sorted(_corpus_files(data_cfg.val_corpus, "data.val_corpus")))
   fraction = data_cfg.val_fraction
   if not 0.0 <= fraction < 1.0:
     raise DataError(f"data.val_fraction must be in [0, 1), got {fraction}.")
@@ -86,7 +93,17 @@ def match_files(corpus: str) -> list[str]:
   return sorted(_corpus_files(corpus))
 
 
-def _corpus_files(corpus: str) -> dict[str, str]:
+def _make_data(spec: str, directory: str) -> None:
+  from train.config import import_function
+  try:
+    make = import_function(spec)
+  except ValueError as e:
+    raise DataError(f"data.make: {e}") from None
+  print(f"writing data with {spec} into {directory}", flush=True)
+  make(directory)
+
+
+def _corpus_files(corpus: str, key: str = "data.corpus") -> dict[str, str]:
   """Maps each file's absolute path to its path relative to its corpus root."""
   if corpus == STDLIB:
     root = sysconfig.get_paths()["stdlib"]
@@ -108,12 +125,12 @@ def _corpus_files(corpus: str) -> dict[str, str]:
                if os.path.isfile(p)]
     if not matched:
       raise DataError(
-          f"data.corpus: the glob {pattern!r} matches no files (corpus is "
+          f"{key}: the glob {pattern!r} matches no files (corpus is "
           f"{STDLIB!r} or comma-separated globs; '**' recurses).")
     for p in matched:
       files.setdefault(os.path.abspath(p), os.path.relpath(p, root))
   if not files:
-    raise DataError(f"data.corpus={corpus!r} names no glob.")
+    raise DataError(f"{key}={corpus!r} names no glob.")
   return files
 
 

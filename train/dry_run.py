@@ -29,10 +29,8 @@ def dry_run(cfg) -> dict:
   state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                        prog.abstract, prog.shardings)
   b, t = cfg.train.batch_size, cfg.data.seq_len
-  batch = {k: jax.ShapeDtypeStruct((b, t), dt, sharding=prog.batch_sharding)
-           for k, dt in (("inputs", jnp.int32), ("targets", jnp.int32),
-                         ("segment_ids", jnp.int32), ("positions", jnp.int32),
-                         ("loss_mask", jnp.float32))}
+  batch = {k: jax.ShapeDtypeStruct(shape, dt, sharding=prog.batch_sharding)
+           for k, (shape, dt) in prog.objective.batch_shapes(b, t).items()}
   t0 = time.perf_counter()
   lowered = prog.train_step.lower(state, batch)
   t1 = time.perf_counter()

@@ -75,7 +75,7 @@ def evaluate(workdir: str, *, data: str = "", data_format: str = "text",
   loss_fn = functools.partial(pretrain.loss_fn, model=Transformer(model_cfg))
   batch_sh = sharding.batch_sharding(mesh)
   eval_step = jax.jit(sharding.in_mesh(step_lib.make_eval_step(loss_fn), mesh),
-                      in_shardings=(shardings, batch_sh))
+                      in_shardings=(shardings, None, batch_sh))
 
   it = data_lib.make_iterator(data_cfg, tokenizer, files, batch_size=batch_size,
                               seq_len=seq_len, seed=0, shuffle=False, repeat=False)
@@ -85,14 +85,14 @@ def evaluate(workdir: str, *, data: str = "", data_format: str = "text",
   for batch in it:
     if max_batches and batches == max_batches:
       break
-    sums = eval_step(params, jax.device_put(batch, batch_sh))
+    sums = eval_step(params, None, jax.device_put(batch, batch_sh))
     n_bytes += int(nbytes[batch["targets"]][batch["loss_mask"] > 0].sum())
     if pending is not None:  # read the previous batch's sums while this one runs
-      loss, tokens = loss + float(pending["loss"]), tokens + float(pending["tokens"])
+      loss, tokens = loss + float(pending["loss"]), tokens + float(pending["count"])
     pending = sums
     batches += 1
   if pending is not None:
-    loss, tokens = loss + float(pending["loss"]), tokens + float(pending["tokens"])
+    loss, tokens = loss + float(pending["loss"]), tokens + float(pending["count"])
   it.close()
   per_token = loss / max(tokens, 1.0)
   return {"loss": per_token, "perplexity": math.exp(min(per_token, 50.0)),

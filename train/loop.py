@@ -6,7 +6,6 @@ and on SIGTERM/SIGINT finishes the current step, saves, and returns.
 """
 
 import dataclasses
-import functools
 import math
 import os
 import shutil
@@ -18,18 +17,19 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
+from infer import chat
 from infer import workdir as run_dir
 from infer.decode import generate
 from infer.sampling import SamplingParams
-from model import ModelConfig, Transformer, sharding
+from model import ModelConfig, sharding
 from train import data as data_lib
 from train import metrics as metrics_lib
 from train import optim, step as step_lib
 from train.checkpoint import Checkpointer
 from train.config import ConfigError
-from train.state import abstract_state, create_state, param_count
-from train.tasks import pretrain
-from train.tokenizer import EOS, load_or_train_tokenizer
+from train import tasks
+from train.state import TrainState, abstract_state, create_state, param_count
+from train.tokenizer import load_or_train_tokenizer
 
 
 def model_and_mesh(cfg):
@@ -64,38 +64,40 @@ def validate(cfg, model_cfg: ModelConfig, mesh) -> None:
   if t.batch_size % jax.process_count():
     raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by "
                       f"{jax.process_count()} processes")
-  if cfg.task != "pretrain":
-    raise ConfigError(f"task={cfg.task!r} is not available yet; valid: pretrain")
+  tasks.module(cfg.task)  # names the valid tasks if it is not one
 
 
 @dataclasses.dataclass(frozen=True)
 class Program:
-  """What a run compiles: the model, optimizer, abstract state with its shardings, and the
-  jitted steps."""
-  model: Transformer
+  """What a run compiles: the task's objective, the optimizer, the abstract state with its
+  shardings, and the jitted steps."""
+  objective: tasks.Objective
   tx: Any
+  mesh: Any
   abstract: Any
   shardings: Any
   batch_sharding: Any
-  train_step: Callable
-  eval_step: Callable
+  train_step: Callable  # (state, batch) -> (state, metrics)
+  eval_step: Callable  # (params, frozen, batch) -> metric sums
+
+  def init_state(self, seed: int, frozen=None) -> TrainState:
+    return create_state(self.objective.init, self.tx, self.mesh, seed, self.shardings, frozen)
 
 
 def build_program(cfg, model_cfg: ModelConfig, mesh) -> Program:
-  model = Transformer(model_cfg)
+  objective = tasks.module(cfg.task).objective(cfg, model_cfg)
   tx = optim.make_optimizer(cfg.train)
-  abstract, shardings = abstract_state(model, tx, mesh, cfg.data.seq_len)
-  loss_fn = functools.partial(pretrain.loss_fn, model=model, z_loss=cfg.train.z_loss)
+  abstract, shardings = abstract_state(objective.init, tx, mesh, objective.init_frozen)
   train_step = step_lib.make_train_step(
-      loss_fn, tx, microbatches=cfg.train.microbatches, mesh=mesh,
+      objective.loss_fn, tx, microbatches=cfg.train.microbatches, mesh=mesh,
       param_shardings=shardings.params, schedule=optim.learning_rate_schedule(cfg.train))
   batch_sh = sharding.batch_sharding(mesh)
   p_train_step = jax.jit(sharding.in_mesh(train_step, mesh), in_shardings=(shardings, batch_sh),
                          out_shardings=(shardings, sharding.replicated(mesh)),
                          donate_argnums=0)
-  p_eval_step = jax.jit(sharding.in_mesh(step_lib.make_eval_step(loss_fn), mesh),
-                        in_shardings=(shardings.params, batch_sh))
-  return Program(model, tx, abstract, shardings, batch_sh, p_train_step, p_eval_step)
+  p_eval_step = jax.jit(sharding.in_mesh(step_lib.make_eval_step(objective.loss_fn), mesh),
+                        in_shardings=(shardings.params, shardings.frozen, batch_sh))
+  return Program(objective, tx, mesh, abstract, shardings, batch_sh, p_train_step, p_eval_step)
 
 
 class _HostBatches:
@@ -177,6 +179,15 @@ def _tokenizer(cfg, workdir, vocab_size, train_files):
   return tokenizer
 
 
+def _tokenizer_config(cfg, workdir: str) -> dict:
+  """The chat template and special tokens: the workdir's copy, else the source run's."""
+  for directory in (workdir, cfg.train.init_from,
+                    os.path.dirname(cfg.data.tokenizer) if cfg.data.tokenizer else ""):
+    if directory and os.path.isfile(os.path.join(directory, "tokenizer_config.json")):
+      return chat.load_tokenizer_config(directory)
+  return {}
+
+
 def train(cfg) -> dict:
   """Runs cfg.train.steps optimizer steps (resuming from cfg.workdir). Returns last metrics."""
   workdir = cfg.workdir
@@ -188,29 +199,39 @@ def train(cfg) -> dict:
     _check_init_from(cfg, model_cfg)
   # Data first: bad input fails here, before anything in the workdir is touched.
   train_files, val_files = data_lib.list_files(cfg.data)
+  if (cfg.task != "pretrain" and not cfg.data.tokenizer
+      and not os.path.isfile(os.path.join(workdir, "tokenizer.json"))):
+    raise ConfigError(f"task={cfg.task!r} needs the model's tokenizer: set data.tokenizer "
+                      "or train.init_from (a run directory holding tokenizer.json)")
   tokenizer = _tokenizer(cfg, workdir, model_cfg.vocab_size, train_files)
-  eos = tokenizer.token_to_id(EOS)
+  run = tasks.Run(workdir=workdir, tokenizer=tokenizer,
+                  tokenizer_config=_tokenizer_config(cfg, workdir), train_files=train_files,
+                  val_files=val_files)
+  feed = tasks.module(cfg.task).feed(cfg, model_cfg, mesh, run)
+  train_it = feed.train
   seq_len, batch_size = cfg.data.seq_len, cfg.train.batch_size
-  make_iter = functools.partial(data_lib.make_iterator, cfg.data, tokenizer,
-                                batch_size=batch_size, seq_len=seq_len, seed=cfg.seed)
-  train_it = make_iter(train_files, shuffle=True, repeat=True)
-  make_iter(val_files, shuffle=False, repeat=True).close()  # validates the val files now
 
   prog = build_program(cfg, model_cfg, mesh)
-  model, tx, abstract, shardings = prog.model, prog.tx, prog.abstract, prog.shardings
+  objective, abstract, shardings = prog.objective, prog.abstract, prog.shardings
+  frozen = feed.load_frozen(shardings.frozen) if feed.load_frozen else None
+  export = None if objective.export is None else jax.jit(objective.export)
   ckpt = Checkpointer(workdir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
   latest = ckpt.latest_step()
   if latest is not None and ckpt.has_train_state(latest):
-    state, data_state = ckpt.restore(latest, abstract, shardings)
+    state, data_state = ckpt.restore(latest, abstract, shardings,
+                                     separate_params=export is not None)
+    state = state.replace(frozen=frozen)
     if data_state is not None:
       train_it.set_state(data_state)
     print(f"resumed from {ckpt.directory}/{latest}", flush=True)
   else:
-    state, _ = create_state(model, tx, mesh, cfg.seed, seq_len)
+    state = prog.init_state(cfg.seed, frozen)
+    if objective.start is not None:
+      state = state.replace(params=objective.start(state.params, frozen))
+    elif cfg.train.init_from:
+      state = state.replace(params=run_dir.load_params(cfg.train.init_from, model_cfg, mesh))
     if cfg.train.init_from:
-      params = run_dir.load_params(cfg.train.init_from, model_cfg, mesh)
-      state = state.replace(params=params)
-      print(f"initialised params from {cfg.train.init_from}", flush=True)
+      print(f"initialised from {cfg.train.init_from}", flush=True)
   if is_main:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(cfg.to_json(indent=2))
@@ -218,17 +239,36 @@ def train(cfg) -> dict:
     if cfg.train.init_from and os.path.isfile(extra):  # the chat template and special tokens
       shutil.copy(extra, os.path.join(workdir, "tokenizer_config.json"))
 
+  def model_params(state):
+    return state.params if export is None else export(state.params, state.frozen)
+
+  def save(state):
+    ckpt.save(state, train_it.get_state(), None if export is None else model_params(state))
+
   p_train_step, p_eval_step = prog.train_step, prog.eval_step
 
-  def evaluate(params) -> dict:
-    """Mean loss over the same first eval_batches validation batches every time."""
-    val_it = make_iter(val_files, shuffle=False, repeat=True)
-    batches = _HostBatches(val_it, mesh, batch_size)
-    sums = jax.device_get([p_eval_step(params, next(batches))
-                           for _ in range(cfg.train.eval_batches)])
-    val_it.close()
-    loss = sum(s["loss"] for s in sums) / max(sum(s["tokens"] for s in sums), 1.0)
-    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+  def evaluate(state) -> dict:
+    """Mean val loss over the same first eval_batches batches every time, and whatever the
+    task measures on its own (e.g. the score of greedy answers)."""
+    out = {}
+    if feed.val is not None:
+      val_it = feed.val()
+      batches = _HostBatches(val_it, mesh, batch_size)
+      sums = []
+      for _ in range(cfg.train.eval_batches):
+        try:
+          sums.append(p_eval_step(state.params, state.frozen, next(batches)))
+        except StopIteration:
+          break
+      val_it.close()
+      sums = jax.device_get(sums)
+      count = max(sum(s["count"] for s in sums), 1.0)
+      out = {f"val_{k}": sum(s[k] for s in sums) / count for k in sums[0] if k != "count"}
+      if "val_loss" in out and cfg.task in ("pretrain", "sft"):
+        out["val_ppl"] = math.exp(min(out["val_loss"], 50.0))
+    if feed.evaluate is not None:
+      out.update(feed.evaluate(state.params, state.frozen))
+    return out
 
   n_params = param_count(state.params)
   flops_per_token = metrics_lib.training_flops_per_token(model_cfg, seq_len)
@@ -238,19 +278,21 @@ def train(cfg) -> dict:
   start = int(jax.device_get(state.step))
   steps = cfg.train.steps
   if is_main:
-    print(f"model: {n_params / 1e6:.2f}M params | mesh {dict(mesh.shape)} | "
+    print(f"task {cfg.task} | {n_params / 1e6:.2f}M trained params | mesh {dict(mesh.shape)} | "
           f"{tokens_per_step} tokens/step | steps {start}->{steps}", flush=True)
 
+  if hasattr(train_it, "bind"):  # rollouts sample from the current policy
+    train_it.bind(lambda: state)
   stop, restore_signals = _stop_on_signals()
   batches = _HostBatches(train_it, mesh, batch_size)
   bar = tqdm(total=steps, initial=start, disable=not is_main, dynamic_ncols=True, mininterval=1.0)
   last, saved_step = {}, latest
-  pending = None  # (step, device metrics, eval metrics), logged once the next step is dispatched
+  pending = None  # (step, device metrics, extra metrics), logged once the next step is dispatched
   clock = {"t": None, "steps": 0}  # throughput since the last log, evaluation time excluded
 
   def log(step: int, device_metrics, extra: dict) -> dict:
     m = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
-    m.pop("tokens", None)
+    m.pop("count", None)
     now = time.perf_counter()
     if clock["t"] is not None and clock["steps"]:
       m["tokens_per_s"] = clock["steps"] * tokens_per_step / (now - clock["t"])
@@ -258,8 +300,8 @@ def train(cfg) -> dict:
     clock["t"], clock["steps"] = now, 0
     m.update(extra)
     writer.write(step, m)
-    bar.set_postfix({k: f"{m[k]:.4g}" for k in ("loss", "val_loss", "tokens_per_s", "mfu")
-                     if k in m}, refresh=False)
+    bar.set_postfix({k: f"{m[k]:.4g}" for k in ("loss", "val_loss", "score", "val_score",
+                                                  "tokens_per_s") if k in m}, refresh=False)
     return m
 
   try:
@@ -275,19 +317,20 @@ def train(cfg) -> dict:
         clock["t"], clock["steps"] = time.perf_counter(), 0
       else:
         clock["steps"] += 1
-      extra = {}
-      if cfg.train.eval_every and step % cfg.train.eval_every == 0 or step == steps:
+      extra = dict(feed.host_metrics())
+      evaluating = cfg.train.eval_every and step % cfg.train.eval_every == 0 or step == steps
+      if evaluating:
         jax.block_until_ready(state)  # so that only evaluation is taken off the clock
         t0 = time.perf_counter()
-        extra = evaluate(state.params)
+        extra.update(evaluate(state))
         if clock["t"] is not None:
           clock["t"] += time.perf_counter() - t0
-      if step % cfg.train.log_every == 0 or extra:
+      if step % cfg.train.log_every == 0 or evaluating:
         pending = (step, device_metrics, extra)
       bar.update(1)
       stopping = _any_process(stop["stop"])
       if step % cfg.checkpoint.every == 0 or step == steps or stopping:
-        ckpt.save(state, train_it.get_state())
+        save(state)
         saved_step = step
       if stopping:
         break
@@ -297,17 +340,19 @@ def train(cfg) -> dict:
     last = log(*pending)
   bar.close()
   if saved_step != int(jax.device_get(state.step)):
-    ckpt.save(state, train_it.get_state())
+    save(state)
   ckpt.close()
   writer.close()
   train_it.close()
 
-  if not stop["stop"] and cfg.sample.max_new_tokens > 0 and jax.process_count() == 1:
-    prompt = [eos] + tokenizer.encode(cfg.sample.prompt).ids
-    out = generate(model_cfg, state.params, [prompt], max_new_tokens=cfg.sample.max_new_tokens,
+  if (not stop["stop"] and cfg.sample.max_new_tokens > 0 and jax.process_count() == 1
+      and feed.sample_prompt is not None):
+    prompt, eos_ids = feed.sample_prompt(cfg.sample.prompt)
+    out = generate(model_cfg, model_params(state), [prompt],
+                   max_new_tokens=cfg.sample.max_new_tokens,
                    sampling=SamplingParams(temperature=cfg.sample.temperature,
                                            top_k=cfg.sample.top_k),
-                   eos_ids=(eos,), seed=cfg.seed)[0]
+                   eos_ids=eos_ids, seed=cfg.seed)[0]
     text = tokenizer.decode(prompt + out, skip_special_tokens=True)
     print(f"\n--- sample (step {int(jax.device_get(state.step))}) ---\n{text}\n---", flush=True)
     last["sample"] = text

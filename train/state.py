@@ -5,7 +5,7 @@ the rules turn those into NamedShardings, and `jax.jit(init, out_shardings=...)`
 shard on its own device, so no host ever holds the whole model.
 """
 
-from typing import Any
+from typing import Any, Callable
 
 import flax
 import flax.linen as nn
@@ -20,37 +20,46 @@ from model import sharding
 @flax.struct.dataclass
 class TrainState:
   step: jax.Array  # int32[]
-  params: Any
+  params: Any  # what gets gradients: the model, adapters, or policy and critic (see tasks/)
   opt_state: Any
   rng: jax.Array  # uint32[2]: raw key data, so it checkpoints like any array
+  # Arrays the loss reads but never updates (a DPO reference, LoRA's base weights, a reward
+  # model). Passed through the jitted step unchanged, so donation aliases them in place; never
+  # checkpointed: they are loaded again from their source run.
+  frozen: Any = None
 
 
-def _init_fn(model: nn.Module, tx: optax.GradientTransformation, seq_len: int):
+# init_params(rng) -> the trainable pytree, boxed with logical axis names (nn.Partitioned).
+InitFn = Callable[[jax.Array], Any]
+
+
+def _init_fn(init_params: InitFn, tx: optax.GradientTransformation):
   def init(seed):
     rng = jax.random.PRNGKey(seed)
     init_rng, state_rng = jax.random.split(rng)
-    tokens = jnp.zeros((1, seq_len), jnp.int32)
-    boxed = model.init(init_rng, tokens, tokens)["params"]
+    boxed = init_params(init_rng)
     # optax maps over the boxes, so mu and nu inherit the parameters' logical names.
     return TrainState(step=jnp.zeros((), jnp.int32), params=boxed, opt_state=tx.init(boxed),
                       rng=state_rng)
   return init
 
 
-def abstract_state(model, tx, mesh: Mesh, seq_len: int):
-  """(abstract unboxed state, its NamedShardings), with nothing allocated."""
-  init = _init_fn(model, tx, seq_len)
-  boxed = jax.eval_shape(init, 0)
-  shardings = sharding.shardings_for(boxed, mesh)
-  return nn.unbox(boxed), shardings
+def abstract_state(init_params: InitFn, tx, mesh: Mesh, init_frozen: InitFn | None = None):
+  """(abstract unboxed state, its NamedShardings), with nothing allocated. `init_frozen`
+  gives the frozen tree's shapes and logical names (never its values)."""
+  boxed = jax.eval_shape(_init_fn(init_params, tx), 0)
+  if init_frozen is not None:
+    boxed = boxed.replace(frozen=jax.eval_shape(init_frozen, jax.random.PRNGKey(0)))
+  return nn.unbox(boxed), sharding.shardings_for(boxed, mesh)
 
 
-def create_state(model, tx, mesh: Mesh, seed: int, seq_len: int):
-  """Returns (state, shardings) with every array created on its own shards."""
-  init = _init_fn(model, tx, seq_len)
-  _, shardings = abstract_state(model, tx, mesh, seq_len)
-  state = jax.jit(lambda s: nn.unbox(init(s)), static_argnums=0, out_shardings=shardings)(seed)
-  return state, shardings
+def create_state(init_params: InitFn, tx, mesh: Mesh, seed: int, shardings, frozen=None):
+  """The state with every trainable array created on its own shards; `frozen` (already
+  placed, e.g. loaded from a run) is attached as it is."""
+  init = _init_fn(init_params, tx)
+  trainable = shardings.replace(frozen=None)
+  state = jax.jit(lambda s: nn.unbox(init(s)), static_argnums=0, out_shardings=trainable)(seed)
+  return state.replace(frozen=frozen)
 
 
 def param_count(params) -> int:

@@ -13,7 +13,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from train.state import TrainState
 
-# loss_fn(params, batch) -> (sum of losses, metrics as sums incl. "tokens")
+# loss_fn(params, frozen, batch) -> (sum of losses, metrics as sums incl. "count", the number the
+# sums are divided by: trainable tokens, pairs or sequences, counted over the whole batch).
 LossFn = Callable
 
 
@@ -39,11 +40,11 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, microb
   def train_step(state: TrainState, batch):
     params = state.params
     if microbatches == 1:
-      (_, sums), grads = grad_fn(params, batch)
+      (_, sums), grads = grad_fn(params, state.frozen, batch)
     else:
       def micro(carry, mb):
         g_acc, m_acc = carry
-        (_, m), g = grad_fn(params, mb)
+        (_, m), g = grad_fn(params, state.frozen, mb)
         g_acc = jax.tree.map(jnp.add, g_acc, g)
         g_acc = jax.lax.with_sharding_constraint(g_acc, param_shardings)
         return (g_acc, jax.tree.map(jnp.add, m_acc, m)), None
@@ -51,17 +52,18 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, microb
       mbs = _split_microbatches(batch, microbatches, mesh)
       first = jax.tree.map(lambda x: x[0], mbs)
       m_zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                            jax.eval_shape(lambda: grad_fn(params, first)[0][1]))
+                            jax.eval_shape(lambda: grad_fn(params, state.frozen, first)[0][1]))
       g_zero = jax.tree.map(jnp.zeros_like, params)
       (grads, sums), _ = jax.lax.scan(micro, (g_zero, m_zero), mbs)
 
-    # One division by the tokens of the whole accumulated batch (see tasks/pretrain.py).
-    tokens = jnp.maximum(sums["tokens"], 1.0)
-    grads = jax.tree.map(lambda g: g / tokens, grads)
+    # One division by the count of the whole accumulated batch (see tasks/pretrain.py), so
+    # accumulation never reweights examples.
+    count = jnp.maximum(sums["count"], 1.0)
+    grads = jax.tree.map(lambda g: g / count, grads)
     updates, opt_state = tx.update(grads, state.opt_state, params)
     params = optax.apply_updates(params, updates)
-    metrics = {k: v / tokens for k, v in sums.items() if k != "tokens"}
-    metrics["tokens"] = sums["tokens"]
+    metrics = {k: v / count for k, v in sums.items() if k != "count"}
+    metrics["count"] = sums["count"]
     metrics["grad_norm"] = optax.tree.norm(grads)
     if schedule is not None:
       metrics["lr"] = schedule(state.step)
@@ -72,8 +74,9 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, microb
 
 
 def make_eval_step(loss_fn: LossFn):
-  """eval_step(params, batch) -> metric sums (the caller divides by tokens over batches)."""
-  def eval_step(params, batch):
-    _, sums = loss_fn(params, batch)
+  """eval_step(params, frozen, batch) -> metric sums (the caller divides by "count" over
+  batches)."""
+  def eval_step(params, frozen, batch):
+    _, sums = loss_fn(params, frozen, batch)
     return sums
   return eval_step

@@ -2,11 +2,19 @@
 
 Batch: inputs, targets, segment_ids, positions int32[B, T] and loss_mask float32[B, T]
 (0 where the target is padding). The data pipeline shifts targets within each document
-before packing, so a target never belongs to another document.
+before packing, so a target never belongs to another document. SFT uses the same loss with
+loss_mask 1 on completion tokens only.
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from model import Transformer
+from train import data as data_lib
+from train.tasks import Feed, Objective
 
 
 def token_losses(logits_BTV, targets_BT):
@@ -17,12 +25,13 @@ def token_losses(logits_BTV, targets_BT):
   return log_z - target_logit, log_z
 
 
-def loss_fn(params, batch, *, model, z_loss: float = 0.0):
-  """Returns (sum of weighted losses, metrics as sums). The caller divides by `tokens`.
+def loss_fn(params, frozen, batch, *, model, z_loss: float = 0.0):
+  """Returns (sum of weighted losses, metrics as sums). The caller divides by `count`.
 
   Sums rather than means, so gradient accumulation divides once by the tokens of the whole
   accumulated batch and k microbatches give exactly the update of one large batch.
   """
+  del frozen
   logits, _ = model.apply({"params": params}, batch["inputs"], batch["positions"],
                           segment_ids=batch["segment_ids"])
   nll, log_z = token_losses(logits, batch["targets"])
@@ -31,4 +40,36 @@ def loss_fn(params, batch, *, model, z_loss: float = 0.0):
   z_sum = jnp.sum(jnp.square(log_z) * mask)
   total = nll_sum + z_loss * z_sum
   # "z_loss" reports mean (log Z)^2 per token whatever its coefficient, to watch logit drift.
-  return total, {"loss": nll_sum, "z_loss": z_sum, "tokens": jnp.sum(mask)}
+  return total, {"loss": nll_sum, "z_loss": z_sum, "count": jnp.sum(mask)}
+
+
+def init_model(model: Transformer, rng):
+  """Boxed parameters of `model` (the shapes do not depend on the sequence length)."""
+  tokens = jnp.zeros((1, 1), jnp.int32)
+  return model.init(rng, tokens, tokens)["params"]
+
+
+def token_batch_shapes(batch_size: int, seq_len: int) -> dict:
+  shape = (batch_size, seq_len)
+  return {"inputs": (shape, np.int32), "targets": (shape, np.int32),
+          "segment_ids": (shape, np.int32), "positions": (shape, np.int32),
+          "loss_mask": (shape, np.float32)}
+
+
+def objective(cfg, model_cfg) -> Objective:
+  model = Transformer(model_cfg)
+  return Objective(init=functools.partial(init_model, model),
+                   loss_fn=functools.partial(loss_fn, model=model, z_loss=cfg.train.z_loss),
+                   batch_shapes=token_batch_shapes)
+
+
+def feed(cfg, model_cfg, mesh, run) -> Feed:
+  del model_cfg, mesh
+  make = functools.partial(data_lib.make_iterator, cfg.data, run.tokenizer,
+                           batch_size=cfg.train.batch_size, seq_len=cfg.data.seq_len,
+                           seed=cfg.seed)
+  make(run.val_files, shuffle=False, repeat=True).close()  # validates the val files now
+  eos = run.tokenizer.token_to_id(data_lib.EOS)
+  return Feed(train=make(run.train_files, shuffle=True, repeat=True),
+              val=lambda: make(run.val_files, shuffle=False, repeat=True),
+              sample_prompt=lambda text: ([eos] + run.tokenizer.encode(text).ids, (eos,)))

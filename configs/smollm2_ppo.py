@@ -1,0 +1,11 @@
+"""The post-training ladder's ppo rung for SmolLM2-135M-Instruct (see configs/ladder.py).
+
+python train/main.py --config configs/smollm2_ppo.py
+"""
+
+from configs import ladder
+
+
+def get_config():
+  c = ladder.smollm2("ppo")
+  return c

@@ -1,0 +1,1 @@
+"""Worked examples: small generated tasks whose answers a function can check."""

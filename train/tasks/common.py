@@ -1,0 +1,193 @@
+"""What several tasks share: the policy's trainable tree (every weight, or LoRA adapters over a
+frozen base), loading frozen models, log-probabilities of completions, and scoring greedy
+answers with a reward function."""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from infer import workdir as run_dir
+from infer.decode import generate
+from infer.sampling import SamplingParams
+from model import ModelConfig, Transformer, lora
+from train import objectives, posttrain_data
+from train.config import ConfigError, import_function
+from train.tasks import pretrain
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+  """The language model a task trains: all of its weights, or LoRA adapters (Hu et al. 2021)
+  over a frozen base. With LoRA the base is frozen["base"], the trained tree is the adapters,
+  and "adapters off" (the base itself) is the DPO/PPO/GRPO reference: no second copy."""
+  model_cfg: ModelConfig
+  init_from: str
+  rank: int = 0
+  alpha: float = 16.0
+  targets: str = ""
+
+  @classmethod
+  def of(cls, cfg, model_cfg: ModelConfig) -> "Policy":
+    if cfg.lora.rank < 0:
+      raise ConfigError(f"lora.rank={cfg.lora.rank} must be >= 0")
+    if cfg.lora.rank and not cfg.train.init_from:
+      raise ConfigError("lora.rank > 0 adapts a trained model: set train.init_from")
+    try:
+      lora.parse_targets(cfg.lora.targets)
+    except ValueError as e:
+      raise ConfigError(f"lora.targets: {e}") from None
+    return cls(model_cfg, cfg.train.init_from, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets)
+
+  @property
+  def model(self) -> Transformer:
+    return Transformer(self.model_cfg)
+
+  def init_model(self, rng):
+    return pretrain.init_model(self.model, rng)
+
+  def init(self, rng):
+    """The trained tree, boxed."""
+    if not self.rank:
+      return self.init_model(rng)
+    base = self.init_model(rng)  # only its shapes and names are read
+    return lora.init_adapters(base, targets=self.targets, rank=self.rank, rng=rng)
+
+  def init_frozen(self, rng):
+    return {"base": self.init_model(rng)} if self.rank else {}
+
+  def params(self, trained, frozen):
+    """The model's parameters."""
+    if not self.rank:
+      return trained
+    return lora.merge(frozen["base"], trained, rank=self.rank, alpha=self.alpha)
+
+  def reference(self, frozen):
+    """The frozen reference: the base with adapters off, or frozen["reference"]."""
+    return frozen["base"] if self.rank else frozen["reference"]
+
+  def load_frozen(self, shardings, reference: str = ""):
+    """{"base": ...} with LoRA; {"reference": ...} when `reference` names a run to load."""
+    out = {}
+    if self.rank:
+      out["base"] = run_dir.load_params(self.init_from, self.model_cfg,
+                                        shardings=shardings["base"])
+    elif reference:
+      out["reference"] = run_dir.load_params(reference, self.model_cfg,
+                                             shardings=shardings["reference"])
+    return out
+
+  def start(self, params, frozen):
+    """Adapters start fresh (B = 0); full fine-tuning starts from train.init_from."""
+    del frozen
+    if self.rank or not self.init_from:
+      return params
+    return run_dir.load_params(self.init_from, self.model_cfg, shardings=shardings_of(params))
+
+
+def shardings_of(tree):
+  return jax.tree.map(lambda x: x.sharding, tree)
+
+
+def value_from_lm(lm_params, value_params):
+  """A value model's parameters from a language model's: its backbone, with the value
+  head of `value_params` (a fresh one) instead of the LM head."""
+  out = {k: v for k, v in lm_params.items() if k != "lm_head"}
+  out["value_head"] = value_params["value_head"]
+  return out
+
+
+def value_config(model_cfg: ModelConfig) -> ModelConfig:
+  return dataclasses.replace(model_cfg, value_head=True)
+
+
+def lm_config(model_cfg: ModelConfig) -> ModelConfig:
+  return dataclasses.replace(model_cfg, value_head=False)
+
+
+def last_index(segment_ids_BT):
+  """Index of each row's last real (segment id != 0) token, for left or right padding."""
+  t = segment_ids_BT.shape[1]
+  real = segment_ids_BT != 0
+  return (t - 1 - jnp.argmax(real[:, ::-1], axis=1)).astype(jnp.int32)
+
+
+def scores_at_last(values_BT, segment_ids_BT):
+  return jnp.take_along_axis(values_BT, last_index(segment_ids_BT)[:, None], axis=1)[:, 0]
+
+
+def pair_tokens(batch):
+  """The chosen rows then the rejected rows, [2B, T] each: one forward scores both."""
+  cat = lambda k: jnp.concatenate([batch[f"chosen_{k}"], batch[f"rejected_{k}"]], axis=0)
+  return {k: cat(k) for k in ("inputs", "targets", "positions", "segment_ids", "loss_mask")}
+
+
+def completion_logprobs(model, params, tokens, *, temperature: float = 1.0, per_token=False):
+  """Sum (or mean, per_token=True) of log p(target) over loss_mask positions: f32[B]
+  (ALGORITHMS.md: completion tokens only; padding and prompt contribute nothing)."""
+  logits, _ = model.apply({"params": params}, tokens["inputs"], tokens["positions"],
+                          segment_ids=tokens["segment_ids"])
+  logp = objectives.sequence_logprobs(logits, tokens["targets"], tokens["loss_mask"],
+                                      temperature)
+  if per_token:
+    logp = logp / jnp.maximum(jnp.sum(tokens["loss_mask"], axis=1), 1.0)
+  return logp
+
+
+def pair_batch_shapes(batch_size: int, seq_len: int) -> dict:
+  out = {}
+  for prefix in ("chosen", "rejected"):
+    for k, v in pretrain.token_batch_shapes(batch_size, seq_len).items():
+      out[f"{prefix}_{k}"] = v
+    out[f"{prefix}_last"] = ((batch_size,), np.int32)
+  out["margin"] = ((batch_size,), np.float32)
+  out["valid"] = ((batch_size,), np.float32)
+  return out
+
+
+class ScoreEval:
+  """Held-out score of greedy answers: the first rl.eval_samples prompts of `prompt_files`,
+  answered greedily, scored by `scorer(prompt texts, prompt ids, completions)` (default:
+  rl.reward_fn on the decoded texts). For the worked example (train/examples/arithmetic.py)
+  the score is the accuracy."""
+
+  def __init__(self, cfg, model_cfg: ModelConfig, formatter, prompt_files, to_model_params,
+               scorer=None):
+    rows = []
+    for path in prompt_files:
+      rows += [row for _, row in posttrain_data.read_rows(path, "prompts", cfg.data)]
+    rows = rows[:cfg.rl.eval_samples]
+    if not rows:
+      raise ConfigError("rl.eval_prompts: no prompts to evaluate on")
+    self.prompts = [formatter.prompt(r) for r in rows]
+    self.texts = [posttrain_data.prompt_text(r) for r in rows]
+    if scorer is None:
+      fn = reward_function(cfg.rl.reward_fn)
+      decode = functools.partial(formatter.tokenizer.decode, skip_special_tokens=True)
+      scorer = lambda texts, ids, completions: [fn(p, decode(c))
+                                                for p, c in zip(texts, completions)]
+    self.cfg, self.model_cfg, self.formatter, self.scorer = cfg, model_cfg, formatter, scorer
+    self.to_model_params = jax.jit(to_model_params)
+
+  def __call__(self, params, frozen) -> dict:
+    out = generate(self.model_cfg, self.to_model_params(params, frozen), self.prompts,
+                   max_new_tokens=self.cfg.rl.max_new_tokens,
+                   sampling=SamplingParams(temperature=0.0), eos_ids=self.formatter.eos_ids)
+    return {"val_score": float(np.mean(self.scorer(self.texts, self.prompts, out)))}
+
+
+def reward_function(spec: str):
+  try:
+    return import_function(spec)
+  except ValueError as e:
+    raise ConfigError(f"rl.reward_fn: {e}") from None
+
+
+def eval_prompt_files(cfg) -> list:
+  from train import data as data_lib
+  if not cfg.rl.eval_prompts:
+    return []
+  return data_lib.match_files(cfg.rl.eval_prompts)
+

@@ -1,0 +1,100 @@
+"""GRPO (Shao et al. 2024, DeepSeekMath Sec. 4.1): rl.group_size completions per prompt,
+group-relative advantages (r - mean) / (std + 1e-4) for every token of a completion, the PPO
+clipped loss with no critic, and a k3 KL to the frozen reference in the loss with
+coefficient rl.kl_coef.
+
+Aggregation (rl.loss_agg): "grpo" averages each sequence's tokens, then the sequences (the
+paper's); "bnpo" averages all completion tokens of the batch. The normaliser is sequences or
+tokens accordingly, so accumulation does not change the result.
+"""
+
+import jax
+import jax.numpy as jnp
+
+from train import objectives, posttrain_data
+from train.config import ConfigError
+from train.tasks import Feed, Objective, common, rl
+
+EXTRA = ("old_logp", "ref_logp", "advantages")
+AGGREGATIONS = ("grpo", "bnpo")
+
+
+def loss_fn(params, frozen, batch, *, policy, cfg):
+  r = cfg.rl
+  mask = batch["mask"]
+  logits, _ = policy.model.apply({"params": policy.params(params, frozen)}, batch["inputs"],
+                                 batch["positions"], segment_ids=batch["segment_ids"])
+  logp = objectives.token_logprobs(logits, batch["targets"], r.temperature)
+  pg, clipped = objectives.ppo_policy_loss(logp, batch["old_logp"], batch["advantages"],
+                                           clip=r.clip)
+  kl = objectives.kl_penalty(logp, batch["ref_logp"], "k3")
+  per_token = {"loss": pg + r.kl_coef * kl, "policy_loss": pg, "kl": kl,
+               "clip_fraction": clipped,
+               "approx_kl": objectives.approx_kl(logp, batch["old_logp"]),
+               "entropy": objectives.entropy(logits, r.temperature)}
+  if r.loss_agg == "grpo":  # token mean per sequence, summed over sequences
+    lengths = jnp.sum(mask, axis=1)
+    weight = mask / jnp.maximum(lengths, 1.0)[:, None]
+    count = jnp.sum(lengths > 0)
+  else:  # token sum over the batch
+    weight, count = mask, jnp.sum(mask)
+  sums = {k: jnp.sum(v * weight) for k, v in per_token.items()}
+  return sums["loss"], {**sums, "count": count.astype(jnp.float32)}
+
+
+def prepare(params, frozen, rows, scores, kl_coef, *, policy, cfg):
+  """Old and reference log-probs and group-relative advantages for every completion token."""
+  del kl_coef  # GRPO's KL is in the loss, not in the reward
+  r = cfg.rl
+  mask = rows["mask"]
+  logp, entropy = rl.trainer_logprobs(policy.model, policy.params(params, frozen), rows,
+                                      r.temperature)
+  ref_logp, _ = rl.trainer_logprobs(policy.model, policy.reference(frozen), rows,
+                                    r.temperature)
+  adv = objectives.grpo_advantages(scores, r.group_size)
+  arrays = {"old_logp": logp * mask, "ref_logp": ref_logp * mask,
+            "advantages": adv[:, None] * mask}
+  metrics = {"kl": rl.sequence_kl(logp, ref_logp, mask),
+             "rollout_entropy": objectives.masked_mean(entropy, mask),
+             "zero_advantage_groups": jnp.mean(jnp.all(
+                 adv.reshape(-1, r.group_size) == 0, axis=1))}
+  return arrays, metrics
+
+
+def _check(cfg):
+  if cfg.rl.loss_agg not in AGGREGATIONS:
+    raise ConfigError(f"rl.loss_agg={cfg.rl.loss_agg!r} is not one of {list(AGGREGATIONS)}")
+  if cfg.rl.group_size < 2:
+    raise ConfigError(f"rl.group_size={cfg.rl.group_size}: GRPO compares at least 2 "
+                      "completions per prompt")
+
+
+def objective(cfg, model_cfg) -> Objective:
+  _check(cfg)
+  policy = common.Policy.of(cfg, model_cfg)
+
+  def init_frozen(rng):
+    return policy.init_frozen(rng) if policy.rank else {"reference": policy.init_model(rng)}
+
+  return Objective(
+      init=policy.init, init_frozen=init_frozen, start=policy.start,
+      loss_fn=lambda params, frozen, batch: loss_fn(params, frozen, batch, policy=policy,
+                                                    cfg=cfg),
+      batch_shapes=lambda b, t: rl.rollout_shapes(b, t, EXTRA),
+      export=policy.params if policy.rank else None)
+
+
+def feed(cfg, model_cfg, mesh, run) -> Feed:
+  _check(cfg)
+  rl.check(cfg, cfg.rl.group_size)
+  policy = common.Policy.of(cfg, model_cfg)
+  formatter = posttrain_data.Formatter(run.tokenizer, run.tokenizer_config, cfg.data)
+  prep = jax.jit(lambda params, frozen, rows, scores, kl_coef: prepare(
+      params, frozen, rows, scores, kl_coef, policy=policy, cfg=cfg))
+  rollouts = rl.Rollouts(cfg, model_cfg, run, formatter, rl.Scorer(cfg, run.tokenizer, mesh),
+                         policy.params, prep, group_size=cfg.rl.group_size)
+  return rl.feed(cfg, model_cfg, run, formatter, rollouts, policy.params,
+                 load_frozen=lambda shardings: policy.load_frozen(
+                     shardings, "" if policy.rank else cfg.train.init_from))
+
+

@@ -1,0 +1,107 @@
+"""PPO for RLHF (Ouyang et al. 2022; Schulman et al. 2017), as in ALGORITHMS.md.
+
+Trained: {"policy": the policy (every weight, or LoRA adapters), "value": a critic, a copy of
+the model with a scalar head, started from rl.value_init / rl.reward_model or from the
+policy's backbone}. Frozen: the reference (train.init_from; with LoRA the base itself).
+Per token: r_t = -beta kl_t (k1 or k3) plus the score at the last completion token; GAE(gamma,
+lambda) by a reverse scan; advantages whitened over valid tokens; the clipped policy loss
+plus rl.vf_coef times the clipped value loss, normalised by the minibatch's completion tokens.
+"""
+
+import jax
+import jax.numpy as jnp
+
+from model import Transformer
+from train import objectives, posttrain_data
+from train.tasks import Feed, Objective, common, reward, rl
+
+EXTRA = ("old_logp", "ref_logp", "old_values", "advantages", "returns")
+
+
+def loss_fn(params, frozen, batch, *, policy, critic, cfg):
+  r = cfg.rl
+  mask = batch["mask"]
+  logits, _ = policy.model.apply({"params": policy.params(params["policy"], frozen)},
+                                 batch["inputs"], batch["positions"],
+                                 segment_ids=batch["segment_ids"])
+  logp = objectives.token_logprobs(logits, batch["targets"], r.temperature)
+  pg, clipped = objectives.ppo_policy_loss(logp, batch["old_logp"], batch["advantages"],
+                                           clip=r.clip)
+  values, _ = critic.apply({"params": params["value"]}, batch["inputs"], batch["positions"],
+                           segment_ids=batch["segment_ids"])
+  vf = objectives.ppo_value_loss(values, batch["old_values"], batch["returns"],
+                                 clip=r.value_clip)
+  total_pg, total_vf = jnp.sum(pg * mask), jnp.sum(vf * mask)
+  total = total_pg + r.vf_coef * total_vf
+  return total, {
+      "loss": total, "policy_loss": total_pg, "value_loss": total_vf,
+      "clip_fraction": jnp.sum(clipped * mask),
+      "approx_kl": jnp.sum(objectives.approx_kl(logp, batch["old_logp"]) * mask),
+      "entropy": jnp.sum(objectives.entropy(logits, r.temperature) * mask),
+      "count": jnp.sum(mask)}
+
+
+def prepare(params, frozen, rows, scores, kl_coef, *, policy, critic, cfg):
+  """Old and reference log-probs, old values, token rewards, GAE and whitened advantages."""
+  r = cfg.rl
+  mask = rows["mask"]
+  logp, entropy = rl.trainer_logprobs(policy.model, policy.params(params["policy"], frozen),
+                                      rows, r.temperature)
+  ref_logp, _ = rl.trainer_logprobs(policy.model, policy.reference(frozen), rows,
+                                    r.temperature)
+  values, _ = critic.apply({"params": params["value"]}, rows["inputs"], rows["positions"],
+                           segment_ids=rows["segment_ids"])
+  values = values * mask
+  kl = objectives.kl_penalty(logp, ref_logp, r.kl_estimator) * mask
+  rewards = objectives.token_rewards(scores, kl, mask, kl_coef)
+  advantages, returns = objectives.gae(rewards, values, mask, gamma=r.gamma, lam=r.lam)
+  arrays = {"old_logp": logp * mask, "ref_logp": ref_logp * mask, "old_values": values,
+            "advantages": objectives.whiten(advantages, mask), "returns": returns * mask}
+  metrics = {"kl": rl.sequence_kl(logp, ref_logp, mask),
+             "rollout_entropy": objectives.masked_mean(entropy, mask),
+             "explained_variance": objectives.explained_variance(values, returns, mask),
+             "mean_return": objectives.masked_mean(returns, mask)}
+  return arrays, metrics
+
+
+def _models(cfg, model_cfg):
+  policy = common.Policy.of(cfg, model_cfg)
+  return policy, Transformer(common.value_config(model_cfg))
+
+
+def objective(cfg, model_cfg) -> Objective:
+  policy, critic = _models(cfg, model_cfg)
+
+  def init(rng):
+    return {"policy": policy.init(rng), "value": critic.init(rng, *([jnp.zeros((1, 1),
+                                                                    jnp.int32)] * 2))["params"]}
+
+  def init_frozen(rng):
+    return policy.init_frozen(rng) if policy.rank else {"reference": policy.init_model(rng)}
+
+  def start(params, frozen):
+    value_source = cfg.rl.value_init or cfg.rl.reward_model or cfg.train.init_from
+    return {"policy": policy.start(params["policy"], frozen),
+            "value": reward.backbone_from(value_source, critic.cfg, params["value"])}
+
+  return Objective(
+      init=init, init_frozen=init_frozen, start=start,
+      loss_fn=lambda params, frozen, batch: loss_fn(params, frozen, batch, policy=policy,
+                                                    critic=critic, cfg=cfg),
+      batch_shapes=lambda b, t: rl.rollout_shapes(b, t, EXTRA),
+      export=lambda params, frozen: policy.params(params["policy"], frozen))
+
+
+def feed(cfg, model_cfg, mesh, run) -> Feed:
+  rl.check(cfg, 1)
+  policy, critic = _models(cfg, model_cfg)
+  formatter = posttrain_data.Formatter(run.tokenizer, run.tokenizer_config, cfg.data)
+  prep = jax.jit(lambda params, frozen, rows, scores, kl_coef: prepare(
+      params, frozen, rows, scores, kl_coef, policy=policy, critic=critic, cfg=cfg))
+  to_policy = lambda params, frozen: policy.params(params["policy"], frozen)
+  rollouts = rl.Rollouts(cfg, model_cfg, run, formatter, rl.Scorer(cfg, run.tokenizer, mesh),
+                         to_policy, prep, group_size=1)
+  return rl.feed(cfg, model_cfg, run, formatter, rollouts, to_policy,
+                 load_frozen=lambda shardings: policy.load_frozen(
+                     shardings, "" if policy.rank else cfg.train.init_from))
+
