@@ -1,4 +1,5 @@
-"""The post-training ladder's dpo rung on the arithmetic example (see configs/ladder.py).
+"""DPO on the arithmetic example's right-vs-wrong answer pairs, from (and against) the SFT run
+(see configs/ladder.py).
 
 python train/main.py --config configs/arith_dpo.py
 """
@@ -8,4 +9,7 @@ from configs import ladder
 
 def get_config():
   c = ladder.tiny("dpo")
+  c.train.steps = 200
+  c.train.lr = 1e-4
+  c.dpo.beta = 0.1
   return c

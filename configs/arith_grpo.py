@@ -1,4 +1,5 @@
-"""The post-training ladder's grpo rung on the arithmetic example (see configs/ladder.py).
+"""GRPO from the SFT run, rewarded by the answer checker train.examples.arithmetic:reward
+(see configs/ladder.py): 8 prompts x 8 completions per rollout, 2 steps each.
 
 python train/main.py --config configs/arith_grpo.py
 """
@@ -8,4 +9,10 @@ from configs import ladder
 
 def get_config():
   c = ladder.tiny("grpo")
+  c.train.steps = 150
+  c.train.lr = 1e-4
+  c.rl.prompts_per_rollout = 8
+  c.rl.group_size = 8
+  c.rl.epochs = 1
+  c.rl.kl_coef = 0.04
   return c

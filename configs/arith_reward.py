@@ -1,4 +1,5 @@
-"""The post-training ladder's reward rung on the arithmetic example (see configs/ladder.py).
+"""A reward model on the arithmetic example's right-vs-wrong answer pairs, from the SFT run's
+backbone with a fresh scalar head (see configs/ladder.py).
 
 python train/main.py --config configs/arith_reward.py
 """
@@ -8,4 +9,6 @@ from configs import ladder
 
 def get_config():
   c = ladder.tiny("reward")
+  c.train.steps = 300
+  c.train.lr = 3e-4
   return c

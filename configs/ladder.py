@@ -24,7 +24,7 @@ def data(c, kind: str, directory: str = DATA) -> None:
   c.rl.eval_prompts = f"{directory}/prompts_val.jsonl"  # held-out accuracy of greedy answers
   c.rl.eval_samples = 256
   c.rl.max_new_tokens = 16
-  c.sample.prompt = "Mia has 47 coins. Mia gets 25 more. How many coins now?"
+  c.sample.prompt = "Mia has 17 coins. Mia gets 8 more. How many coins now?"
   c.sample.max_new_tokens = 16
   c.sample.temperature = 0.0
 
@@ -47,6 +47,8 @@ def tiny(task: str):
   c.model.value_head = task == "reward"
   if task != "sft":  # every later rung starts from the SFT run
     c.train.init_from = "runs/arith_sft"  # make it: python train/main.py --config configs/arith_sft.py
+    c.train.decay = "constant"
+    c.train.weight_decay = 0.0
   return c
 
 

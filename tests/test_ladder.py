@@ -83,3 +83,30 @@ def test_rl_rungs(in_ladder, task):
   from infer import workdir as run_dir
   params = run_dir.load_params(f"runs/arith_{task}")
   assert "embedding" in params
+
+
+@pytest.mark.parametrize("task", ["sft", "dpo"])
+def test_lora_rungs_export_merged_models(in_ladder, task):
+  import jax
+  import numpy as np
+  from infer import workdir as run_dir
+  workdir = f"runs/arith_{task}_lora"
+  last, _ = run(task, 3, **{"lora.rank": "4", "lora.targets": "q,v,down",
+                            "train.init_from": "runs/arith_sft", "workdir": workdir,
+                            "train.lr": "1e-2"})
+  assert math.isfinite(last["loss"])
+  base, merged = run_dir.load_params("runs/arith_sft"), run_dir.load_params(workdir)
+  assert jax.tree.structure(merged) == jax.tree.structure(base)
+  changed = jax.tree.map(lambda a, b: bool(np.any(a != b)), merged, base)
+  # Only the adapted projections moved; everything else is the base, bit for bit.
+  assert changed["layers"]["attn"]["q"] and changed["layers"]["mlp"]["down"]
+  assert not changed["layers"]["attn"]["k"] and not changed["embedding"]
+
+
+def test_rl_resumes_from_its_checkpoint(in_ladder, capsys):
+  overrides = {"rl.prompts_per_rollout": "8", "train.batch_size": "8", "rl.epochs": "1",
+               "workdir": "runs/arith_ppo_resume", "rl.kl_target": "0.01"}
+  run("ppo", 1, **overrides)
+  last, lines = run("ppo", 2, **overrides)
+  assert "resumed from" in capsys.readouterr().out
+  assert [line["step"] for line in lines] == [1, 2] and math.isfinite(last["loss"])
