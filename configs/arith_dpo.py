@@ -10,6 +10,6 @@ from configs import ladder
 def get_config():
   c = ladder.tiny("dpo")
   c.train.steps = 200
-  c.train.lr = 1e-4
+  c.train.lr = 1e-5
   c.dpo.beta = 0.1
   return c

@@ -10,7 +10,7 @@ from configs import ladder
 def get_config():
   c = ladder.tiny("grpo")
   c.train.steps = 150
-  c.train.lr = 1e-4
+  c.train.lr = 2e-5
   c.rl.prompts_per_rollout = 8
   c.rl.group_size = 8
   c.rl.epochs = 1

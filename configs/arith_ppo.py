@@ -10,7 +10,7 @@ from configs import ladder
 def get_config():
   c = ladder.tiny("ppo")
   c.train.steps = 150
-  c.train.lr = 1e-4
+  c.train.lr = 2e-5
   c.rl.prompts_per_rollout = 32
   c.rl.epochs = 2
   c.rl.kl_coef = 0.02

@@ -306,4 +306,4 @@ def test_ppo_and_grpo_policy_equal_to_reference_give_zero_kl():
     np.testing.assert_allclose(sums["approx_kl"], 0.0, atol=1e-9)
     np.testing.assert_allclose(sums["clip_fraction"], 0.0)
     if task == "grpo":
-      np.testing.assert_allclose(sums["kl"], 0.0, atol=1e-6)
+      np.testing.assert_allclose(sums["kl_penalty"], 0.0, atol=1e-6)

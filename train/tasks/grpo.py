@@ -28,7 +28,8 @@ def loss_fn(params, frozen, batch, *, policy, cfg):
   pg, clipped = objectives.ppo_policy_loss(logp, batch["old_logp"], batch["advantages"],
                                            clip=r.clip)
   kl = objectives.kl_penalty(logp, batch["ref_logp"], "k3")
-  per_token = {"loss": pg + r.kl_coef * kl, "policy_loss": pg, "kl": kl,
+  # "kl_penalty": the k3 term the loss holds; the rollout's "kl" is the per-sequence k1 sum.
+  per_token = {"loss": pg + r.kl_coef * kl, "policy_loss": pg, "kl_penalty": kl,
                "clip_fraction": clipped,
                "approx_kl": objectives.approx_kl(logp, batch["old_logp"]),
                "entropy": objectives.entropy(logits, r.temperature)}
