@@ -110,3 +110,13 @@ def test_rl_resumes_from_its_checkpoint(in_ladder, capsys):
   last, lines = run("ppo", 2, **overrides)
   assert "resumed from" in capsys.readouterr().out
   assert [line["step"] for line in lines] == [1, 2] and math.isfinite(last["loss"])
+
+
+def test_ppo_scored_by_a_reward_model(in_ladder):
+  # The critic starts from the reward model too (rl.value_init defaults to rl.reward_model).
+  run("reward", 2, workdir="runs/arith_rm_for_ppo")
+  last, _ = run("ppo", 2, **{"rl.reward_fn": "", "rl.reward_model": "runs/arith_rm_for_ppo",
+                             "rl.prompts_per_rollout": "8", "train.batch_size": "8",
+                             "rl.epochs": "1", "workdir": "runs/arith_ppo_rm"})
+  assert math.isfinite(last["loss"]) and math.isfinite(last["score"])
+  assert math.isfinite(last["val_score"]) and last["logprob_gap"] < 1e-3

@@ -41,31 +41,29 @@ def random_batch(shapes: dict, seed: int = 0) -> dict:
   rng = np.random.default_rng(seed)
   out = {}
   for name, (shape, dtype) in shapes.items():
-    if len(shape) == 1:
-      out[name] = {"valid": np.ones(shape), "margin": rng.uniform(0, 1, shape),
-                   "ref_chosen": -rng.uniform(5, 20, shape),
-                   "ref_rejected": -rng.uniform(5, 20, shape)}.get(
-                       name.split("_", 1)[-1] if name.endswith("_last") else name,
-                       np.zeros(shape)).astype(dtype)
-      if name.endswith("_last"):
-        out[name] = np.full(shape, T - 3, dtype)
+    # chosen_inputs -> inputs, ...: pair batches hold two sets of the same arrays.
+    key = name.split("_", 1)[1] if name.startswith(("chosen_", "rejected_")) else name
+    if len(shape) == 1:  # per row
+      b = shape[0]
+      value = {"valid": np.ones(b), "margin": rng.uniform(0, 1, b), "last": np.full(b, T - 3),
+               "ref_chosen": -rng.uniform(5, 20, b), "ref_rejected": -rng.uniform(5, 20, b)}
+      out[name] = value.get(key, np.zeros(b)).astype(dtype)
       continue
     b, t = shape
     real = np.arange(t)[None, :] < (t - 2 - np.arange(b) % 3)[:, None]
-    key = name.split("_", 1)[1] if name.startswith(("chosen_", "rejected_")) else name
     if key in ("inputs", "targets"):
-      out[name] = rng.integers(0, VOCAB, shape) * real
+      value = rng.integers(0, VOCAB, shape) * real
     elif key == "positions":
-      out[name] = np.broadcast_to(np.arange(t), shape) * real
+      value = np.broadcast_to(np.arange(t), shape) * real
     elif key == "segment_ids":
-      out[name] = real.astype(dtype)
+      value = real
     elif key in ("loss_mask", "mask"):
-      out[name] = (real & (np.arange(t)[None, :] >= 5)).astype(dtype)
+      value = real & (np.arange(t)[None, :] >= 5)
     elif key in ("old_logp", "ref_logp"):
-      out[name] = -rng.uniform(0, 6, shape) * real
+      value = -rng.uniform(0, 6, shape) * real
     else:  # advantages, returns, old_values
-      out[name] = rng.normal(size=shape) * real
-    out[name] = np.asarray(out[name], dtype)
+      value = rng.normal(size=shape) * real
+    out[name] = np.asarray(value, dtype)
   return out
 
 
@@ -108,10 +106,9 @@ def _sums(prog, params, frozen, batch):
   return {k: float(v) for k, v in sums.items()}
 
 
-def _numpy_logprobs(prog, params, tokens):
+def _numpy_logprobs(cfg, params, tokens):
   """log softmax of the model's logits at the targets, by numpy (float64)."""
-  from model import Transformer
-  logits, _ = Transformer(prog.objective.__dict__.get("cfg", None) or _model_cfg(prog)).apply(
+  logits, _ = reward.Transformer(ModelConfig.from_config(cfg.model)).apply(
       {"params": params}, tokens["inputs"], tokens["positions"],
       segment_ids=tokens["segment_ids"])
   logits = np.asarray(logits, np.float64)
@@ -119,17 +116,12 @@ def _numpy_logprobs(prog, params, tokens):
   return np.take_along_axis(logits, np.asarray(tokens["targets"])[..., None], -1)[..., 0] - logz
 
 
-def _model_cfg(prog):
-  return ModelConfig(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
-                     d_ff=64, max_seq_len=64)
-
-
 def test_sft_loss_is_cross_entropy_over_trainable_positions():
   cfg, prog = _program("sft")
   state = prog.init_state(0)
   batch = random_batch(prog.objective.batch_shapes(4, T))
   sums = _sums(prog, state.params, None, batch)
-  logp = _numpy_logprobs(prog, state.params, batch)
+  logp = _numpy_logprobs(cfg, state.params, batch)
   mask = batch["loss_mask"]
   np.testing.assert_allclose(sums["loss"] / sums["count"], -(logp * mask).sum() / mask.sum(),
                              rtol=1e-5)
@@ -249,7 +241,7 @@ def test_dpo_sequence_logprobs_match_numpy_and_ignore_padding():
   batch = _pair_batch()
   c, r = dpo.pair_logprobs(model, params, batch, per_token=False)
   tokens = dpo.common.pair_tokens(batch)
-  logp = _numpy_logprobs(prog, params, {k: np.asarray(v) for k, v in tokens.items()})
+  logp = _numpy_logprobs(cfg, params, {k: np.asarray(v) for k, v in tokens.items()})
   expected = (logp * np.asarray(tokens["loss_mask"])).sum(1)
   np.testing.assert_allclose(np.concatenate([c, r]), expected, rtol=1e-5)
   # More right padding, with another pad id, changes nothing.
