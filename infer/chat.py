@@ -31,14 +31,25 @@ def _environment():
   return env
 
 
+def compile_chat(template: str):
+  """render(messages, *, add_generation_prompt=True, **variables) -> str, with the template
+  compiled once (rendering many rows, as post-training data does, is then ~150x faster)."""
+  if not template:
+    raise ValueError("this model has no chat template")
+  compiled = _environment().from_string(template)
+
+  def render(messages: list[dict], *, add_generation_prompt: bool = True, **variables) -> str:
+    return compiled.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                           **variables)
+  return render
+
+
 def render_chat(template: str, messages: list[dict], *, add_generation_prompt: bool = True,
                 **variables) -> str:
   """The prompt text for `messages` ([{"role": ..., "content": ...}, ...]). Extra
   `variables` (bos_token, eos_token, tools, ...) are passed to the template."""
-  if not template:
-    raise ValueError("this model has no chat template")
-  return _environment().from_string(template).render(
-      messages=messages, add_generation_prompt=add_generation_prompt, **variables)
+  return compile_chat(template)(messages, add_generation_prompt=add_generation_prompt,
+                                **variables)
 
 
 def load_tokenizer_config(directory: str) -> dict:
