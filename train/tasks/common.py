@@ -58,6 +58,11 @@ class Policy:
   def init_frozen(self, rng):
     return {"base": self.init_model(rng)} if self.rank else {}
 
+  def init_frozen_with_reference(self, rng):
+    """Frozen arrays of a task with a reference: LoRA's base (the reference itself), or a
+    copy of the starting model."""
+    return self.init_frozen(rng) if self.rank else {"reference": self.init_model(rng)}
+
   def params(self, trained, frozen):
     """The model's parameters."""
     if not self.rank:
@@ -69,7 +74,8 @@ class Policy:
     return frozen["base"] if self.rank else frozen["reference"]
 
   def load_frozen(self, shardings, reference: str = ""):
-    """{"base": ...} with LoRA; {"reference": ...} when `reference` names a run to load."""
+    """{"base": ...} with LoRA (which is also the reference); else {"reference": ...} when
+    `reference` names a run to load."""
     out = {}
     if self.rank:
       out["base"] = run_dir.load_params(self.init_from, self.model_cfg,

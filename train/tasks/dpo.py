@@ -76,12 +76,7 @@ def objective(cfg, model_cfg) -> Objective:
     reference = None if precomputed else policy.reference(frozen)
     return loss_fn(policy.params(params, frozen), reference, batch, model=model, **settings)
 
-  if policy.rank:
-    init_frozen = policy.init_frozen
-  elif precomputed:
-    init_frozen = None
-  else:
-    init_frozen = lambda rng: {"reference": policy.init_model(rng)}
+  init_frozen = None if precomputed else policy.init_frozen_with_reference
 
   def batch_shapes(b, t):
     shapes = common.pair_batch_shapes(b, t)

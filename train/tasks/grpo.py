@@ -74,11 +74,9 @@ def objective(cfg, model_cfg) -> Objective:
   _check(cfg)
   policy = common.Policy.of(cfg, model_cfg)
 
-  def init_frozen(rng):
-    return policy.init_frozen(rng) if policy.rank else {"reference": policy.init_model(rng)}
-
   return Objective(
-      init=policy.init, init_frozen=init_frozen, start=policy.start,
+      init=policy.init, init_frozen=policy.init_frozen_with_reference,
+      start=policy.start,
       loss_fn=lambda params, frozen, batch: loss_fn(params, frozen, batch, policy=policy,
                                                     cfg=cfg),
       batch_shapes=lambda b, t: rl.rollout_shapes(b, t, EXTRA),
@@ -95,7 +93,7 @@ def feed(cfg, model_cfg, mesh, run) -> Feed:
   rollouts = rl.Rollouts(cfg, model_cfg, run, formatter, rl.Scorer(cfg, run.tokenizer, mesh),
                          policy.params, prep, group_size=cfg.rl.group_size)
   return rl.feed(cfg, model_cfg, run, formatter, rollouts, policy.params,
-                 load_frozen=lambda shardings: policy.load_frozen(
-                     shardings, "" if policy.rank else cfg.train.init_from))
+                 load_frozen=lambda shardings: policy.load_frozen(shardings,
+                                                                  cfg.train.init_from))
 
 

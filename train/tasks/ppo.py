@@ -76,16 +76,13 @@ def objective(cfg, model_cfg) -> Objective:
     return {"policy": policy.init(rng), "value": critic.init(rng, *([jnp.zeros((1, 1),
                                                                     jnp.int32)] * 2))["params"]}
 
-  def init_frozen(rng):
-    return policy.init_frozen(rng) if policy.rank else {"reference": policy.init_model(rng)}
-
   def start(params, frozen):
     value_source = cfg.rl.value_init or cfg.rl.reward_model or cfg.train.init_from
     return {"policy": policy.start(params["policy"], frozen),
             "value": reward.backbone_from(value_source, critic.cfg, params["value"])}
 
   return Objective(
-      init=init, init_frozen=init_frozen, start=start,
+      init=init, init_frozen=policy.init_frozen_with_reference, start=start,
       loss_fn=lambda params, frozen, batch: loss_fn(params, frozen, batch, policy=policy,
                                                     critic=critic, cfg=cfg),
       batch_shapes=lambda b, t: rl.rollout_shapes(b, t, EXTRA),
@@ -102,6 +99,6 @@ def feed(cfg, model_cfg, mesh, run) -> Feed:
   rollouts = rl.Rollouts(cfg, model_cfg, run, formatter, rl.Scorer(cfg, run.tokenizer, mesh),
                          to_policy, prep, group_size=1)
   return rl.feed(cfg, model_cfg, run, formatter, rollouts, to_policy,
-                 load_frozen=lambda shardings: policy.load_frozen(
-                     shardings, "" if policy.rank else cfg.train.init_from))
+                 load_frozen=lambda shardings: policy.load_frozen(shardings,
+                                                                  cfg.train.init_from))
 
