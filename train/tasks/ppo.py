@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from model import Transformer
 from train import objectives, posttrain_data
-from train.tasks import Feed, Objective, common, reward, rl
+from train.tasks import Feed, Objective, common, pretrain, reward, rl
 
 EXTRA = ("old_logp", "ref_logp", "old_values", "advantages", "returns")
 
@@ -73,8 +73,7 @@ def objective(cfg, model_cfg) -> Objective:
   policy, critic = _models(cfg, model_cfg)
 
   def init(rng):
-    return {"policy": policy.init(rng), "value": critic.init(rng, *([jnp.zeros((1, 1),
-                                                                    jnp.int32)] * 2))["params"]}
+    return {"policy": policy.init(rng), "value": pretrain.init_model(critic, rng)}
 
   def start(params, frozen):
     value_source = cfg.rl.value_init or cfg.rl.reward_model or cfg.train.init_from
