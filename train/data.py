@@ -67,8 +67,9 @@ def list_files(data_cfg) -> tuple[list[str], list[str]]:
   ordered by that hash: a fixed order that is not alphabetical, so "the first
   N MB" of train is a fair sample of the corpus.
   """
-  if data_cfg.make and not glob.glob(os.path.expanduser(data_cfg.corpus.split(",")[0])):
-    _make_data(data_cfg.make, os.path.dirname(os.path.expanduser(data_cfg.corpus.split(",")[0])))
+  first_glob = os.path.expanduser(data_cfg.corpus.split(",")[0])
+  if data_cfg.make and not glob.glob(first_glob):
+    _make_data(data_cfg.make, os.path.dirname(first_glob))
   if data_cfg.val_corpus:
     return (match_files(data_cfg.corpus),
             sorted(_corpus_files(data_cfg.val_corpus, "data.val_corpus")))

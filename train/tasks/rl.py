@@ -102,14 +102,10 @@ class Scorer:
       decode = functools.partial(self.tokenizer.decode, skip_special_tokens=True)
       return np.array([self.fn(p, decode(c)) for p, c in zip(prompt_texts, completions)],
                       np.float32)
-    rows = rows_of(prompt_ids, completions, self.seq_len)
-    # The reward model reads the whole sequence: every target's input, plus the last one.
-    full = {k: rows[k] for k in ("inputs", "positions", "segment_ids")}
-    for i, (p, c) in enumerate(zip(prompt_ids, completions)):
-      n = min(len(p) + len(c), self.seq_len)
-      full["inputs"][i, :n] = (list(p) + list(c))[:n]
-      full["positions"][i, :n], full["segment_ids"][i, :n] = np.arange(n), 1
-    return np.asarray(jax.device_get(self.score(self.params, full)), np.float32)
+    # The reward model reads the whole sequence, last token included: one dummy token after
+    # each completion makes the rows' inputs exactly prompt + completion.
+    rows = rows_of(prompt_ids, [list(c) + [0] for c in completions], self.seq_len)
+    return np.asarray(jax.device_get(self.score(self.params, rows)), np.float32)
 
 
 class Rollouts:
