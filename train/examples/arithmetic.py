@@ -8,6 +8,14 @@ needs: SFT rows (prompt, completion), preference pairs (the right answer against
 one), and prompts scored by `reward` for PPO and GRPO. Held-out problems are sentences
 never trained on (unseen template, name and item combinations) over the same sums.
 
+The SFT rows are demonstrations by a careless writer who, in CARELESS of the problems that
+need a carry (17 + 8) or a borrow (23 - 7), forgets it (17 + 8 = 15, 23 - 7 = 26), as
+human demonstrations carry their writers' habits. SFT imitates the habit, so its greedy
+answers to those problems are wrong; the checker's reward (PPO, GRPO) and the pairs
+(reward model, DPO: the right answer against the writer's usual mistake) are what teach
+the carry. With careful demonstrations SFT alone would learn it and leave the later rungs
+nothing to show.
+
     python -m train.examples.arithmetic runs/arith_data   # or: data.make in the configs
 """
 
@@ -29,6 +37,7 @@ TEMPLATES = (
 FILES = {"sft": 20000, "pairs": 8000, "prompts": 4000}
 VAL_ROWS = 256
 VOCAB_SIZE = 512
+CARELESS = 0.6  # how often the SFT demonstrations forget a carry or a borrow
 
 
 def solve(a: int, op: str, b: int) -> int:
@@ -40,6 +49,13 @@ def parse(prompt: str) -> tuple[int, str, int]:
   a, b = (int(x) for x in re.findall(r"\d+", prompt)[:2])
   op = "-" if re.search(r"gives away|lost", prompt) else "+"
   return a, op, b
+
+
+def careless(a: int, op: str, b: int) -> int:
+  """The answer with the carry or borrow of the units digit forgotten (= solve() if none)."""
+  if op == "+":
+    return a + b - 10 if a % 10 + b >= 10 else a + b
+  return a - b + 10 if a % 10 < b else a - b
 
 
 def answer_text(a: int, op: str, b: int, result: int) -> str:
@@ -70,9 +86,12 @@ def _problem(rng: random.Random, held_out: bool):
 
 
 def _wrong(rng: random.Random, a: int, op: str, b: int) -> str:
-  """A plausible wrong answer: off by a little, or the other operation."""
+  """A plausible wrong answer: the careless writer's (when it differs), else off by a
+  little, or the other operation."""
   right = solve(a, op, b)
-  if rng.random() < 0.3:
+  if careless(a, op, b) != right:
+    wrong = careless(a, op, b)
+  elif rng.random() < 0.3:
     other = "-" if op == "+" else "+"
     wrong = solve(a, other, b)
   else:
@@ -89,7 +108,8 @@ def rows(kind: str, n: int, seed: int, held_out: bool) -> list[dict]:
     prompt, (a, op, b) = _problem(rng, held_out)
     right = answer_text(a, op, b, solve(a, op, b))
     if kind == "sft":
-      out.append({"prompt": prompt, "completion": right})
+      result = careless(a, op, b) if rng.random() < CARELESS else solve(a, op, b)
+      out.append({"prompt": prompt, "completion": answer_text(a, op, b, result)})
     elif kind == "pairs":
       out.append({"prompt": prompt, "chosen": right, "rejected": _wrong(rng, a, op, b)})
     else:
