@@ -24,6 +24,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import argparse  # noqa: E402
+import dataclasses  # noqa: E402
 import json  # noqa: E402
 import sysconfig  # noqa: E402
 import time  # noqa: E402
@@ -34,7 +35,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from infer import speculative  # noqa: E402
-from infer.decode import generate_with_stats  # noqa: E402
+from infer.decode import generate_with_stats, layout_for  # noqa: E402
 from infer.sampling import SamplingParams  # noqa: E402
 from model import ModelConfig, Transformer, fused  # noqa: E402
 
@@ -136,7 +137,7 @@ def main():
   src.add_argument("--gguf", help="a llama.cpp GGUF file (dequantized on load)")
   src.add_argument("--hf", help="a Hugging Face Llama directory")
   ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
-                  help="weights in memory; compute stays float32 (upcast per product)")
+                  help="weights and compute (products accumulate as XLA chooses; logits in f32)")
   ap.add_argument("--prompts", default="stdlib", choices=("stdlib", "repeat"),
                   help="with a tokenizer: stdlib files, or a function repeated with changes")
   ap.add_argument("--batch", type=int, default=1)
@@ -170,7 +171,9 @@ def main():
                for i in range(args.batch)]
   # The inference layout, once (model/fused.py); generate would otherwise redo it every call.
   dtype = jnp.dtype(args.dtype)
-  params = fused.prepare(cfg, params, dtype)
+  cfg = dataclasses.replace(cfg, param_dtype=args.dtype, dtype=args.dtype)
+  module_params = params
+  params = fused.prepare(cfg, params, dtype, layout=layout_for(args.batch, speculative=False))
   plain, compile_s = run(cfg, params, prompts, args)
   steps = max(sum(plain.target_steps) / args.batch, 1)
   leaves = jax.tree.leaves(params.replace(embedding=params.embedding[:0]) if cfg.tie_embeddings
@@ -216,7 +219,9 @@ def main():
     dcfg, dparams, _ = random_model(args.draft_random, cfg.max_seq_len, seed=1)
     draft = speculative.ModelDraft(dcfg, dparams)
   if draft is not None:
-    spec, _ = run(cfg, params, prompts, args, draft=draft)
+    spec_params = fused.prepare(cfg, module_params, dtype,
+                                layout=layout_for(args.batch, speculative=True))
+    spec, _ = run(cfg, spec_params, prompts, args, draft=draft)
     k = args.num_draft_tokens
     alpha = spec.acceptance_rate
     out["speculative"] = {

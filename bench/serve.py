@@ -71,6 +71,7 @@ def run_engine(cfg, params, requests, config: EngineConfig):
       "peak_pages_used": engine.allocator.peak_used,
       "pages": engine.allocator.capacity, "page_size": config.page_size,
       "peak_kv_tokens": engine.allocator.peak_used * config.page_size,
+      "page_waste": engine.page_waste,  # slots of pages in use holding no token, step average
       "prefix_cached_tokens": sum(engine.requests[i].cached_tokens for i in ids),
   }, [done[i].tokens for i in ids]
 

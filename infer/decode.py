@@ -17,8 +17,9 @@ distribution the token was drawn from only under temperature-only sampling (no t
 min-p or repetition penalty), so RL rollouts should sample that way.
 
 The forward is model/fused.py's: the module's computation over weights laid out once for
-matrix-vector products (fused QKV and gate/up, [out, in] matrices); `generate*` accept the
-module's parameter tree or an already prepared `fused.FusedParams` (prepare once to reuse).
+decoding (fused QKV and gate/up; [out, in] matrices for one row at a time, [in, out] for
+batches and speculative verification: `layout_for`); `generate*` accept the module's
+parameter tree or an already prepared `fused.FusedParams` (prepare once to reuse).
 """
 
 import dataclasses
@@ -293,6 +294,13 @@ def row_keys(seed, n: int):
   return jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(n))
 
 
+def layout_for(batch: int, speculative: bool) -> str:
+  """The weight layout (model/fused.py) for decoding `batch` rows: one token of one row per
+  forward streams fastest [out, in]; several rows (a batch, or k+1 tokens to verify) [in, out].
+  Prepare params with it to reuse them across calls."""
+  return "out_in" if bucket(batch, 1) == 1 and not speculative else "in_out"
+
+
 def generate_with_stats(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *,
                         max_new_tokens: int | Sequence[int],
                         sampling: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
@@ -326,7 +334,7 @@ def generate_with_stats(cfg: ModelConfig, params, prompts: Sequence[Sequence[int
       raise ValueError(f"prompt {i} has {len(p)} tokens; with max_new_tokens={m} that exceeds "
                        f"the model's context of {limit} tokens (model.max_seq_len)")
   eos_ids = tuple(int(e) for e in eos_ids)
-  params = fused.prepare(cfg, params)
+  params = fused.prepare(cfg, params, layout=layout_for(n, draft is not None))
   # The forward needs no layer structure from the config: one static config per model shape.
   cfg = dataclasses.replace(cfg, scan_layers=False, remat="none")
   if isinstance(draft, speculative.EarlyExit):
@@ -334,7 +342,7 @@ def generate_with_stats(cfg: ModelConfig, params, prompts: Sequence[Sequence[int
   elif isinstance(draft, speculative.ModelDraft):
     draft = speculative.ModelDraft(
         dataclasses.replace(draft.cfg, scan_layers=False, remat="none"),
-        fused.prepare(draft.cfg, draft.params))
+        fused.prepare(draft.cfg, draft.params, layout=layout_for(n, speculative=False)))
   eos_arr = np.full((bucket(len(eos_ids), 4),), -1, np.int32)  # an input: no recompile
   eos_arr[:len(eos_ids)] = eos_ids
   k = num_draft_tokens if draft is not None else 0

@@ -159,6 +159,8 @@ class Engine:
     self.features = Features()
     self.num_steps = 0
     self.num_preemptions = 0
+    self.page_slots_used = 0  # sum over steps of (pages in use) x page_size
+    self.page_slots_filled = 0  # sum over steps of the tokens those pages hold
     self._next_id = 0
 
   # ------------------------------------------------------------------------------ requests
@@ -386,7 +388,24 @@ class Engine:
           events.append((r.id, [tok]))
           if tok in r.eos_ids or len(r.output) >= r.max_new_tokens:
             self._finish(r, now)
+    self._count_page_use()
     return events
+
+  def _count_page_use(self):
+    """Adds this step's page slots in use and tokens held in them (a shared page counted
+    once): 1 - filled / used is the fraction of the pool's slots wasted on average."""
+    size = self.config.page_size
+    filled = {}
+    for r in self.running:
+      for j, page in enumerate(r.pages):
+        filled[page] = max(filled.get(page, 0), min(max(r.computed - j * size, 0), size))
+    self.page_slots_used += self.allocator.num_used * size
+    self.page_slots_filled += sum(filled.values())
+
+  @property
+  def page_waste(self) -> float:
+    """Fraction of the page slots in use, averaged over steps, that held no token."""
+    return 1.0 - self.page_slots_filled / max(self.page_slots_used, 1)
 
   def _copy_arrays(self):
     width = self.config.max_batch + self.config.prefill_rows  # <= one copy per request

@@ -8,9 +8,15 @@ speed is the speed of those reads. `prepare` lays the weights out once for them:
   down     [D, F]
   head     [V, D]        the (tied) embedding, read row by row: the LM head is one product
 (E in the einsums below names a fused output width: (N+2K)H or 2F.)
-Every matrix is stored [out, in] (row-major along the input), the order in which XLA's CPU
-matrix-vector product streams fastest (bench/RESULTS.md: ~15% over [in, out] on SmolLM2's
-shapes); nothing in the loop transposes a weight.
+Two layouts of the same matrices, chosen by how many tokens a forward carries:
+  "out_in"  as above, [out, in]: XLA's CPU matrix-vector product streams it fastest, so one
+            token per row (plain decoding) runs near the memory bandwidth;
+  "in_out"  each matrix transposed, [in, out]: 6% slower for one token, but a product of a few
+            rows (speculative verification of k+1 tokens) costs 1.5x one token instead of
+            2.4x in "out_in" (bench/RESULTS.md, SmolLM2's shapes, f32).
+Products with 16-bit weights and a single row are given a second, zero row: XLA's CPU backend
+runs a bf16 matrix-vector product at ~2 GB/s but a two-row product at ~22 GB/s (the extra row
+is free: the product is bound by the weight reads). Nothing in the loop transposes a weight.
 
 `forward` computes exactly what `Transformer.apply` computes with a cache (the same norm, RoPE,
 attention and cache writes from model/layers.py; only the products are grouped), so
@@ -30,10 +36,14 @@ from model.layers import apply_rope, rms_norm, rope_table
 from pallas_kernels.attention import cached_attention
 
 
+LAYOUTS = ("out_in", "in_out")
+MATRICES = ("qkv", "o", "gate_up", "down")
+
+
 @flax.struct.dataclass
 class FusedLayer:
   attn_norm: jax.Array  # [D]
-  qkv: jax.Array  # [(N+2K)H, D]
+  qkv: jax.Array  # [(N+2K)H, D] ("in_out": transposed, as every matrix here)
   o: jax.Array  # [D, NH]
   mlp_norm: jax.Array  # [D]
   gate_up: jax.Array  # [2F, D]
@@ -43,20 +53,24 @@ class FusedLayer:
 @flax.struct.dataclass
 class FusedParams:
   embedding: jax.Array  # [V, D]: the input embedding
-  head: jax.Array  # [V, D]: the output head (the same array when tied)
+  head: jax.Array  # [V, D] ("in_out": [D, V]); the embedding itself when tied and "out_in"
   final_norm: jax.Array  # [D]
   layers: tuple  # FusedLayer per layer
+  layout: str = flax.struct.field(pytree_node=False, default="out_in")
 
   def first_layers(self, n: int) -> "FusedParams":
     """The first n layers with the same norm and head (an early-exit draft); shares arrays."""
     return self.replace(layers=self.layers[:n])
 
 
-def prepare(cfg: ModelConfig, params, dtype=None) -> FusedParams:
-  """The module's parameter tree (scanned or unrolled) in the layout above, in `dtype`
-  (default cfg.param_dtype). Run once per model; a FusedParams passes through unchanged."""
+def prepare(cfg: ModelConfig, params, dtype=None, layout: str = "out_in") -> FusedParams:
+  """The module's parameter tree (scanned or unrolled) in `layout`, in `dtype` (default
+  cfg.param_dtype). Run once per model; a FusedParams in `layout` passes through unchanged
+  (in the other layout it is transposed)."""
+  if layout not in LAYOUTS:
+    raise ValueError(f"layout={layout!r} is not one of {LAYOUTS}")
   if isinstance(params, FusedParams):
-    return params
+    return params if params.layout == layout else _transposed(params)
   dtype = cfg.weight_dtype if dtype is None else dtype
   d, n, k, h = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
   if cfg.scan_layers:
@@ -65,37 +79,64 @@ def prepare(cfg: ModelConfig, params, dtype=None) -> FusedParams:
     layer = lambda i: params[f"layers_{i}"]
   cast = lambda x: jnp.asarray(x, dtype)
 
+  # The module stores every matrix [in, out]: "in_out" takes them as they are.
+  orient = (lambda x: x) if layout == "in_out" else jnp.transpose
+
   @jax.jit
   def fuse(p):
     a, m = p["attn"], p["mlp"]
-    qkv = jnp.concatenate([a["q"].reshape(d, n * h), a["k"].reshape(d, k * h),
-                           a["v"].reshape(d, k * h)], axis=1)
-    return FusedLayer(attn_norm=cast(p["attn_norm"]["scale"]), qkv=cast(qkv.T),
-                      o=cast(a["o"].reshape(n * h, d).T), mlp_norm=cast(p["mlp_norm"]["scale"]),
-                      gate_up=cast(jnp.concatenate([m["gate"], m["up"]], axis=1).T),
-                      down=cast(m["down"].T))
+    mats = dict(qkv=jnp.concatenate([a["q"].reshape(d, n * h), a["k"].reshape(d, k * h),
+                                     a["v"].reshape(d, k * h)], axis=1),  # [D, E]
+                o=a["o"].reshape(n * h, d),
+                gate_up=jnp.concatenate([m["gate"], m["up"]], axis=1),  # [D, 2F]
+                down=m["down"])
+    return FusedLayer(attn_norm=cast(p["attn_norm"]["scale"]),
+                      mlp_norm=cast(p["mlp_norm"]["scale"]),
+                      **{name: cast(orient(x)) for name, x in mats.items()})
 
   embedding = cast(params["embedding"])
-  head = embedding if cfg.tie_embeddings else cast(jnp.asarray(params["lm_head"]).T)
+  if cfg.tie_embeddings:
+    head = embedding if layout == "out_in" else jax.jit(jnp.transpose)(embedding)
+  else:
+    head = cast(orient(jnp.asarray(params["lm_head"])))  # the module's lm_head is [D, V]
   return FusedParams(embedding=embedding, head=head,
                      final_norm=cast(params["final_norm"]["scale"]),
-                     layers=tuple(fuse(layer(i)) for i in range(cfg.n_layers)))
+                     layers=tuple(fuse(layer(i)) for i in range(cfg.n_layers)), layout=layout)
 
 
-def _layer(cfg: ModelConfig, w: FusedLayer, x_BTD, rope, start_B, k_cache, v_cache):
+def _transposed(p: FusedParams) -> FusedParams:
+  """The same weights in the other layout (a copy of every matrix; the embedding stays)."""
+  t = jax.jit(jnp.transpose)
+  layers = tuple(w.replace(**{m: t(getattr(w, m)) for m in MATRICES}) for w in p.layers)
+  return p.replace(head=t(p.head), layers=layers,
+                   layout="in_out" if p.layout == "out_in" else "out_in")
+
+
+def _product(x_BTI, w, layout: str, accumulate=None):
+  """x @ w.T for w [out, in] ("out_in") or x @ w for w [in, out] ("in_out"): [B, T, out]."""
+  b, t, _ = x_BTI.shape
+  pad = b * t == 1 and w.dtype.itemsize < 4  # see the module docstring
+  if pad:
+    x_BTI = jnp.concatenate([x_BTI, jnp.zeros_like(x_BTI)], axis=0)
+  y = jnp.einsum("BTI,OI->BTO" if layout == "out_in" else "BTI,IO->BTO", x_BTI, w,
+                 preferred_element_type=accumulate)
+  return y[:1] if pad else y
+
+
+def _layer(cfg: ModelConfig, w: FusedLayer, x_BTD, rope, start_B, k_cache, v_cache, layout):
   b, t, _ = x_BTD.shape
   n, k, h, f, dt = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff, cfg.compute_dtype
-  qkv = jnp.einsum("BTD,ED->BTE", rms_norm(x_BTD, w.attn_norm, cfg), w.qkv.astype(dt))
+  qkv = _product(rms_norm(x_BTD, w.attn_norm, cfg), w.qkv.astype(dt), layout)  # [B, T, E]
   q = apply_rope(qkv[..., :n * h].reshape(b, t, n, h), rope)
   key = apply_rope(qkv[..., n * h:(n + k) * h].reshape(b, t, k, h), rope)
   val = qkv[..., (n + k) * h:].reshape(b, t, k, h)
   k_cache = kv_cache.write(k_cache, key, start_B)
   v_cache = kv_cache.write(v_cache, val, start_B)
   out = cached_attention(q, k_cache, v_cache, start_B + t, impl=cfg.attention_impl)
-  x_BTD = x_BTD + jnp.einsum("BTE,DE->BTD", out.reshape(b, t, n * h), w.o.astype(dt))
-  gate_up = jnp.einsum("BTD,ED->BTE", rms_norm(x_BTD, w.mlp_norm, cfg), w.gate_up.astype(dt))
-  hidden = jax.nn.silu(gate_up[..., :f]) * gate_up[..., f:]
-  x_BTD = x_BTD + jnp.einsum("BTF,DF->BTD", hidden, w.down.astype(dt))
+  x_BTD = x_BTD + _product(out.reshape(b, t, n * h), w.o.astype(dt), layout)
+  gate_up = _product(rms_norm(x_BTD, w.mlp_norm, cfg), w.gate_up.astype(dt), layout)
+  hidden = jax.nn.silu(gate_up[..., :f]) * gate_up[..., f:]  # [B, T, F]
+  x_BTD = x_BTD + _product(hidden, w.down.astype(dt), layout)
   return x_BTD, k_cache, v_cache
 
 
@@ -108,12 +149,12 @@ def forward(cfg: ModelConfig, params: FusedParams, tokens, positions, segment_id
   rope = rope_table(positions, cfg)
   ks, vs = [], []
   for i, w in enumerate(params.layers):
-    x, k_i, v_i = _layer(cfg, w, x, rope, cache.lengths, cache.k[i], cache.v[i])
+    x, k_i, v_i = _layer(cfg, w, x, rope, cache.lengths, cache.k[i], cache.v[i], params.layout)
     ks.append(k_i)
     vs.append(v_i)
   x = rms_norm(x, params.final_norm, cfg)
-  logits = jnp.einsum("BTD,VD->BTV", x, params.head.astype(cfg.compute_dtype),
-                      preferred_element_type=jnp.float32)
+  logits = _product(x, params.head.astype(cfg.compute_dtype), params.layout,
+                    accumulate=jnp.float32)  # [B, T, V]
   t = tokens.shape[1]
   added = t if segment_ids is None else jnp.sum(segment_ids != 0, axis=1).astype(jnp.int32)
   return logits, KVCache(k=tuple(ks), v=tuple(vs), lengths=cache.lengths + added)

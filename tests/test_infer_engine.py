@@ -1,5 +1,7 @@
 """The paged allocator and the continuous-batching engine."""
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -125,6 +127,22 @@ def test_small_pool_preempts_and_still_finishes_everything(params, workload):
   assert _run(engine, requests, sampling=GREEDY) == want
   assert engine.num_preemptions > 0
   assert engine.allocator.peak_used <= 12
+
+
+def test_page_waste_counts_the_empty_slots_of_pages_in_use(params, workload):
+  requests, want = workload  # random prompts: no page is shared
+  totals = {"used": 0, "held": 0}
+
+  def count(engine):
+    totals["used"] += engine.allocator.num_used * engine.config.page_size
+    totals["held"] += sum(r.computed for r in engine.running)
+  engine = Engine(CFG, params, SMALL)
+  assert _run(engine, requests, check=count, sampling=GREEDY) == want
+  assert 0 < engine.page_waste < 0.5
+  assert engine.page_waste == pytest.approx(1 - totals["held"] / totals["used"])
+  one = Engine(CFG, params, dataclasses.replace(SMALL, page_size=1, num_pages=256))
+  assert _run(one, requests, sampling=GREEDY) == want
+  assert one.page_waste == 0.0  # one-token pages are written as soon as they are taken
 
 
 def test_long_prompts_are_chunked_between_decode_steps(params):

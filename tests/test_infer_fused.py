@@ -40,16 +40,33 @@ def _prefill_then_decode(cfg, fp, tokens_BT, split: int):
   return jnp.concatenate(out, axis=1), cache
 
 
+@pytest.mark.parametrize("layout", fused.LAYOUTS)
 @pytest.mark.parametrize("tie, scan", [(True, True), (False, False)])
-def test_fused_prefill_and_decode_equal_the_module_forward(tie, scan):
+def test_fused_prefill_and_decode_equal_the_module_forward(tie, scan, layout):
   cfg = dataclasses.replace(CFG, tie_embeddings=tie, scan_layers=scan)
   params = _init(cfg)
   tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 12), 0, cfg.vocab_size)
   want, _ = Transformer(cfg).apply({"params": params}, tokens,
                                    jnp.broadcast_to(jnp.arange(12), (2, 12)))
-  got, cache = _prefill_then_decode(cfg, fused.prepare(cfg, params), tokens, split=7)
-  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  fp = fused.prepare(cfg, params, layout=layout)
+  got, cache = _prefill_then_decode(cfg, fp, tokens, split=7)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=5e-5)  # f32 sums in another order
   assert cache.lengths.tolist() == [12, 12]
+  # One row at a time (batch 1) too: the path plain decoding takes.
+  got1, _ = _prefill_then_decode(cfg, fp, tokens[1:], split=7)
+  np.testing.assert_allclose(got1, want[1:], rtol=1e-5, atol=5e-5)
+
+
+def test_layouts_are_transposes_of_each_other():
+  params = _init(CFG)
+  rows, cols = fused.prepare(CFG, params), fused.prepare(CFG, params, layout="in_out")
+  assert cols.layout == "in_out" and cols.head.shape == (CFG.d_model, CFG.vocab_size)
+  assert cols.layers[0].qkv.shape == rows.layers[0].qkv.shape[::-1]
+  again = fused.prepare(CFG, rows, layout="in_out")  # a prepared model changes layout
+  for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(cols)):
+    np.testing.assert_array_equal(a, b)
+  with pytest.raises(ValueError, match="layout"):
+    fused.prepare(CFG, params, layout="columns")
 
 
 def test_fused_layout_is_prepared_once_and_padding_is_not_counted():
@@ -77,6 +94,19 @@ def test_bf16_weights_match_the_module_with_bf16_params():
   assert fp.layers[0].qkv.dtype == jnp.bfloat16
   got, _ = _prefill_then_decode(cfg, fp, tokens, split=4)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", fused.LAYOUTS)
+def test_bf16_model_decodes_single_rows_like_the_module(layout):
+  # bf16 weights and compute: single-row products are padded to two rows (model/fused.py).
+  cfg = dataclasses.replace(CFG, param_dtype="bfloat16", dtype="bfloat16")
+  params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), _init(CFG))
+  tokens = jax.random.randint(jax.random.PRNGKey(3), (1, 9), 0, cfg.vocab_size)
+  want, _ = Transformer(cfg).apply({"params": params}, tokens, jnp.arange(9)[None])
+  got, _ = _prefill_then_decode(cfg, fused.prepare(cfg, params, layout=layout), tokens, split=4)
+  scale = float(jnp.abs(want).max())
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                             atol=0.03 * scale)
 
 
 def test_early_exit_draft_keeps_greedy_output_identical():
