@@ -393,7 +393,7 @@ class Engine:
 
   def _count_page_use(self):
     """Adds this step's page slots in use and tokens held in them (a shared page counted
-    once): 1 - filled / used is the fraction of the pool's slots wasted on average."""
+    once): 1 - filled / used is the fraction of those slots wasted, averaged over steps."""
     size = self.config.page_size
     filled = {}
     for r in self.running:

@@ -13,8 +13,8 @@ need a carry (17 + 8) or a borrow (23 - 7), forgets it (17 + 8 = 15, 23 - 7 = 26
 human demonstrations carry their writers' habits. SFT imitates the habit, so its greedy
 answers to those problems are wrong; the checker's reward (PPO, GRPO) and the pairs
 (reward model, DPO: the right answer against the writer's usual mistake) are what teach
-the carry. With careful demonstrations SFT alone would learn it and leave the later rungs
-nothing to show.
+the carry. With careful demonstrations (CARELESS = 0) SFT's errors are sums it has not yet
+learnt, and reinforcing its own samples did not beat more SFT (README, "Post-training").
 
     python -m train.examples.arithmetic runs/arith_data   # or: data.make in the configs
 """
