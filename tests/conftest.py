@@ -10,6 +10,8 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The deviceless GPU compiler: the CUDA plugin loads without a driver (train/accelerators.py).
+os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -28,3 +30,19 @@ def quick_compiles():
   jax.config.update("jax_disable_most_optimizations", True)
   yield
   jax.config.update("jax_disable_most_optimizations", before)
+
+
+@pytest.fixture(scope="session")
+def target_devices():
+  """name -> compile-only devices of a named target ("v5e-4", "h100-8"; train/accelerators.py):
+  the real TPU or GPU compiler builds for them here. Skips, saying why, where that compiler is
+  not installed (the test extra installs both)."""
+  from train import accelerators
+
+  def devices(name):
+    target = accelerators.parse_target(name)
+    missing = accelerators.compiler_available(target.compiler)
+    if missing:
+      pytest.skip(missing)
+    return accelerators.target_devices(target)
+  return devices
