@@ -47,8 +47,9 @@ def get_config() -> ml_collections.ConfigDict:
   d.seq_len = 256  # Tokens per packed training row (T).
   d.tokenizer = ""  # Path to a tokenizer.json to use; empty trains a byte-level BPE on the train split.
   d.tokenizer_train_mb = 8.0  # Megabytes of training text the BPE tokenizer is learned from.
-  d.shuffle_rows = 512  # Training rows shuffled together (a window spanning many files); 0 disables.
-  d.worker_count = 0  # grain worker processes (0 = in the main process).
+  d.streams = 0  # Independent data streams, each feeding its own rows of every batch (a host reads only its own); 0: one per row.
+  d.shuffle_rows = 512  # Training rows shuffled together, shared out over the streams (a window spanning many files); 0 disables.
+  d.worker_count = 0  # grain worker processes, each running whole streams (0 = a thread of the main process).
   # Post-training data (JSONL: SFT rows, preference pairs or prompts; train/posttrain_data.py).
   d.truncation = "keep_end"  # Rows over seq_len: keep_end (drop the prompt's start) or drop.
   d.skip_bad_rows = False  # Skip (and count) malformed rows instead of stopping at the first.

@@ -1,7 +1,8 @@
-"""Tests of train/data.py and train/tokenizer.py on tiny corpora in tmp_path.
+"""Tests of train/data.py, train/streams.py and train/tokenizer.py on tiny corpora in tmp_path.
 
 Packed batches are checked against an independent path: each document encoded
-on its own with the plain tokenizer, then compared with what the pipeline packed.
+on its own with the plain tokenizer, then compared with what the pipeline packed;
+which stream and host reads which file against assignments written out by hand.
 """
 
 import json
@@ -15,7 +16,9 @@ import pytest
 
 from configs import base
 from train import data
+from train import streams
 from train import tokenizer as tokenizer_lib
+from train.config import ConfigError
 
 EOS_ID = 0
 ROUND_TRIP_TEXTS = [
@@ -141,15 +144,21 @@ def test_glob_matching_nothing_names_the_key_and_glob(tmp_path):
     ('{"text": 3}', "'text'"),
     ('["text"]', "'text'"),
 ])
-def test_bad_jsonl_line_fails_at_construction_naming_file_and_line(
-    tmp_path, tok, bad_line, needle):
-  good = _write(tmp_path / "good.jsonl", '{"text": "a"}\n')
-  # The bad line comes late: the whole file must be read up front.
+def test_bad_jsonl_line_fails_naming_file_and_line(tmp_path, tok, bad_line, needle):
+  good = _write(tmp_path / "good.jsonl", '{"text": "return a"}\n' * 20)  # > a batch
+  # The bad line comes late in a stream's first file: the first batch, made at
+  # construction, reads that file whole.
   bad = _write(tmp_path / "bad.jsonl",
                '{"text": "a"}\n\n{"text": "b"}\n' + bad_line + "\n")
-  cfg = _cfg(format="jsonl")
+  cfg = _cfg(format="jsonl", streams=1)
   with pytest.raises(data.DataError, match=needle) as e:
-    _iterator(cfg, tok, [good, bad])
+    _iterator(cfg, tok, [bad, good])
+  assert f"{bad}:4:" in str(e.value)
+  # In a later file, it fails when reached, not before: nothing reads every file up front.
+  it = _iterator(cfg, tok, [good, bad])
+  with pytest.raises(data.DataError, match=needle) as e:
+    _batches(it)
+  it.close()
   assert f"{bad}:4:" in str(e.value)
 
 
@@ -161,6 +170,10 @@ def test_read_documents_text_and_jsonl(tmp_path):
   path = _write(tmp_path / "x.jsonl", "\n".join(lines) + "\n\n")
   assert data.read_documents(path, _cfg(format="jsonl", text_field="body")) == [
       "x", "", "y"]
+  # A stream sharing the file with another parses only its lines: 0 and 2 of 0..4.
+  share = streams.Share((path,), part=0, parts=2)
+  assert data.read_documents(path, _cfg(format="jsonl", text_field="body"), share) == [
+      "x", "y"]
 
 
 # ----------------------------------------------------------------------------
@@ -230,7 +243,7 @@ def _check_rows(batch, batch_size, seq_len):
 
 def test_packing_keeps_every_document_whole_and_in_order(tmp_path, tok):
   files = _text_corpus(tmp_path, 12)
-  batches = _batches(_iterator(_cfg(), tok, files))
+  batches = _batches(_iterator(_cfg(streams=1), tok, files))
   for batch in batches:
     _check_rows(batch, 3, 16)
   pieces = list(_pieces(batches))
@@ -252,7 +265,7 @@ def test_packing_keeps_every_document_whole_and_in_order(tmp_path, tok):
 def test_eos_written_in_a_document_is_plain_text(tmp_path, tok):
   texts = ["a <|endoftext|> b", "c"]
   files = [_write(tmp_path / f"{i}.txt", t) for i, t in enumerate(texts)]
-  batches = _batches(_iterator(_cfg(), tok, files))
+  batches = _batches(_iterator(_cfg(streams=1), tok, files))
   inputs = np.concatenate([p[0] for p in _pieces(batches)])
   assert (inputs == EOS_ID).sum() == len(texts)  # Only real boundaries.
   assert tok.decode(inputs.tolist(), skip_special_tokens=False) == "".join(
@@ -264,22 +277,112 @@ def test_jsonl_documents_are_packed(tmp_path, tok):
   path = _write(tmp_path / "a.jsonl",
                 "\n".join(json.dumps({"text": t}) for t in texts))
   other = _write(tmp_path / "b.jsonl", json.dumps({"text": "tail"}) + "\n")
-  batches = _batches(_iterator(_cfg(format="jsonl"), tok, [path, other]))
+  batches = _batches(_iterator(_cfg(format="jsonl", streams=1), tok, [path, other]))
   inputs = np.concatenate([p[0] for p in _pieces(batches)])
   np.testing.assert_array_equal(
       inputs, _expected_stream(tok, texts + ["tail"])[0])
 
 
-def test_shards_read_disjoint_files(tmp_path, tok):
-  files = _text_corpus(tmp_path, 9)
-  seen = []
-  for shard in range(2):
-    batches = _batches(_iterator(_cfg(), tok, files, shard_index=shard,
-                                 shard_count=2))
-    text = tok.decode(np.concatenate([p[0] for p in _pieces(batches)]).tolist())
-    seen.append({f"file{i:03d}" for i in range(9) if f"file{i:03d}" in text})
-  assert not seen[0] & seen[1]
-  assert seen[0] | seen[1] == {f"file{i:03d}" for i in range(9)}
+def _stream_rows(batches, s, rows):
+  """Stream s's block of rows of each batch, one after another: its rows in order."""
+  return {k: np.concatenate([b[k][s * rows:(s + 1) * rows] for b in batches])
+          for k in batches[0]}
+
+
+def test_each_stream_packs_its_own_files_in_order_and_pads_its_end(tmp_path, tok):
+  files = _text_corpus(tmp_path, 12)
+  texts = [open(f, newline="").read() for f in files]
+  batches = _batches(_iterator(_cfg(streams=3), tok, files, batch_size=6))  # 2 rows a stream
+  for s in range(3):
+    rows = _stream_rows(batches, s, 2)
+    inputs = np.concatenate([p[0] for p in _pieces([rows])])
+    # Stream s reads files s, s + 3, s + 6, s + 9, in order, and nothing else.
+    np.testing.assert_array_equal(inputs, _expected_stream(tok, texts[s::3])[0])
+    used = (rows["segment_ids"] > 0).any(axis=1)
+    assert used[:used.sum()].all()  # full rows, then only padding
+
+
+def _open_counter(monkeypatch):
+  """Paths opened by train/data.py's reading (in grain's reader threads too)."""
+  opened = []
+
+  def counting_open(path, *args, **kwargs):
+    opened.append(str(path))
+    return open(path, *args, **kwargs)
+  monkeypatch.setattr(data, "open", counting_open, raising=False)
+  return opened
+
+
+def _host_batches(cfg, tok, files, hosts, n, **kwargs):
+  """Each host's first n batches (padding_batch() once it has run out, as the loop feeds)."""
+  out = []
+  for h in range(hosts):
+    it = _iterator(cfg, tok, files, process_index=h, process_count=hosts, **kwargs)
+    batches = [next(it, None) for _ in range(n)]
+    out.append([it.padding_batch() if b is None else b for b in batches])
+    it.close()
+  return out
+
+
+@pytest.mark.parametrize("repeat", [True, False])
+def test_hosts_together_give_the_one_process_batches(tmp_path, tok, repeat):
+  files = _text_corpus(tmp_path, 8)
+  kwargs = dict(batch_size=4, shuffle=repeat, repeat=repeat, seed=3)
+  n = 8 if repeat else len(_batches(_iterator(_cfg(), tok, files, **kwargs)))
+  [want] = _host_batches(_cfg(shuffle_rows=8), tok, files, 1, n, **kwargs)
+  for hosts in (2, 4):
+    got = _host_batches(_cfg(shuffle_rows=8), tok, files, hosts, n, **kwargs)
+    for i in range(n):
+      for key in want[i]:
+        np.testing.assert_array_equal(np.concatenate([g[i][key] for g in got]), want[i][key])
+
+
+def test_each_host_opens_only_its_streams_files(tmp_path, tok, monkeypatch):
+  files = _text_corpus(tmp_path, 8)
+  opened = _open_counter(monkeypatch)
+  # 4 streams (one per row) of 8 files: stream s reads files s and s + 4; host 0 of 2 builds
+  # streams 0 and 1, host 1 streams 2 and 3.
+  for h, share in enumerate([{0, 4, 1, 5}, {2, 6, 3, 7}]):
+    opened.clear()
+    _batches(_iterator(_cfg(), tok, files, batch_size=4, process_index=h, process_count=2))
+    assert set(opened) == {files[i] for i in share}
+  # Fewer files than streams: streams share files, each taking every other line (JSONL) or
+  # packed row (text); a host still opens only its streams' files.
+  lines = [json.dumps({"text": f"line {i} " + "x" * i}) for i in range(12)]
+  jsonl = [_write(tmp_path / f"{i}.jsonl", "\n".join(lines[i::3])) for i in range(3)]
+  for fmt, split in (("jsonl", jsonl), ("text", files[:3])):
+    kwargs = dict(batch_size=6, shuffle=True, repeat=True, seed=1)
+    [want] = _host_batches(_cfg(format=fmt), tok, split, 1, 4, **kwargs)
+    got = _host_batches(_cfg(format=fmt), tok, split, 3, 4, **kwargs)
+    for i in range(4):
+      np.testing.assert_array_equal(np.concatenate([g[i]["inputs"] for g in got]),
+                                    want[i]["inputs"])
+    # 6 streams of 3 files: stream s reads file s % 3; host 2 of 3 builds streams 4 and 5.
+    opened.clear()
+    it = _iterator(_cfg(format=fmt), tok, split, process_index=2, process_count=3, **kwargs)
+    it.close()
+    assert set(opened) == {split[1], split[2]}
+
+
+def test_streams_sharing_a_jsonl_file_split_its_lines(tmp_path, tok):
+  texts = [f"document {i} " + "y" * (3 * i) for i in range(9)]
+  path = _write(tmp_path / "one.jsonl", "\n".join(json.dumps({"text": t}) for t in texts))
+  batches = _batches(_iterator(_cfg(format="jsonl"), tok, [path], batch_size=3))
+  for s in range(3):  # stream s: lines s, s + 3, s + 6, in order
+    inputs = np.concatenate([p[0] for p in _pieces([_stream_rows(batches, s, 1)])])
+    np.testing.assert_array_equal(inputs, _expected_stream(tok, texts[s::3])[0])
+
+
+def test_a_stream_with_no_text_is_an_error_naming_it(tmp_path, tok):
+  # Two one-line files for four streams: streams 2 and 3 would own lines that do not exist.
+  files = [_write(tmp_path / f"{i}.jsonl", json.dumps({"text": "abc"}) + "\n")
+           for i in range(2)]
+  with pytest.raises(data.DataError, match=r"stream 2 of 4 reads .*0\.jsonl.*no text"):
+    _iterator(_cfg(format="jsonl"), tok, files, batch_size=4, repeat=True)
+  with pytest.raises(ConfigError, match="data.streams=3"):
+    _iterator(_cfg(streams=3), tok, files, batch_size=4)
+  with pytest.raises(ConfigError, match="multiple of the 3 processes"):
+    _iterator(_cfg(), tok, files, batch_size=4, process_count=3)
 
 
 def test_repeat_shuffles_each_epoch_differently(tmp_path, tok):
@@ -334,6 +437,35 @@ def test_state_restores_the_next_batches(tmp_path, tok, skip):
       np.testing.assert_array_equal(g[key], w[key])
 
 
+def test_resume_mid_epoch_on_another_number_of_hosts(tmp_path, tok):
+  files = _text_corpus(tmp_path, 12)
+  make = lambda h, hosts: _iterator(_cfg(shuffle_rows=8), tok, files, batch_size=4, seed=5,
+                                    shuffle=True, repeat=True, process_index=h,
+                                    process_count=hosts)
+  its = [make(h, 2) for h in range(2)]
+  for it in its:
+    for _ in range(3):
+      next(it)
+  # What the loop saves: the hosts' states (each its own streams') merged, through JSON.
+  state = json.loads(json.dumps(streams.merge_states([it.get_state() for it in its])))
+  want = [[next(it) for it in its] for _ in range(3)]
+  for it in its:
+    it.close()
+  for hosts in (1, 4):
+    resumed = [make(h, hosts) for h in range(hosts)]
+    for it in resumed:
+      it.set_state(state)
+    for parts in want:
+      got = [next(it) for it in resumed]
+      for key in parts[0]:
+        np.testing.assert_array_equal(np.concatenate([g[key] for g in got]),
+                                      np.concatenate([p[key] for p in parts]))
+    for it in resumed:
+      it.close()
+  with pytest.raises(ConfigError, match=r"stream\(s\) \[2, 3\]"):
+    make(1, 2).set_state({"streams": {"0": None, "1": None}})
+
+
 def test_orbax_checkpoint_round_trip(tmp_path, tok):
   ocp = pytest.importorskip("orbax.checkpoint")
   files = _text_corpus(tmp_path / "c", 12)
@@ -365,10 +497,19 @@ def test_orbax_checkpoint_round_trip(tmp_path, tok):
 def test_worker_processes_give_the_same_batches(tmp_path, tok):
   files = _text_corpus(tmp_path, 6)
   local = _batches(_iterator(_cfg(), tok, files))
-  workers = _batches(_iterator(_cfg(worker_count=1), tok, files))
+  # 3 streams on 2 workers: worker 0 runs streams 0 and 2, worker 1 stream 1.
+  it = _iterator(_cfg(worker_count=2), tok, files)
+  workers = [next(it) for _ in range(3)]
+  state = it.get_state()
+  workers += _batches(it)
   assert len(workers) == len(local)
   for w, g in zip(local, workers):
     np.testing.assert_array_equal(g["inputs"], w["inputs"])
+  # A state taken with workers restores without them.
+  it = _iterator(_cfg(), tok, files)
+  it.set_state(state)
+  np.testing.assert_array_equal(next(it)["inputs"], local[3]["inputs"])
+  it.close()
 
 
 # ----------------------------------------------------------------------------

@@ -1,6 +1,8 @@
-"""Two processes on localhost with jax.distributed train exactly like one process."""
+"""Two processes on localhost with jax.distributed train exactly like one process, each reading
+only its own data streams, and their checkpoint resumes in one process."""
 
 import os
+import shutil
 import subprocess
 
 import portpicker
@@ -34,4 +36,19 @@ def test_two_processes_match_one(corpus, tmp_path):  # noqa: F811
   expected, got = losses(single), losses(multi)
   assert sorted(got) == sorted(expected) == [1, 2, 3, 4]
   for step in expected:
+    assert got[step] == pytest.approx(expected[step], rel=1e-6)
+
+  # The step-2 checkpoint of the two processes holds both hosts' data streams (merged): one
+  # process resumes from it with the batches the two would have read next.
+  resumed = tmp_path / "resumed"
+  shutil.copytree(multi, resumed)
+  shutil.rmtree(resumed / "checkpoints" / "4")
+  os.remove(resumed / "metrics.jsonl")
+  result = subprocess.run(command(resumed, corpus, *STEPS), capture_output=True, text=True,
+                          timeout=300, env=e, cwd=ROOT)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "resumed from" in result.stdout
+  got = losses(resumed)
+  assert sorted(got) == [3, 4]
+  for step in got:
     assert got[step] == pytest.approx(expected[step], rel=1e-6)

@@ -13,6 +13,7 @@ import pytest
 
 from infer.chat import render_chat
 from train import posttrain_data as pt
+from train import streams
 from train.data import DataError
 from train.tokenizer import train_tokenizer
 
@@ -26,7 +27,7 @@ TEXTS = ["Question: what is two plus two?\nAnswer: four.\n",
 
 
 def _cfg(**kw):
-  base = dict(seq_len=64, truncation="keep_end", skip_bad_rows=False, pack=False)
+  base = dict(seq_len=64, truncation="keep_end", skip_bad_rows=False, pack=False, streams=0)
   return types.SimpleNamespace(**{**base, **kw})
 
 
@@ -348,7 +349,7 @@ def test_state_resumes_to_identical_batches(plain, kind):
   _take(it, 3)
   state = json.loads(json.dumps(it.get_state()))
   expected = _take(it, 8)  # Crosses epoch boundaries.
-  assert it.get_state()["epoch"] >= 2
+  assert it.get_state()["streams"]["0"]["epoch"] >= 2
   resumed = make()
   resumed.set_state(state)
   _same(_take(resumed, 8), expected)
@@ -356,7 +357,7 @@ def test_state_resumes_to_identical_batches(plain, kind):
     build(rows[:-1], plain, cfg, batch_size=2, seed=3, shuffle=True, repeat=True).set_state(state)
 
 
-def test_train_epochs_reshuffle_and_drop_the_remainder(plain):
+def test_train_epochs_reshuffle_and_drop_the_remainder(tmp_path, tok, plain):
   rows = _pairs(7)
   it = pt.pair_batches(rows, plain, _cfg(), batch_size=2, seed=0, shuffle=True, repeat=True)
   # Answers "four." + "!" * i tell the rows apart.
@@ -366,10 +367,89 @@ def test_train_epochs_reshuffle_and_drop_the_remainder(plain):
   assert len({tuple(e) for e in epochs}) == 3
   with pytest.raises(DataError, match="no training batch"):
     next(pt.pair_batches(rows, plain, _cfg(), batch_size=8, seed=0, shuffle=True, repeat=True))
+  # From a file, two streams (one per row) share its lines: 0, 2, 4, 6 feed row 0 of each
+  # batch and 1, 3, 5 row 1, each stream in epochs of its own, reshuffled.
+  path = _write_jsonl(tmp_path / "pairs.jsonl", [json.dumps(r) for r in rows])
+  it = pt.make_batches("pairs", [path], plain, _cfg(), batch_size=2, seed=0, shuffle=True,
+                       repeat=True)
+  batches = _take(it, 12)
+  for s, own in ((0, [0, 2, 4, 6]), (1, [1, 3, 5])):
+    order = [_decode(tok, _decode_answer(b, s)).count("!") for b in batches]  # row i: i "!"s
+    epochs = [order[i:i + len(own)] for i in range(0, 12, len(own))]
+    assert all(sorted(e) == own for e in epochs) and len({tuple(e) for e in epochs}) > 1
+  with pytest.raises(DataError, match="stream 7 of 8 .* has 0 examples.*no training batch"):
+    next(pt.make_batches("pairs", [path], plain, _cfg(), batch_size=8, seed=0, shuffle=True,
+                         repeat=True))
 
 
 def _decode_answer(batch, r):
   return batch["chosen_targets"][r][batch["chosen_loss_mask"][r] == 1]
+
+
+def test_streams_sharing_a_file_each_pack_their_own_lines_in_order(tmp_path, plain):
+  rows = [{"prompt": f"Question {i}: " + "two " * (i % 3), "completion": "four." * (1 + i % 2)}
+          for i in range(9)]
+  path = _write_jsonl(tmp_path / "one.jsonl", [json.dumps(r) for r in rows])
+  batches = _all(pt.make_batches("sft", [path], plain, _cfg(pack=True), batch_size=3, seed=0,
+                                 shuffle=False, repeat=False))
+  for s in range(3):  # stream s (row s of each batch): lines s, s + 3, s + 6
+    alone = [seg for b in _all(_sft(rows[s::3], plain, batch_size=1)) for seg in _segments(b)]
+    mine = [seg for b in batches for seg in _segments({k: v[s:s + 1] for k, v in b.items()})]
+    assert mine == alone and len(mine) == 3
+
+
+@pytest.mark.parametrize("kind", ["sft", "pairs"])
+def test_hosts_read_only_their_rows_and_together_give_the_one_process_batches(
+    tmp_path, plain, monkeypatch, kind):
+  if kind == "sft":
+    rows = [{"prompt": f"Question {i}: ", "completion": "four." + "!" * i} for i in range(24)]
+  else:
+    rows = _pairs(24)
+  files = [_write_jsonl(tmp_path / f"{i}.jsonl", [json.dumps(r) for r in rows[i::6]])
+           for i in range(6)]
+  opened = []
+
+  def counting_open(path, *args, **kwargs):
+    opened.append(path)
+    return open(path, *args, **kwargs)
+  monkeypatch.setattr(pt, "open", counting_open, raising=False)
+  cfg = _cfg(seq_len=32, pack=kind == "sft")
+
+  def hosts_batches(hosts, n, **kwargs):
+    """Each host's first n batches side by side, padding_batch() once a host has run out."""
+    its = [pt.make_batches(kind, files, plain, cfg, batch_size=4, seed=1, process_index=h,
+                           process_count=hosts, **kwargs) for h in range(hosts)]
+    out = [[next(it, None) for it in its] for _ in range(n)]
+    return its, [{k: _cat([it.padding_batch()[k] if b is None else b[k]
+                          for it, b in zip(its, parts)]) for k in want_keys}
+                 for parts in out]
+
+  want_keys = pt.make_batches(kind, files, plain, cfg, batch_size=4, seed=1, shuffle=False,
+                              repeat=False).padding_batch().keys()
+  for kwargs in (dict(shuffle=True, repeat=True), dict(shuffle=False, repeat=False)):
+    _, want = hosts_batches(1, 8, **kwargs)
+    for hosts in (2, 4):
+      _same(hosts_batches(hosts, 8, **kwargs)[1], want)
+  # Resuming on another number of hosts: the hosts' states, merged, restore anywhere.
+  its, _ = hosts_batches(2, 3, shuffle=True, repeat=True)
+  state = json.loads(json.dumps(streams.merge_states([it.get_state() for it in its])))
+  want = [[next(it) for it in its] for _ in range(5)]
+  want = [{k: _cat([p[k] for p in parts]) for k in want_keys} for parts in want]
+  resumed = pt.make_batches(kind, files, plain, cfg, batch_size=4, seed=1, shuffle=True,
+                            repeat=True)
+  resumed.set_state(state)
+  _same(_take(resumed, 5), want)
+  # 4 streams over 6 files: stream s reads files s and s + 4; host 0 of 2 has streams 0 and
+  # 1, host 1 streams 2 and 3.
+  for h, share in enumerate([{0, 4, 1, 5}, {2, 3}]):
+    opened.clear()
+    pt.make_batches(kind, files, plain, cfg, batch_size=4, seed=1, shuffle=True, repeat=True,
+                    process_index=h, process_count=2)
+    assert set(opened) == {files[i] for i in share}
+
+
+def _cat(values):
+  return np.concatenate(values) if isinstance(values[0], np.ndarray) else sum(values, [])
 
 
 @pytest.mark.parametrize("pack", [False, True])

@@ -1,21 +1,25 @@
 """Training data: corpus files -> documents -> tokens -> packed rows [B, T].
 
-The pipeline of one host, built with grain:
+The rows of a global batch come from a fixed number of independent streams (train/streams.py:
+one per row of the batch by default), and each host builds only the streams of its own rows,
+so it reads and tokenizes only its share of the files. One stream, with grain:
 
-  this host's files -> shuffled per epoch -> repeated -> read and tokenized
-  (lazily, one file at a time) -> one element per document -> packed
-  concat-then-split into rows of T tokens -> batches of B rows.
+  its files -> shuffled per epoch -> repeated -> read and tokenized (lazily, one file at a
+  time) -> one element per document -> packed concat-then-split into rows of T tokens ->
+  rows shuffled over a window -> chunks of B / S rows.
 
 Each document becomes `[EOS] + encode(text) + [EOS]` and is shifted into
 inputs/targets *before* packing, so a target never comes from another document.
-Every batch is a dict of numpy arrays, all [B, T]:
+Every batch is a dict of numpy arrays, all [B, T] (this host's B / P rows):
   inputs, targets: int32 token ids.
   segment_ids: int32, 1, 2, 3... per packed piece of a document; 0 is padding.
   positions: int32, restarting at 0 in each segment.
   loss_mask: float32, 1 on real tokens, 0 on padding.
 
-The iterator is checkpointable: `it.get_state()` is JSON-serialisable and
-`it.set_state(state)` on a fresh iterator built with the same arguments
+Nothing reads the whole corpus up front: the first batch is made when the iterator is built,
+so a bad first file of any stream fails then, and a bad JSONL line met later fails when it is
+reached, naming `file:line`. The iterator is checkpointable: `it.get_state()` is
+JSON-serialisable and `it.set_state(state)` on a fresh iterator built with the same arguments
 continues with the batches that would have come next.
 """
 
@@ -26,12 +30,13 @@ import json
 import os
 import sysconfig
 import types
-from collections.abc import Iterator
+from collections.abc import Sequence
 
-from absl import flags
 import grain
 import numpy as np
 import tokenizers
+
+from train import streams as streams_lib
 
 # The document separator (GPT-2 convention), also used as BOS. Defined here,
 # and re-exported by train.tokenizer, so that imports run one way only:
@@ -40,12 +45,10 @@ EOS = "<|endoftext|>"
 FORMATS = ("text", "jsonl")
 STDLIB = "stdlib"
 
-# Files tokenized ahead of the packer, and the threads doing it. Small, because
-# the host has few cores and they are shared with the training step.
-_READ_THREADS = 2
-_READ_AHEAD_FILES = 8
-# Batches kept ready by a background thread, so data work overlaps the step.
-_BATCHES_AHEAD = 2
+# Per stream: files tokenized ahead of its packer, and the threads doing it. Small, because a
+# host runs many streams on few cores, shared with the training step.
+_READ_THREADS = 1
+_READ_AHEAD_FILES = 1
 
 
 class DataError(ValueError):
@@ -156,9 +159,11 @@ def _stable_unit(rel_path: str) -> float:
 # Documents.
 
 
-def read_documents(path: str, data_cfg) -> list[str]:
+def read_documents(path: str, data_cfg, share: streams_lib.Share | None = None) -> list[str]:
   """The documents of one file: the whole file (text) or one per line (jsonl).
 
+  share: of a JSONL file, only the lines it owns are parsed (line i, from 0, when
+  share.owns(i)); a text file is one document, always read whole.
   Raises DataError naming `path:line` for a JSONL line that is not a JSON
   object with a string field `data_cfg.text_field`.
   """
@@ -169,9 +174,11 @@ def read_documents(path: str, data_cfg) -> list[str]:
     with open(path, encoding="utf-8", errors="replace", newline="") as f:
       return [f.read()]
   if fmt == "jsonl":
+    share = share or streams_lib.Share((path,))
     with open(path, encoding="utf-8", errors="replace") as f:
       return [_jsonl_text(line, path, lineno, data_cfg.text_field)
-              for lineno, line in enumerate(f, 1) if line.strip()]
+              for lineno, line in enumerate(f, 1)
+              if share.owns(lineno - 1) and line.strip()]
   raise DataError(f"data.format={fmt!r} is not one of {FORMATS}.")
 
 
@@ -191,40 +198,20 @@ def _jsonl_text(line: str, path: str, lineno: int, field: str) -> str:
   return text
 
 
-def _check_files(files: list[str], data_cfg) -> None:
-  """Fails now, not hours into training, on a bad JSONL line or empty shard."""
-  if data_cfg.format == "jsonl":
-    has_text = False
-    for path in files:  # Reads every line: that is the point.
-      has_text |= any(read_documents(path, data_cfg))
-  elif data_cfg.format == "text":
-    has_text = any(os.path.getsize(path) > 0 for path in files)
-  else:
-    raise DataError(f"data.format={data_cfg.format!r} is not one of {FORMATS}.")
-  if not has_text:
-    # A repeating pipeline over no text would spin forever.
-    raise DataError(
-        f"data.corpus={data_cfg.corpus!r}: the {len(files)} file(s) of this "
-        f"shard hold no text (first: {files[0]}).")
-
-
 # ----------------------------------------------------------------------------
 # The grain pipeline.
 
 
-class _TokenizeFile(grain.transforms.Map):
-  """path -> [{"inputs": int32[n], "targets": int32[n]}], one per document."""
+class _Encoder:
+  """The tokenizer as documents need it, shared by a host's streams (one copy, not one each)."""
 
-  def __init__(self, tokenizer: tokenizers.Tokenizer, data_cfg):
+  def __init__(self, tokenizer: tokenizers.Tokenizer):
     # A copy, because we change a setting the caller should not see.
-    self._tokenizer = tokenizers.Tokenizer.from_str(tokenizer.to_str())
-    self._eos = tokenizer.token_to_id(EOS)
-    if self._eos is None:
+    self.tokenizer = tokenizers.Tokenizer.from_str(tokenizer.to_str())
+    self.eos = tokenizer.token_to_id(EOS)
+    if self.eos is None:
       raise DataError(
           f"The tokenizer has no {EOS!r} token (see data.tokenizer).")
-    # Only what read_documents needs, as a small picklable object.
-    self._cfg = types.SimpleNamespace(
-        format=data_cfg.format, text_field=data_cfg.text_field)
     self._configure()
 
   def __setstate__(self, state):
@@ -235,25 +222,50 @@ class _TokenizeFile(grain.transforms.Map):
   def _configure(self):
     # Text that contains "<|endoftext|>" literally must not fake a document
     # boundary: encode it as the plain characters it is.
-    self._tokenizer.encode_special_tokens = True
+    self.tokenizer.encode_special_tokens = True
+
+
+class _TokenizeFile(grain.transforms.Map):
+  """path -> [{"inputs": int32[n], "targets": int32[n]}], one per document of the share."""
+
+  def __init__(self, encoder: _Encoder, data_cfg, share: streams_lib.Share):
+    self._encoder, self._share = encoder, share
+    # Only what read_documents needs, as a small picklable object.
+    self._cfg = types.SimpleNamespace(
+        format=data_cfg.format, text_field=data_cfg.text_field)
 
   def map(self, path: str) -> list[dict[str, np.ndarray]]:
-    texts = [t for t in read_documents(path, self._cfg) if t]
-    encodings = self._tokenizer.encode_batch(texts, add_special_tokens=False)
+    texts = [t for t in read_documents(path, self._cfg, self._share) if t]
+    encodings = self._encoder.tokenizer.encode_batch(texts, add_special_tokens=False)
     return [self._shifted(e.ids) for e in encodings]
 
   def _shifted(self, ids: list[int]) -> dict[str, np.ndarray]:
     tokens = np.empty(len(ids) + 2, np.int32)
-    tokens[0] = tokens[-1] = self._eos
+    tokens[0] = tokens[-1] = self._encoder.eos
     tokens[1:-1] = ids
     # Shift per document before packing: no target crosses a document edge.
     return {"inputs": tokens[:-1], "targets": tokens[1:]}
 
 
 class _Documents(grain.experimental.FlatMapTransform):
-  """A file's list of documents -> the documents, one element each."""
+  """A file's list of documents -> the documents, one element each.
+
+  Repeating over files that hold no text would spin forever: a stream that meets twice as many
+  empty files in a row as it has (so a whole epoch of them) stops with an error instead.
+  """
+
+  def __init__(self, stream: str, share: streams_lib.Share, repeat: bool):
+    self._stream, self._share = stream, share
+    self._limit = 2 * len(share.files) if repeat else None
+    self._empty = 0
 
   def flat_map(self, documents):
+    self._empty = 0 if documents else self._empty + 1
+    if self._limit and self._empty >= self._limit:
+      raise DataError(
+          f"data.corpus: {self._stream} reads {self._share.describe()}, which hold(s) no "
+          "text. Remove empty files, or lower data.streams (0 is one stream per row of "
+          "train.batch_size) when the split has fewer files or lines than streams.")
     return documents
 
 
@@ -269,82 +281,204 @@ def _finish_row(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   }
 
 
+def _padding(rows: int, seq_len: int) -> dict[str, np.ndarray]:
+  """Empty rows, as batch_and_pad pads: zeros, so loss_mask is 0."""
+  out = {k: np.zeros((rows, seq_len), np.int32)
+         for k in ("inputs", "targets", "segment_ids", "positions")}
+  out["loss_mask"] = np.zeros((rows, seq_len), np.float32)
+  return out
+
+
 def make_iterator(data_cfg, tokenizer: tokenizers.Tokenizer, files: list[str],
                   *, batch_size: int, seq_len: int, seed: int, shuffle: bool,
-                  repeat: bool, shard_index: int = 0,
-                  shard_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
-  """A checkpointable iterator of packed batches; arrays [batch_size, seq_len].
+                  repeat: bool, process_index: int = 0,
+                  process_count: int = 1) -> streams_lib.StreamBatches:
+  """A checkpointable iterator of this host's rows of each packed global batch.
 
   Args:
-    data_cfg: the `data` config (format, text_field, worker_count, corpus).
+    data_cfg: the `data` config (format, text_field, streams, shuffle_rows,
+      worker_count, corpus).
     tokenizer: encodes text; must contain EOS.
-    files: all files of the split (from list_files); this host reads
-      files[shard_index::shard_count].
-    batch_size: rows per batch on this host (B).
+    files: all files of the split (from list_files); this host reads only
+      those of its streams.
+    batch_size: rows per global batch (B); data.streams must divide it.
     seq_len: tokens per row (T).
-    seed: shuffles the file order, differently each epoch.
-    shuffle: shuffle files (train) or keep their order (eval).
-    repeat: cycle forever (train), or stop after one pass (eval; the last
-      batch is padded with empty rows so every batch has the same shape).
-    shard_index, shard_count: this host's index and the number of hosts.
+    seed: shuffles each stream's file order, differently each epoch, and its rows.
+    shuffle: shuffle files and rows (train) or keep their order (eval).
+    repeat: cycle forever (train), or stop after one pass (eval): a stream that
+      ends pads its rows with empty ones, and the pass ends when every stream has.
+    process_index, process_count: this host and the number of hosts; the
+      iterator yields arrays [batch_size / process_count, seq_len], this host's
+      block of rows. The defaults give the whole global batch.
 
-  Close the iterator (`it.close()`) when done, to stop its background thread.
-  A state restores only into an iterator built with the same arguments and
-  the same data_cfg.worker_count.
+  Close the iterator (`it.close()`) when done, to stop its background work.
+  A state restores into an iterator built with the same files and data
+  settings (any process count, any data.worker_count).
   """
-  shard = files[shard_index::shard_count]
-  if not shard:
-    raise DataError(
-        f"Shard {shard_index} of {shard_count} gets no files: the split has "
-        f"{len(files)}. Add files to data.corpus or lower data.val_fraction.")
-  _check_files(shard, data_cfg)
-  ds = _documents(shard, tokenizer, data_cfg, seed=seed, shuffle=shuffle,
-                  repeat=repeat)
-  ds = _pack(ds, seq_len).map(_finish_row)
-  if shuffle and data_cfg.shuffle_rows > 1:
-    # Consecutive rows come from the same file: mixing rows over a window of several files
-    # keeps each batch from being one file's worth of correlated text.
-    ds = grain.experimental.WindowShuffleIterDataset(
-        ds, window_size=data_cfg.shuffle_rows, seed=seed % 2**32)
-  if repeat:
-    ds = ds.batch(batch_size, drop_remainder=True)
-  else:
-    ds = ds.batch(batch_size, batch_fn=functools.partial(
-        grain.experimental.batch_and_pad, batch_size=batch_size))
-  return iter(_prefetch(ds, data_cfg.worker_count))
+  n_streams = streams_lib.count(data_cfg, batch_size)
+  ids = streams_lib.of_host(n_streams, process_index, process_count)
+  if not files:
+    raise DataError(f"data.corpus={data_cfg.corpus!r}: this split has no files.")
+  if data_cfg.format not in FORMATS:
+    raise DataError(f"data.format={data_cfg.format!r} is not one of {FORMATS}.")
+  rows = batch_size // n_streams
+  plan = streams_lib.shares(files, n_streams)
+  encoder = _Encoder(tokenizer)
+  # The row shuffle's window is shared out: the host holds shuffle_rows * (its streams / S).
+  window = data_cfg.shuffle_rows // n_streams if shuffle else 0
+  chunks = {s: _stream(plan[s], f"stream {s} of {n_streams}", encoder, data_cfg,
+                       rows=rows, seq_len=seq_len, seed=_stream_seed(seed, s),
+                       shuffle=shuffle, repeat=repeat, window=window)
+            for s in ids}
+  it = streams_lib.StreamBatches(chunks, _padding(rows, seq_len),
+                                 workers=data_cfg.worker_count)
+  if not repeat and process_count == 1 and it.exhausted:
+    it.close()
+    raise DataError(f"data.corpus={data_cfg.corpus!r}: the {len(files)} file(s) of this "
+                    f"split hold no text (first: {files[0]}).")
+  return it
 
 
-def _documents(files: list[str], tokenizer: tokenizers.Tokenizer, data_cfg, *,
-               seed: int, shuffle: bool, repeat: bool) -> grain.IterDataset:
-  """One element per document, {"inputs", "targets"}, in file order."""
-  ds = grain.MapDataset.source(files)
-  if shuffle:
-    # MapDataset.shuffle reseeds with seed + epoch once repeat() runs past the
-    # first epoch, so each epoch gets its own order.
-    ds = ds.shuffle(seed=seed % 2**32)
-  ds = ds.repeat(None if repeat else 1)
+def _stream_seed(seed: int, stream: int) -> int:
+  """A seed of its own for each stream, from the run's seed."""
+  return int(np.random.SeedSequence([seed % 2**32, stream]).generate_state(1)[0])
+
+
+def _stream(share: streams_lib.Share, name: str, encoder: _Encoder, data_cfg, *,
+            rows: int, seq_len: int, seed: int, shuffle: bool, repeat: bool,
+            window: int) -> grain.IterDataset:
+  """One stream: chunks of `rows` packed rows from its share of the files."""
+  ds = grain.MapDataset.range(len(share.files)).repeat(None if repeat else 1)
+  ds = ds.map_with_index(_FileOrder(share.files, seed if shuffle else None))
   # Lazily: a file is read and tokenized only when the packer gets near it.
-  ds = ds.map(_TokenizeFile(tokenizer, data_cfg))
+  ds = ds.map(_TokenizeFile(encoder, data_cfg, share))
   ds = ds.to_iter_dataset(grain.ReadOptions(
       num_threads=_READ_THREADS, prefetch_buffer_size=_READ_AHEAD_FILES))
-  return grain.experimental.FlatMapIterDataset(ds, _Documents())
+  ds = grain.experimental.FlatMapIterDataset(ds, _Documents(name, share, repeat))
+  ds = _pack(ds, seq_len)
+  if data_cfg.format == "text" and share.parts > 1:
+    # A text file is one document: streams sharing one take turns at its packed rows.
+    ds = _EveryNth(ds, share.parts, share.part)
+  ds = ds.map(_finish_row)
+  if window > 1:
+    # Consecutive rows come from the same file: mixing rows over a window of several files
+    # keeps a row's successive batches from being one file's worth of correlated text.
+    ds = _WindowShuffle(ds, window, seed)
+  if repeat:
+    return ds.batch(rows, drop_remainder=True)
+  return ds.batch(rows, batch_fn=functools.partial(grain.experimental.batch_and_pad,
+                                                   batch_size=rows))
 
 
-def _prefetch(ds: grain.IterDataset, worker_count: int) -> grain.IterDataset:
-  """Runs the pipeline in worker processes, or in one background thread."""
-  if worker_count > 0:
-    _use_default_absl_flags()
-    # Each worker runs the whole pipeline on its own slice of the files, so
-    # the batches (and a saved state) depend on worker_count.
-    return ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
-  return grain.experimental.ThreadPrefetchIterDataset(
-      ds, prefetch_buffer_size=_BATCHES_AHEAD)
+class _FileOrder(grain.transforms.MapWithIndex):
+  """(index i over the repeated epochs, position in an epoch) -> the file there: each epoch
+  in its own seeded order (seed None: as listed). Not MapDataset.shuffle, whose index_shuffle
+  takes about 10 ms per file on the few files of a stream."""
+
+  def __init__(self, files: Sequence[str], seed: int | None):
+    self._files, self._seed = tuple(files), seed
+    self._last = (None, None)  # (epoch, its order), one object: reader threads share it
+
+  def map_with_index(self, index: int, position: int) -> str:
+    if self._seed is None:
+      return self._files[position]
+    epoch, order = self._last
+    if epoch != index // len(self._files):
+      epoch = index // len(self._files)
+      order = np.random.default_rng([self._seed, epoch]).permutation(len(self._files))
+      self._last = epoch, order
+    return self._files[order[position]]
 
 
-def _use_default_absl_flags() -> None:
-  """grain's worker processes read absl flags, which only absl.app parses."""
-  if not flags.FLAGS.is_parsed():
-    flags.FLAGS.mark_as_parsed()  # The defaults: what an absl program gets.
+class _EveryNth(grain.IterDataset):
+  """Element i of the parent for i % n == k."""
+
+  def __init__(self, parent: grain.IterDataset, n: int, k: int):
+    super().__init__(parent)
+    self._n, self._k = n, k
+
+  def __iter__(self) -> grain.DatasetIterator:
+    return _EveryNthIterator(self._parent.__iter__(), self._n, self._k)
+
+
+class _EveryNthIterator(grain.DatasetIterator):
+
+  def __init__(self, parent: grain.DatasetIterator, n: int, k: int):
+    super().__init__(parent)
+    self._n, self._k = n, k
+
+  def __next__(self):
+    # Takes n elements at a time, so the parent's state is always at a multiple of n.
+    mine = None
+    for i in range(self._n):
+      try:
+        element = next(self._parent)
+      except StopIteration:
+        if i > self._k:
+          return mine
+        raise
+      if i == self._k:
+        mine = element
+    return mine
+
+  def get_state(self):
+    return self._parent.get_state()
+
+  def set_state(self, state):
+    self._parent.set_state(state)
+
+
+class _WindowShuffle(grain.IterDataset):
+  """Elements shuffled within consecutive windows of `size`: grain's WindowShuffleIterDataset,
+  with a numpy permutation per window, because grain 0.2.18's index_shuffle takes about 2 ms
+  a call on windows of tens of rows (and it calls it once per row)."""
+
+  def __init__(self, parent: grain.IterDataset, size: int, seed: int):
+    super().__init__(parent)
+    self._size, self._seed = size, seed
+
+  def __iter__(self) -> grain.DatasetIterator:
+    return _WindowShuffleIterator(self._parent.__iter__(), self._size, self._seed)
+
+
+class _WindowShuffleIterator(grain.DatasetIterator):
+
+  def __init__(self, parent: grain.DatasetIterator, size: int, seed: int):
+    super().__init__(parent)
+    self._size, self._seed = size, seed
+    self._index, self._taken, self._window = 0, 0, []
+    self._start = parent.get_state()  # The parent's state where the window began.
+
+  def _fill(self) -> None:
+    self._start = self._parent.get_state()
+    window = []
+    for _ in range(self._size):
+      try:
+        window.append(next(self._parent))
+      except StopIteration:
+        break
+    order = np.random.default_rng([self._seed, self._index]).permutation(len(window))
+    self._window, self._taken = [window[i] for i in order], 0
+
+  def __next__(self):
+    if self._taken == len(self._window):
+      if self._window:
+        self._index += 1
+      self._fill()
+      if not self._window:
+        raise StopIteration
+    self._taken += 1
+    return self._window[self._taken - 1]
+
+  def get_state(self):
+    return {"window_start": self._start, "window": self._index, "taken": self._taken}
+
+  def set_state(self, state):
+    # The window is refilled from its start: a state holds no elements, only positions.
+    self._parent.set_state(state["window_start"])
+    self._index = state["window"]
+    self._fill()
+    self._taken = state["taken"]
 
 
 def _pack(ds: grain.IterDataset, seq_len: int) -> grain.IterDataset:

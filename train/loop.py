@@ -6,6 +6,7 @@ and on SIGTERM/SIGINT finishes the current step, saves, and returns.
 """
 
 import dataclasses
+import json
 import math
 import os
 import shutil
@@ -25,6 +26,7 @@ from model import ModelConfig, sharding
 from train import data as data_lib
 from train import metrics as metrics_lib
 from train import optim, step as step_lib
+from train import streams
 from train.checkpoint import Checkpointer
 from train.config import ConfigError
 from train import tasks
@@ -101,22 +103,69 @@ def build_program(cfg, model_cfg: ModelConfig, mesh) -> Program:
 
 
 class _HostBatches:
-  """Feeds the global batch: every host runs the same pipeline and keeps only its own rows.
+  """Feeds this host's rows of every global batch to its devices.
 
-  So the batches, and hence the losses, are the same for any number of processes; each host
-  transfers only its rows to its devices.
+  The data feeds give each host only its own block of rows: each host builds only the data
+  streams of its rows (train/streams.py), so the global batch, and hence the losses, are the
+  same for any number of processes. Where every host computes the whole batch instead (RL
+  rollouts), the host keeps its rows of it. A finite pass (`finite`, evaluation) ends on all
+  hosts together: a host whose rows have run out feeds padding until every host's have.
   """
 
-  def __init__(self, iterator, mesh, global_batch: int):
-    self.iterator = iterator
+  def __init__(self, iterator, mesh, global_batch: int, *, finite: bool = False):
+    self.iterator, self.finite = iterator, finite
     self.sharding = sharding.batch_sharding(mesh)
-    per_host = global_batch // jax.process_count()
-    self.rows = slice(jax.process_index() * per_host, (jax.process_index() + 1) * per_host)
+    self.global_batch = global_batch
+    self.per_host = global_batch // jax.process_count()
+    start = jax.process_index() * self.per_host
+    self.rows = slice(start, start + self.per_host)
+    self.last = None
 
   def __next__(self):
-    batch = next(self.iterator)
-    return {k: jax.make_array_from_process_local_data(self.sharding, np.asarray(v)[self.rows])
+    batch = self._local()
+    return {k: jax.make_array_from_process_local_data(self.sharding, v)
             for k, v in batch.items()}
+
+  def _local(self) -> dict:
+    if not self.finite or jax.process_count() == 1:
+      return self._own_rows(next(self.iterator))
+    try:
+      batch, real = self._own_rows(next(self.iterator)), True
+    except StopIteration:
+      batch, real = self._padding(), False
+    if not _any_process(real):
+      raise StopIteration
+    return batch
+
+  def _own_rows(self, batch) -> dict:
+    rows = len(next(iter(batch.values())))
+    if rows == self.global_batch and rows != self.per_host:
+      batch = {k: np.asarray(v)[self.rows] for k, v in batch.items()}
+    elif rows != self.per_host:
+      raise ValueError(f"the feed gave {rows} rows: expected this host's {self.per_host} or "
+                       f"the global batch of {self.global_batch}")
+    self.last = batch
+    return batch
+
+  def _padding(self) -> dict:
+    if self.last is not None:  # zeros: masks and `valid` 0, so padding weighs nothing
+      return {k: np.zeros_like(v) for k, v in self.last.items()}
+    return self.iterator.padding_batch()
+
+  def get_state(self):
+    """The iterator's state for a checkpoint: every host's streams, so it resumes on any
+    number of hosts."""
+    state = self.iterator.get_state()
+    if jax.process_count() == 1:
+      return state
+    from jax.experimental import multihost_utils
+    blob = np.frombuffer(json.dumps(state).encode(), np.uint8)
+    sizes = multihost_utils.process_allgather(np.array([blob.size]))
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[:blob.size] = blob
+    blobs = multihost_utils.process_allgather(padded)
+    return streams.merge_states([json.loads(bytes(b[:int(n)]))
+                                 for b, n in zip(blobs, sizes.ravel())])
 
 
 def _stop_on_signals():
@@ -243,7 +292,7 @@ def train(cfg) -> dict:
     return state.params if export is None else export(state.params, state.frozen)
 
   def save(state):
-    ckpt.save(state, train_it.get_state(), None if export is None else model_params(state))
+    ckpt.save(state, batches.get_state(), None if export is None else model_params(state))
 
   p_train_step, p_eval_step = prog.train_step, prog.eval_step
 
@@ -253,7 +302,7 @@ def train(cfg) -> dict:
     out = {}
     if feed.val is not None:
       val_it = feed.val()
-      batches = _HostBatches(val_it, mesh, batch_size)
+      batches = _HostBatches(val_it, mesh, batch_size, finite=True)
       sums = []
       for _ in range(cfg.train.eval_batches):
         try:

@@ -1,7 +1,9 @@
 """Post-training data: JSONL rows -> token ids -> fixed-shape numpy batches.
 
-Post-training sets fit in host memory, so every row is read, checked and tokenized up front: a
+Post-training sets fit in host memory, so a host reads, checks and tokenizes its rows up front: a
 bad row fails before the first step, and batching is deterministic, checkpointable arithmetic.
+As in pretraining (train/streams.py), the rows of a batch come from data.streams independent
+streams, each with its own rows of the files, and a host reads only the rows of its streams.
 
 Rows, one JSON object per line, by kind:
   sft:     {"messages": [{"role": "system"|"user"|"assistant", "content"}, ...]} (every assistant
@@ -19,9 +21,9 @@ An example (prompt + completion) has at most T = data.seq_len tokens, a generati
 data.truncation="keep_end" cuts the prompt's start (and the completion's end if it alone is too
 long); "drop" skips the example. Both are counted in `it.stats`.
 
-The builders' docstrings give the batch keys. Train iterators (repeat=True) reshuffle every
-epoch and drop its last partial batch; eval ones (repeat=False) make one pass and pad the last
-batch with empty rows (masks 0, valid 0).
+The builders' docstrings give the batch keys. Train iterators (repeat=True) reshuffle each
+stream every epoch and drop its last partial chunk of rows; eval ones (repeat=False) make one
+pass, padding a stream's rows with empty ones (masks 0, valid 0) once it has run out.
 """
 
 import functools
@@ -33,6 +35,7 @@ import numpy as np
 import tokenizers
 
 from infer import chat
+from train import streams as streams_lib
 from train.data import EOS, DataError
 
 KINDS = ("sft", "pairs", "prompts")
@@ -48,18 +51,21 @@ _PROBE = "Probe-7f3a"  # Assistant content that finds a template's end of turn.
 # Rows.
 
 
-def read_rows(path: str, kind: str, data_cfg, counts: dict | None = None) -> list[tuple[int, dict]]:
-  """(line number, row) of each good row of a JSONL file of `kind`.
+def read_rows(path: str, kind: str, data_cfg, counts: dict | None = None,
+              share: streams_lib.Share | None = None) -> list[tuple[int, dict]]:
+  """(line number, row) of each good row of a JSONL file of `kind` (of the lines `share`
+  owns: line i, from 0, when share.owns(i); default all).
 
   A bad row raises DataError naming `path:line`; with data.skip_bad_rows it is skipped and
   counted in counts["skipped_bad"].
   """
   if kind not in KINDS:
     raise DataError(f"kind={kind!r} is not one of {KINDS}.")
+  share = share or streams_lib.Share((path,))
   rows = []
   with open(path, encoding="utf-8", errors="replace") as f:
     for lineno, line in enumerate(f, 1):
-      if not line.strip():
+      if not share.owns(lineno - 1) or not line.strip():
         continue
       try:
         row = json.loads(line)
@@ -368,89 +374,118 @@ def _drop(counts):
 
 
 class Batches:
-  """A checkpointable iterator of batches over examples.
+  """A checkpointable iterator of batches over examples, in streams (train/streams.py).
 
-  Rows take examples in epoch order (a seeded permutation per epoch when shuffling): one per
-  row, or with `capacity` whole examples packed greedily (one that does not fit starts the next
-  row). A batch never spans two epochs, so the state is (epoch, position in its order).
+  `streams` maps each of this host's streams to its examples; stream s (of `count`) fills rows
+  [s*R, (s+1)*R) of the global batch, R = `rows`, and the batch holds this host's streams in
+  order. A stream's rows take its examples in its epoch order (a seeded permutation per stream
+  and epoch when shuffling): one per row, or with `capacity` whole examples packed greedily (one
+  that does not fit starts the next row). A stream's chunk of R rows never spans two of its
+  epochs, so its state is (epoch, position).
   """
 
-  def __init__(self, examples, collate, *, batch_size, seed, shuffle, repeat, stats,
-               sizes=None, capacity=None):
-    if batch_size < 1:
-      raise DataError(f"batch_size must be >= 1, got {batch_size}.")
-    self._examples, self._collate, self._batch_size = examples, collate, batch_size
+  def __init__(self, streams: dict[int, list], collate, *, count, rows, seed, shuffle, repeat,
+               stats, sizes=None, capacity=None):
+    if rows < 1:
+      raise DataError(f"batch_size must be >= 1, got {rows * count}.")
+    self._examples, self._collate, self._count, self._rows = streams, collate, count, rows
     self._seed, self._shuffle, self._repeat = seed % 2**32, shuffle, repeat
     self._sizes, self._capacity, self._stats = sizes, capacity, dict(stats)
-    self._epoch = self._position = 0
-    self._order_epoch = self._order = None
+    self._epoch = dict.fromkeys(streams, 0)
+    self._position = dict.fromkeys(streams, 0)
+    self._orders = {}
 
   @property
   def stats(self) -> dict:
-    """Counts: rows, examples, truncated, completion_cut, dropped, skipped_bad."""
+    """Counts over this host's streams: rows, examples, truncated, completion_cut, dropped,
+    skipped_bad."""
     return dict(self._stats)
 
   def __iter__(self):
     return self
 
   def __next__(self) -> dict:
+    taken = {s: self._chunk(s) for s in self._examples}
+    if not any(rows for rows, _ in taken.values()):  # a finite pass that has ended
+      raise StopIteration
+    for s, (_, end) in taken.items():
+      self._position[s] = end
+    rows = [(s, row) for s, (chunk, _) in taken.items()
+            for row in chunk + [[]] * (self._rows - len(chunk))]  # [] is a padding row
+    return self._batch(rows)
+
+  def padding_batch(self) -> dict:
+    """A batch of padding only, shaped as this host's batches."""
+    return self._batch([(s, []) for s in self._examples for _ in range(self._rows)])
+
+  def _batch(self, rows) -> dict:
+    batch = self._collate(len(rows), [[self._examples[s][i] for i in row] for s, row in rows])
+    if self._capacity is None:  # one example per row: which (-1: padding), to key per-example
+      # data (DPO's precomputed reference): i * count + s is the same for any host count.
+      batch["index"] = np.array([row[0] * self._count + s if row else -1 for s, row in rows],
+                                np.int32)
+    return batch
+
+  def _chunk(self, s) -> tuple[list[list[int]], int]:
+    """Stream s's next R rows (example indices; fewer at the end of a finite pass) and the
+    position they end at, moving on to its next epoch when this one cannot fill them."""
     while True:
-      rows, end = self._take(self._epoch_order(), self._position)
-      if len(rows) == self._batch_size or (rows and not self._repeat):
-        self._position = end
-        batch = self._collate(self._batch_size, [[self._examples[i] for i in r] for r in rows])
-        if self._capacity is None:  # one example per row: which (-1: padding), to key
-          index = np.full((self._batch_size,), -1, np.int32)  # per-example data (DPO refs)
-          index[:len(rows)] = [r[0] for r in rows]
-          batch["index"] = index
-        return batch
-      if not self._repeat:
-        raise StopIteration
-      if self._position == 0:  # Else this loop would spin forever.
-        raise DataError(f"{len(self._examples)} examples fill fewer than batch_size="
-                        f"{self._batch_size} rows: an epoch yields no training batch.")
-      self._epoch, self._position = self._epoch + 1, 0  # Drops the epoch's remainder.
+      rows, end = self._take(s, self._order(s), self._position[s])
+      if len(rows) == self._rows or not self._repeat:
+        return rows, end
+      if self._position[s] == 0:  # Else this loop would spin forever.
+        raise DataError(f"stream {s} of {self._count} (data.streams; 0 is one per row) has "
+                        f"{len(self._examples[s])} examples, which fill fewer than its "
+                        f"{self._rows} row(s) of a batch: an epoch yields no training batch. "
+                        "Add rows or lower data.streams or train.batch_size.")
+      self._epoch[s], self._position[s] = self._epoch[s] + 1, 0  # Drops the epoch's remainder.
 
-  def _epoch_order(self) -> np.ndarray:
-    if self._order_epoch != self._epoch:
-      n, rng = len(self._examples), np.random.default_rng((self._seed, self._epoch))
-      self._order = rng.permutation(n) if self._shuffle else np.arange(n)
-      self._order_epoch = self._epoch
-    return self._order
+  def _order(self, s) -> np.ndarray:
+    epoch = self._epoch[s]
+    if self._orders.get(s, (None,))[0] != epoch:
+      n, rng = len(self._examples[s]), np.random.default_rng((self._seed, s, epoch))
+      self._orders[s] = epoch, rng.permutation(n) if self._shuffle else np.arange(n)
+    return self._orders[s][1]
 
-  def _take(self, order, pos) -> tuple[list[list[int]], int]:
-    """Up to batch_size rows of example indices from order[pos:], and where they end."""
+  def _take(self, s, order, pos) -> tuple[list[list[int]], int]:
+    """Up to R rows of example indices from order[pos:], and where they end."""
     rows, row, used = [], [], 0
-    while pos < len(order) and len(rows) < self._batch_size:
+    while pos < len(order) and len(rows) < self._rows:
       i = int(order[pos])
       if self._capacity is None:
         rows.append([i])
-      elif row and used + self._sizes[i] > self._capacity:
+      elif row and used + self._sizes[s][i] > self._capacity:
         rows.append(row)
         row, used = [], 0
         continue
       else:
         row.append(i)
-        used += self._sizes[i]
+        used += self._sizes[s][i]
       pos += 1
     return rows + ([row] if row else []), pos
 
   def get_state(self) -> dict:
-    return {"epoch": self._epoch, "position": self._position, "examples": len(self._examples)}
+    return {"streams": {str(s): {"epoch": self._epoch[s], "position": self._position[s],
+                                 "examples": len(examples)}
+                        for s, examples in self._examples.items()}}
 
   def set_state(self, state: dict) -> None:
-    if state["examples"] != len(self._examples):
-      raise DataError(f"The data state was saved over {state['examples']} examples, this "
-                      f"iterator has {len(self._examples)}: resume with the same files and "
-                      "data config.")
-    self._epoch, self._position = int(state["epoch"]), int(state["position"])
+    for s, saved in streams_lib.pick(state, list(self._examples)).items():
+      if saved["examples"] != len(self._examples[s]):
+        raise DataError(f"The data state was saved over {saved['examples']} examples in "
+                        f"stream {s}, this iterator has {len(self._examples[s])}: resume with "
+                        "the same files and data config.")
+      self._epoch[s], self._position[s] = int(saved["epoch"]), int(saved["position"])
 
   def close(self) -> None:
     pass
 
 
-def _batches(kind, rows, formatter, data_cfg, *, batch_size, seed, shuffle, repeat, stats):
-  """Checks, formats and cuts every row of `kind`; the Batches over what is kept."""
+def _batches(kind, streams, formatter, data_cfg, *, count, rows, seed, shuffle, repeat, stats):
+  """Checks, formats and cuts every row of `kind` of each stream; the Batches over what is kept.
+
+  streams: {stream: its rows (row dicts, or (location, row) pairs)} of this host's streams.
+  """
   if kind not in KINDS:
     raise DataError(f"kind={kind!r} is not one of {KINDS}.")
   if data_cfg.truncation not in TRUNCATIONS:
@@ -460,6 +495,19 @@ def _batches(kind, rows, formatter, data_cfg, *, batch_size, seed, shuffle, repe
   make, collate = _KINDS[kind]
   counts = dict.fromkeys(("rows", "examples", "truncated", "completion_cut", "dropped",
                           "skipped_bad"), 0) | dict(stats or {})
+  examples = {s: _examples(kind, make, stream_rows, formatter, data_cfg, counts)
+              for s, stream_rows in streams.items()}
+  counts["examples"] = sum(map(len, examples.values()))
+  packed = kind == "sft" and data_cfg.pack
+  return Batches(examples, functools.partial(collate, data_cfg.seq_len), count=count, rows=rows,
+                 seed=seed, shuffle=shuffle, repeat=repeat, stats=counts,
+                 # An example of n tokens fills n - 1 (input, target) slots.
+                 sizes={s: [len(ids) - 1 for ids, _ in e] for s, e in examples.items()}
+                 if packed else None,
+                 capacity=data_cfg.seq_len if packed else None)
+
+
+def _examples(kind, make, rows, formatter, data_cfg, counts) -> list:
   examples = []
   for i, item in enumerate(rows):
     where, row = item if isinstance(item, tuple) else (f"rows[{i}]", item)
@@ -475,13 +523,14 @@ def _batches(kind, rows, formatter, data_cfg, *, batch_size, seed, shuffle, repe
       continue
     counts["rows"] += 1
     examples += [] if example is None else [example]
-  counts["examples"] = len(examples)
-  packed = kind == "sft" and data_cfg.pack
-  return Batches(examples, functools.partial(collate, data_cfg.seq_len), batch_size=batch_size,
-                 seed=seed, shuffle=shuffle, repeat=repeat, stats=counts,
-                 # An example of n tokens fills n - 1 (input, target) slots.
-                 sizes=[len(ids) - 1 for ids, _ in examples] if packed else None,
-                 capacity=data_cfg.seq_len if packed else None)
+  return examples
+
+
+def _in_memory(kind, rows, formatter, data_cfg, *, batch_size, seed, shuffle, repeat, stats):
+  """Batches of rows given as a list, already in this host's memory: one stream, the rows in
+  their order (data.streams divides the reading of files; see make_batches)."""
+  return _batches(kind, {0: list(rows)}, formatter, data_cfg, count=1, rows=batch_size,
+                  seed=seed, shuffle=shuffle, repeat=repeat, stats=stats)
 
 
 def sft_batches(rows, formatter: Formatter, data_cfg, *, batch_size: int, seed: int,
@@ -490,11 +539,12 @@ def sft_batches(rows, formatter: Formatter, data_cfg, *, batch_size: int, seed: 
   segment_ids (1, 2, .. per packed example, 0 pad), loss_mask (1 exactly where the target is
   trainable). data.pack packs whole examples into rows; else one example per row.
 
-  rows: row dicts, or (location, row) pairs whose location ("path:line") errors name.
-  stats: counts to start from (make_batches passes its skipped rows).
+  rows: row dicts, or (location, row) pairs whose location ("path:line") errors name; one
+    stream, in this order.
+  stats: counts to start from.
   """
-  return _batches("sft", rows, formatter, data_cfg, batch_size=batch_size, seed=seed,
-                  shuffle=shuffle, repeat=repeat, stats=stats)
+  return _in_memory("sft", rows, formatter, data_cfg, batch_size=batch_size, seed=seed,
+                    shuffle=shuffle, repeat=repeat, stats=stats)
 
 
 def _sft_batch(t, b, rows):
@@ -521,8 +571,8 @@ def pair_batches(rows, formatter: Formatter, data_cfg, *, batch_size: int, seed:
   token); and [B]: p_last (int32 index of the last real token), margin, valid (0: padding).
   rows and stats as in sft_batches.
   """
-  return _batches("pairs", rows, formatter, data_cfg, batch_size=batch_size, seed=seed,
-                  shuffle=shuffle, repeat=repeat, stats=stats)
+  return _in_memory("pairs", rows, formatter, data_cfg, batch_size=batch_size, seed=seed,
+                    shuffle=shuffle, repeat=repeat, stats=stats)
 
 
 def _pair_batch(t, b, rows):
@@ -531,7 +581,10 @@ def _pair_batch(t, b, rows):
     for name in ("inputs", "targets", "positions", "segment_ids"):
       out[f"{p}_{name}"] = np.zeros((b, t), np.int32)
     out[f"{p}_loss_mask"], out[f"{p}_last"] = np.zeros((b, t), np.float32), np.zeros(b, np.int32)
-    for r, [example] in enumerate(rows):
+    for r, row in enumerate(rows):
+      if not row:  # padding
+        continue
+      [example] = row
       prompt, seq = example[0], example[0] + example[k]
       n = len(seq)
       # All n tokens are inputs, so the reward head can read the last (the EOS); that
@@ -550,17 +603,18 @@ def prompt_batches(rows, formatter: Formatter, data_cfg, *, batch_size: int, see
   Padding rows copy the batch's first prompt, since generation needs one. rows and stats as in
   sft_batches.
   """
-  return _batches("prompts", rows, formatter, data_cfg, batch_size=batch_size, seed=seed,
-                  shuffle=shuffle, repeat=repeat, stats=stats)
+  return _in_memory("prompts", rows, formatter, data_cfg, batch_size=batch_size, seed=seed,
+                    shuffle=shuffle, repeat=repeat, stats=stats)
 
 
 def _prompt_batch(t, b, rows):
-  examples = [row[0] for row in rows]
-  examples += [examples[0]] * (b - len(examples))
+  rows = rows + [[]] * (b - len(rows))
+  first = next(row[0] for row in rows if row)
+  examples = [row[0] if row else first for row in rows]
   return {"prompt_ids": [list(ids) for ids, _, _ in examples],
           "prompts": [text for _, text, _ in examples],
           "rows": [row for _, _, row in examples],
-          "valid": (np.arange(b) < len(rows)).astype(np.float32)}
+          "valid": np.array([bool(row) for row in rows], np.float32)}
 
 
 _KINDS = {"sft": (_sft_example, _sft_batch), "pairs": (_pair_example, _pair_batch),
@@ -568,14 +622,20 @@ _KINDS = {"sft": (_sft_example, _sft_batch), "pairs": (_pair_example, _pair_batc
 
 
 def make_batches(kind: str, files: Sequence[str], formatter: Formatter, data_cfg, *,
-                 batch_size: int, seed: int, shuffle: bool, repeat: bool) -> Batches:
-  """Batches of `kind` ("sft", "pairs" or "prompts") over every row of `files`.
+                 batch_size: int, seed: int, shuffle: bool, repeat: bool,
+                 process_index: int = 0, process_count: int = 1) -> Batches:
+  """Batches of `kind` ("sft", "pairs" or "prompts") over the rows of `files`: this host's
+  rows [batch_size / process_count] of each global batch of `batch_size` (the defaults: all).
 
-  Post-training sets fit in host memory: all files are read and tokenized here, so a bad row
-  fails now, not mid-run. Reads data.seq_len, data.truncation, data.skip_bad_rows, data.pack.
+  Post-training sets fit in host memory: the rows of this host's streams (train/streams.py)
+  are read and tokenized here, so a bad row among them fails now, not mid-run. Reads
+  data.seq_len, data.truncation, data.skip_bad_rows, data.pack, data.streams.
   """
+  count = streams_lib.count(data_cfg, batch_size)
+  plan = streams_lib.shares(files, count)
   counts = {"skipped_bad": 0}
-  rows = [(f"{path}:{lineno}", row) for path in files
-          for lineno, row in read_rows(path, kind, data_cfg, counts)]
-  return _batches(kind, rows, formatter, data_cfg, batch_size=batch_size, seed=seed,
-                  shuffle=shuffle, repeat=repeat, stats=counts)
+  rows = {s: [(f"{path}:{lineno}", row) for path in plan[s].files
+              for lineno, row in read_rows(path, kind, data_cfg, counts, plan[s])]
+          for s in streams_lib.of_host(count, process_index, process_count)}
+  return _batches(kind, rows, formatter, data_cfg, count=count, rows=batch_size // count,
+                  seed=seed, shuffle=shuffle, repeat=repeat, stats=counts)

@@ -65,10 +65,12 @@ def objective(cfg, model_cfg) -> Objective:
 
 def feed(cfg, model_cfg, mesh, run) -> Feed:
   del model_cfg, mesh
+  # This host's rows only: it reads and tokenizes only the files of its data streams.
   make = functools.partial(data_lib.make_iterator, cfg.data, run.tokenizer,
                            batch_size=cfg.train.batch_size, seq_len=cfg.data.seq_len,
-                           seed=cfg.seed)
-  make(run.val_files, shuffle=False, repeat=True).close()  # validates the val files now
+                           seed=cfg.seed, process_index=jax.process_index(),
+                           process_count=jax.process_count())
+  make(run.val_files, shuffle=False, repeat=True).close()  # its first batch checks the val files
   eos = run.tokenizer.token_to_id(data_lib.EOS)
   return Feed(train=make(run.train_files, shuffle=True, repeat=True),
               val=lambda: make(run.val_files, shuffle=False, repeat=True),

@@ -8,6 +8,8 @@ pretraining's, applied to the policy's parameters (all of them, or a LoRA-merged
 
 import functools
 
+import jax
+
 from train import posttrain_data
 from train.tasks import Feed, Objective, common, pretrain
 
@@ -36,13 +38,16 @@ def posttrain_feed(cfg, model_cfg, run, policy, kind: str, *, score: bool = True
   formatter = posttrain_data.Formatter(run.tokenizer, run.tokenizer_config, cfg.data)
   make = functools.partial(posttrain_data.make_batches, kind, formatter=formatter,
                            data_cfg=cfg.data, batch_size=cfg.train.batch_size, seed=cfg.seed)
-  train = make(run.train_files, shuffle=True, repeat=True)
-  make(run.val_files, shuffle=False, repeat=False).close()  # bad val rows fail now
+  # Train and val: this host's rows only (it reads only its streams' rows). `make` alone
+  # gives the whole batches, on every host (DPO's reference pass).
+  host = dict(process_index=jax.process_index(), process_count=jax.process_count())
+  train = make(run.train_files, shuffle=True, repeat=True, **host)
+  make(run.val_files, shuffle=False, repeat=False, **host).close()  # bad val rows fail now
   evaluate = None
   if score and cfg.rl.reward_fn and cfg.rl.eval_prompts:
     evaluate = common.ScoreEval(cfg, model_cfg, formatter, common.eval_prompt_files(cfg),
                                 policy.params)
-  return Feed(train=train, val=lambda: make(run.val_files, shuffle=False, repeat=False),
+  return Feed(train=train, val=lambda: make(run.val_files, shuffle=False, repeat=False, **host),
               make=lambda files: make(files, shuffle=False, repeat=False),
               evaluate=evaluate, host_metrics=lambda: _data_metrics(train),
               load_frozen=(lambda shardings: policy.load_frozen(shardings)) if policy.rank
