@@ -30,7 +30,7 @@ import json
 import os
 import sysconfig
 import types
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import grain
 import numpy as np
@@ -159,11 +159,12 @@ def _stable_unit(rel_path: str) -> float:
 # Documents.
 
 
-def read_documents(path: str, data_cfg, share: streams_lib.Share | None = None) -> list[str]:
+def read_documents(path: str, data_cfg,
+                   lines: Callable[[int], bool] | None = None) -> list[str]:
   """The documents of one file: the whole file (text) or one per line (jsonl).
 
-  share: of a JSONL file, only the lines it owns are parsed (line i, from 0, when
-  share.owns(i)); a text file is one document, always read whole.
+  lines: of a JSONL file, parse only line i (from 0) where lines(i) (a stream's share
+  of a file it shares with others); a text file is one document, always read whole.
   Raises DataError naming `path:line` for a JSONL line that is not a JSON
   object with a string field `data_cfg.text_field`.
   """
@@ -174,11 +175,10 @@ def read_documents(path: str, data_cfg, share: streams_lib.Share | None = None) 
     with open(path, encoding="utf-8", errors="replace", newline="") as f:
       return [f.read()]
   if fmt == "jsonl":
-    share = share or streams_lib.Share((path,))
     with open(path, encoding="utf-8", errors="replace") as f:
       return [_jsonl_text(line, path, lineno, data_cfg.text_field)
               for lineno, line in enumerate(f, 1)
-              if share.owns(lineno - 1) and line.strip()]
+              if (lines is None or lines(lineno - 1)) and line.strip()]
   raise DataError(f"data.format={fmt!r} is not one of {FORMATS}.")
 
 
@@ -235,7 +235,7 @@ class _TokenizeFile(grain.transforms.Map):
         format=data_cfg.format, text_field=data_cfg.text_field)
 
   def map(self, path: str) -> list[dict[str, np.ndarray]]:
-    texts = [t for t in read_documents(path, self._cfg, self._share) if t]
+    texts = [t for t in read_documents(path, self._cfg, self._share.owns) if t]
     encodings = self._encoder.tokenizer.encode_batch(texts, add_special_tokens=False)
     return [self._shifted(e.ids) for e in encodings]
 

@@ -29,7 +29,7 @@ pass, padding a stream's rows with empty ones (masks 0, valid 0) once it has run
 import functools
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import tokenizers
@@ -52,20 +52,19 @@ _PROBE = "Probe-7f3a"  # Assistant content that finds a template's end of turn.
 
 
 def read_rows(path: str, kind: str, data_cfg, counts: dict | None = None,
-              share: streams_lib.Share | None = None) -> list[tuple[int, dict]]:
-  """(line number, row) of each good row of a JSONL file of `kind` (of the lines `share`
-  owns: line i, from 0, when share.owns(i); default all).
+              lines: Callable[[int], bool] | None = None) -> list[tuple[int, dict]]:
+  """(line number, row) of each good row of a JSONL file of `kind`; with `lines`, only of
+  line i (from 0) where lines(i): the others are not parsed.
 
   A bad row raises DataError naming `path:line`; with data.skip_bad_rows it is skipped and
   counted in counts["skipped_bad"].
   """
   if kind not in KINDS:
     raise DataError(f"kind={kind!r} is not one of {KINDS}.")
-  share = share or streams_lib.Share((path,))
   rows = []
   with open(path, encoding="utf-8", errors="replace") as f:
     for lineno, line in enumerate(f, 1):
-      if not share.owns(lineno - 1) or not line.strip():
+      if (lines is not None and not lines(lineno - 1)) or not line.strip():
         continue
       try:
         row = json.loads(line)
@@ -633,9 +632,16 @@ def make_batches(kind: str, files: Sequence[str], formatter: Formatter, data_cfg
   """
   count = streams_lib.count(data_cfg, batch_size)
   plan = streams_lib.shares(files, count)
+  local = streams_lib.of_host(count, process_index, process_count)
   counts = {"skipped_bad": 0}
-  rows = {s: [(f"{path}:{lineno}", row) for path in plan[s].files
-              for lineno, row in read_rows(path, kind, data_cfg, counts, plan[s])]
-          for s in streams_lib.of_host(count, process_index, process_count)}
+  rows = {s: [] for s in local}
+  for path in dict.fromkeys(path for s in local for path in plan[s].files):
+    # This host's streams that read `path` (several when they share it, each its part of
+    # the lines): one read of the file serves them all.
+    part = {plan[s].part: s for s in local if path in plan[s].files}
+    parts = plan[next(iter(part.values()))].parts
+    for lineno, row in read_rows(path, kind, data_cfg, counts,
+                                 lambda i: i % parts in part):
+      rows[part[(lineno - 1) % parts]].append((f"{path}:{lineno}", row))
   return _batches(kind, rows, formatter, data_cfg, count=count, rows=batch_size // count,
                   seed=seed, shuffle=shuffle, repeat=repeat, stats=counts)
