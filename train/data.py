@@ -358,7 +358,7 @@ def _stream(share: streams_lib.Share, name: str, encoder: _Encoder, data_cfg, *,
   ds = _pack(ds, seq_len)
   if data_cfg.format == "text" and share.parts > 1:
     # A text file is one document: streams sharing one take turns at its packed rows.
-    ds = _EveryNth(ds, share.parts, share.part)
+    ds = streams_lib.EveryNth(ds, share.parts, share.part)
   ds = ds.map(_finish_row)
   if window > 1:
     # Consecutive rows come from the same file: mixing rows over a window of several files
@@ -388,44 +388,6 @@ class _FileOrder(grain.transforms.MapWithIndex):
       order = np.random.default_rng([self._seed, epoch]).permutation(len(self._files))
       self._last = epoch, order
     return self._files[order[position]]
-
-
-class _EveryNth(grain.IterDataset):
-  """Element i of the parent for i % n == k."""
-
-  def __init__(self, parent: grain.IterDataset, n: int, k: int):
-    super().__init__(parent)
-    self._n, self._k = n, k
-
-  def __iter__(self) -> grain.DatasetIterator:
-    return _EveryNthIterator(self._parent.__iter__(), self._n, self._k)
-
-
-class _EveryNthIterator(grain.DatasetIterator):
-
-  def __init__(self, parent: grain.DatasetIterator, n: int, k: int):
-    super().__init__(parent)
-    self._n, self._k = n, k
-
-  def __next__(self):
-    # Takes n elements at a time, so the parent's state is always at a multiple of n.
-    mine = None
-    for i in range(self._n):
-      try:
-        element = next(self._parent)
-      except StopIteration:
-        if i > self._k:
-          return mine
-        raise
-      if i == self._k:
-        mine = element
-    return mine
-
-  def get_state(self):
-    return self._parent.get_state()
-
-  def set_state(self, state):
-    self._parent.set_state(state)
 
 
 class _WindowShuffle(grain.IterDataset):

@@ -19,8 +19,13 @@ resumes on any number of hosts (as long as S stays the same).
 `StreamBatches` runs a host's streams (grain datasets) side by side, in a background thread or
 in `data.worker_count` processes that each run whole streams, so the batches do not depend on
 the worker count either.
+
+Cost: a stream holds the tokens of the file it is reading and its share (data.shuffle_rows / S)
+of the row-shuffle window; with one stream per row, a host with many rows and very large files
+holds many files at once, and fewer streams (data.streams) hold fewer.
 """
 
+import copy
 import dataclasses
 from collections.abc import Sequence
 
@@ -114,7 +119,46 @@ def pick(state, ids: Sequence[int]) -> dict[int, object]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Running a host's streams side by side (grain).
+# Streams with grain: sharing a file's rows, and running a host's streams side by side.
+
+
+class EveryNth(grain.IterDataset):
+  """Element i of the parent for i % n == k: stream k's turns at rows that n streams sharing
+  one file take in turn (a text file is one document, which cannot be split by lines)."""
+
+  def __init__(self, parent: grain.IterDataset, n: int, k: int):
+    super().__init__(parent)
+    self._n, self._k = n, k
+
+  def __iter__(self) -> grain.DatasetIterator:
+    return _EveryNthIterator(self._parent.__iter__(), self._n, self._k)
+
+
+class _EveryNthIterator(grain.DatasetIterator):
+
+  def __init__(self, parent: grain.DatasetIterator, n: int, k: int):
+    super().__init__(parent)
+    self._n, self._k = n, k
+
+  def __next__(self):
+    # Takes n elements at a time, so the parent's state is always at a multiple of n.
+    mine = None
+    for i in range(self._n):
+      try:
+        element = next(self._parent)
+      except StopIteration:
+        if i > self._k:
+          return mine
+        raise
+      if i == self._k:
+        mine = element
+    return mine
+
+  def get_state(self):
+    return self._parent.get_state()
+
+  def set_state(self, state):
+    self._parent.set_state(state)
 
 
 class _SideBySide(grain.IterDataset):
@@ -157,7 +201,9 @@ class _SideBySideIterator(grain.DatasetIterator):
       if i not in self._done:
         try:
           chunks.append(next(it))
-          self._states[i] = it.get_state()
+          # A copy: the stream runs on ahead of the consumer, and a state may share objects
+          # with the iterator that it describes.
+          self._states[i] = copy.deepcopy(it.get_state())
           continue
         except StopIteration:
           self._done.add(i)
