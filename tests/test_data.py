@@ -302,7 +302,7 @@ def test_each_stream_packs_its_own_files_in_order_and_pads_its_end(tmp_path, tok
 
 
 def _open_counter(monkeypatch):
-  """Paths opened by train/data.py's reading (in grain's reader threads too)."""
+  """Paths opened by train/data.py's reading (in grain's background thread too)."""
   opened = []
 
   def counting_open(path, *args, **kwargs):
@@ -461,8 +461,10 @@ def test_resume_mid_epoch_on_another_number_of_hosts(tmp_path, tok):
                                       np.concatenate([p[key] for p in parts]))
     for it in resumed:
       it.close()
+  it = make(1, 2)
   with pytest.raises(ConfigError, match=r"stream\(s\) \[2, 3\]"):
-    make(1, 2).set_state({"streams": {"0": None, "1": None}})
+    it.set_state({"streams": {"0": None, "1": None}})  # host 0's streams only
+  it.close()
 
 
 def test_orbax_checkpoint_round_trip(tmp_path, tok):
