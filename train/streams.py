@@ -28,6 +28,7 @@ holds many files at once, and fewer streams (data.streams) hold fewer.
 import copy
 import dataclasses
 from collections.abc import Sequence
+from concurrent import futures
 
 from absl import flags
 import grain
@@ -37,6 +38,9 @@ from train.config import ConfigError
 
 # Batches kept ready in the background, so data work overlaps the step.
 _BATCHES_AHEAD = 2
+# Streams advanced at once (tokenizing releases the GIL). Few, because the host has few cores
+# and they are shared with the training step.
+_THREADS = 2
 
 
 def count(data_cfg, batch_size: int) -> int:
@@ -188,29 +192,40 @@ class _SideBySideIterator(grain.DatasetIterator):
 
   def __init__(self, streams, pad, states):
     super().__init__()
-    self._its = {i: iter(ds) for i, ds in streams.items()}
-    self._pad, self._done = pad, set()
+    self._pool = futures.ThreadPoolExecutor(_THREADS, thread_name_prefix="data-stream")
+    self._its, self._pad, self._done = {}, pad, set()
     self._states = {i: states.get(i) for i in streams}
-    for i, it in self._its.items():
+    for i, ds in streams.items():
+      self._its[i] = iter(ds)
       if self._states[i] is not None:
-        it.set_state(self._states[i])
+        self._its[i].set_state(self._states[i])
+
+  def _advance(self, i):
+    """Stream i's next chunk (pad once it has ended); one thread at a time per stream."""
+    if i not in self._done:
+      it = self._its[i]
+      try:
+        chunk = next(it)
+      except StopIteration:
+        self._done.add(i)
+        return self._pad
+      # A copy: the stream runs on ahead of the consumer, and a state may share objects with
+      # the iterator that it describes.
+      self._states[i] = copy.deepcopy(it.get_state())
+      return chunk
+    return self._pad
 
   def __next__(self):
-    chunks = []
-    for i, it in self._its.items():
-      if i not in self._done:
-        try:
-          chunks.append(next(it))
-          # A copy: the stream runs on ahead of the consumer, and a state may share objects
-          # with the iterator that it describes.
-          self._states[i] = copy.deepcopy(it.get_state())
-          continue
-        except StopIteration:
-          self._done.add(i)
-      chunks.append(self._pad)
+    chunks = list(self._pool.map(self._advance, self._its))
     # A finite pass keeps answering "done" rather than stopping: with worker processes, a
     # worker that stopped early would shift the round-robin order of the others' chunks.
     return len(self._done) == len(self._its), chunks, dict(self._states)
+
+  def close(self):
+    self._pool.shutdown(wait=False, cancel_futures=True)
+    for it in self._its.values():
+      it.close()
+    super().close()
 
   def get_state(self):
     return {"streams": dict(self._states)}
