@@ -32,12 +32,12 @@ from train.state import TrainState, abstract_state, create_state, param_count
 from train.tokenizer import load_or_train_tokenizer
 
 
-def model_and_mesh(cfg):
-  """(ModelConfig, mesh) from a run config; their errors become ConfigErrors (clean messages
-  naming the key, no traceback)."""
+def model_and_mesh(cfg, devices=None):
+  """(ModelConfig, mesh over `devices`, default all) from a run config; their errors become
+  ConfigErrors (clean messages naming the key, no traceback)."""
   try:
     model_cfg = ModelConfig.from_config(cfg.model)
-    mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices)
     optim.learning_rate_schedule(cfg.train)
   except ValueError as e:
     raise ConfigError(str(e)) from None
