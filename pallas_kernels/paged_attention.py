@@ -198,9 +198,10 @@ def _paged_tpu(q4, k_pages, v_pages, lengths, page_indices, *, scale, ppcb, num_
   hkv, _, page_size, _ = k_pages.shape
   pps = page_indices.shape[1]
   g = hq // hkv
-  block_rows = min(fc.round_up(g * tq, SUBLANES), max_rows or TPU_MAX_ROWS)
-  rows = fc.round_up(g * tq, block_rows)
-  n_blocks = rows // block_rows
+  # Equal blocks of whole bf16 tiles (16 rows) when there are several, so little is padding.
+  n_blocks = -(-g * tq // (max_rows or TPU_MAX_ROWS))
+  block_rows = fc.round_up(-(-g * tq // n_blocks), SUBLANES if n_blocks == 1 else 2 * SUBLANES)
+  rows = n_blocks * block_rows
   qs = _group_queries(q4, hkv, rows)
   back = jnp.broadcast_to(jnp.asarray(_rows_back(tq, g, rows))[:, None], (rows, LANES))
   visible = functools.partial(_visible, rows_per_block=block_rows, tq=tq, g=g)
