@@ -17,8 +17,7 @@ from jax.sharding import PartitionSpec as P
 from model import kv_cache, sharding
 from model.config import ModelConfig
 from model.sharding import constrain
-from pallas_kernels.attention import attention, cached_attention
-from pallas_kernels.flash_attention import resolve_impl
+from pallas_kernels.attention import attention, attention_path, cached_attention
 
 
 def _param(module, name, init, shape, axes, dtype):
@@ -80,13 +79,17 @@ def self_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids, cfg: ModelConfig):
 
   A pallas_call is opaque to XLA's partitioner, which would gather its inputs onto every
   device; under a mesh the kernel runs per shard instead: rows over (data, fsdp), heads over
-  tensor when the kv heads divide evenly (else every tensor shard computes all heads).
+  tensor when the kv heads divide evenly (else every tensor shard computes all heads). Whether
+  the kernel runs is asked of the mesh's devices, not of this process's default backend: a
+  step compiled for TPU devices from a CPU-only host runs the kernel.
   """
   if segment_ids is None:
     segment_ids = jnp.ones(q_BTNH.shape[:2], jnp.int32)
   fn = functools.partial(attention, causal=True, impl=cfg.attention_impl)
   mesh = sharding.current_mesh()
-  if mesh is None or resolve_impl(cfg.attention_impl) != "pallas":
+  if mesh is None or attention_path(
+      mesh.devices.flat[0].platform, head_dim=q_BTNH.shape[-1], dtype=q_BTNH.dtype,
+      kv_dtype=k_BTKH.dtype, impl=cfg.attention_impl).impl != "pallas":
     return fn(q_BTNH, k_BTKH, v_BTKH, segment_ids=segment_ids)
   heads = "tensor" if cfg.n_kv_heads % mesh.shape["tensor"] == 0 else None
   qkv_spec = P(("data", "fsdp"), None, heads, None)
