@@ -16,26 +16,21 @@ What this cannot tell: speed, and numerics on the device (tests/test_flash_atten
 tests/test_paged_attention.py check the same kernels against references in interpret mode).
 """
 
-import os
 import re
 
-# Compile-only libtpu needs no TPU, so concurrent processes (pytest-xdist workers, a dry run
-# next to the tests) may load it together; by default the second one is refused a lockfile.
-os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
-
-from model import sharding  # noqa: E402
-from model.config import ModelConfig  # noqa: E402
-from model.layers import self_attention  # noqa: E402
-from pallas_kernels import paths  # noqa: E402
-from pallas_kernels.attention import attention, attention_path  # noqa: E402
-from pallas_kernels.flash_attention import BlockSizes, flash_attention  # noqa: E402
-from pallas_kernels.paged_attention import paged_attention  # noqa: E402
+from model import sharding
+from model.config import ModelConfig
+from model.layers import self_attention
+from pallas_kernels import paths
+from pallas_kernels.attention import attention, attention_path
+from pallas_kernels.flash_attention import BlockSizes, flash_attention
+from pallas_kernels.paged_attention import paged_attention
 
 MOSAIC, TRITON = "tpu_custom_call", "__gpu$xla.gpu.triton"
 CALL = {"tpu": MOSAIC, "cuda": TRITON}

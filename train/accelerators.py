@@ -196,6 +196,9 @@ def prepare_environment() -> None:
   driver, so that the compilers can be asked for compile-only devices."""
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+  # libtpu takes a lock file so that one process owns the chips; compiling owns nothing, so
+  # several compiling processes (test workers, a dry run beside them) may load it at once.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 
 def compiler_available(compiler: str) -> str | None:

@@ -21,6 +21,7 @@ import jax
 import numpy as np
 
 from model.config import ModelConfig
+from pallas_kernels.paths import attention_path
 from train import accelerators
 from train import metrics as metrics_lib
 from train.loop import build_program, model_and_mesh
@@ -38,15 +39,10 @@ def _bytes_per_device(tree, shardings) -> int:
   return int(sum(jax.tree.leaves(sizes)))
 
 
-def _platform(compiler: str) -> str:
-  return {"tpu": "tpu", "cuda": "gpu", "cpu-simulated": "cpu"}[compiler]
-
-
-def attention_choice(model_cfg: ModelConfig, compiler: str) -> str:
-  """What the train step's attention runs on this compiler, in words."""
-  if model_cfg.attention_impl != "auto":
-    return f"{model_cfg.attention_impl} (model.attention_impl)"
-  return "pallas" if _platform(compiler) != "cpu" else "xla"  # TODO(kernels merge)
+def attention_choice(model_cfg: ModelConfig, devices) -> str:
+  """What the train step's attention runs on these devices, in words (what it compiles)."""
+  return str(attention_path(devices[0].platform, head_dim=model_cfg.head_dim,
+                            dtype=model_cfg.compute_dtype, impl=model_cfg.attention_impl))
 
 
 def dry_run(cfg, target: str = "") -> dict:
@@ -96,7 +92,7 @@ def dry_run(cfg, target: str = "") -> dict:
       "chip": tgt.chip.name if tgt else None,
       "devices": mesh.size,
       "mesh": dict(mesh.shape),
-      "attention": attention_choice(model_cfg, compiler),
+      "attention": attention_choice(model_cfg, mesh.devices.flat),
       "params": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(prog.abstract.params)),
       "param_bytes_per_device": _bytes_per_device(prog.abstract.params, prog.shardings.params),
       "optimizer_bytes_per_device": _bytes_per_device(prog.abstract.opt_state,
