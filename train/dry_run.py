@@ -12,8 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from train import metrics as metrics_lib
-from train.loop import build_program, model_and_mesh
+from train.loop import build_program, model_and_mesh, step_cost
 
 
 def _bytes_per_device(tree, shardings) -> int:
@@ -56,7 +55,7 @@ def dry_run(cfg) -> dict:
       "peak_bytes_per_device_estimate": int(mem.argument_size_in_bytes + mem.output_size_in_bytes
                                             - mem.alias_size_in_bytes + mem.temp_size_in_bytes),
       "xla_flops_per_device": float(cost.get("flops", 0.0)) if cost else 0.0,
-      "model_flops_per_step": metrics_lib.training_flops_per_token(model_cfg, t) * b * t,
+      "model_flops_per_step": step_cost(prog.objective, model_cfg, b, t).flops,
       "lower_s": round(t1 - t0, 2),
       "compile_s": round(t2 - t1, 2),
   }

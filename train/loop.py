@@ -86,6 +86,15 @@ class Program:
     return create_state(self.objective.init, self.tx, self.mesh, seed, self.shardings, frozen)
 
 
+def step_cost(objective: tasks.Objective, model_cfg: ModelConfig, batch_size: int,
+              seq_len: int) -> metrics_lib.StepCost:
+  """Tokens and model FLOPs of one train step: the task's count, else the model forward and
+  backward over the batch's rows."""
+  if objective.step_cost is not None:
+    return objective.step_cost(batch_size, seq_len)
+  return metrics_lib.StepCost.of(seq_len, trained=[(model_cfg, batch_size)])
+
+
 def build_program(cfg, model_cfg: ModelConfig, mesh) -> Program:
   objective = tasks.module(cfg.task).objective(cfg, model_cfg)
   tx = optim.make_optimizer(cfg.train)
@@ -245,8 +254,7 @@ def train(cfg) -> dict:
     return out
 
   n_params = param_count(state.params)
-  cost = (objective.step_cost(batch_size, seq_len) if objective.step_cost
-          else metrics_lib.StepCost.of(seq_len, trained=[(model_cfg, batch_size)]))
+  cost = step_cost(objective, model_cfg, batch_size, seq_len)
   throughput = metrics_lib.Throughput(
       cost, metrics_lib.peak_flops(cfg.metrics.peak_tflops, list(mesh.devices.flat)))
   writer = metrics_lib.MetricsWriter(workdir, tensorboard=cfg.metrics.tensorboard)
