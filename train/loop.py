@@ -217,9 +217,10 @@ def train(cfg) -> dict:
       print(f"initialised from {cfg.train.init_from}", flush=True)
   if is_main:
     files.write_atomic(workdir_path / run_dir.CONFIG, cfg.to_json(indent=2))
-    extra = files.as_path(cfg.train.init_from or ".") / files.TOKENIZER_CONFIG
-    if cfg.train.init_from and extra.is_file():  # the chat template and special tokens
-      files.write_atomic(workdir_path / files.TOKENIZER_CONFIG, extra.read_text())
+    if cfg.train.init_from:  # the chat template and special tokens
+      extra = files.as_path(cfg.train.init_from) / files.TOKENIZER_CONFIG
+      if extra.is_file():
+        files.write_atomic(workdir_path / files.TOKENIZER_CONFIG, extra.read_text())
 
   def model_params(state):
     return state.params if export is None else export(state.params, state.frozen)
@@ -324,7 +325,8 @@ def train(cfg) -> dict:
   writer.close()
   train_it.close()
 
-  if (not stop.preempted and not stop.requested and cfg.sample.max_new_tokens > 0 and jax.process_count() == 1
+  stopped = stop.preempted or stop.requested  # no time for a sample
+  if (not stopped and cfg.sample.max_new_tokens > 0 and jax.process_count() == 1
       and feed.sample_prompt is not None):
     prompt, eos_ids = feed.sample_prompt(cfg.sample.prompt)
     out = generate(model_cfg, model_params(state), [prompt],

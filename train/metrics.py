@@ -137,7 +137,8 @@ class MetricsWriter:
       return
     workdir = as_path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    self.path, self.remote, self.flush_secs = workdir / "metrics.jsonl", is_remote(workdir), flush_secs
+    self.path, self.remote = workdir / "metrics.jsonl", is_remote(workdir)
+    self.flush_secs = flush_secs
     if self.remote:
       self._text = self.path.read_text() if self.path.exists() else ""
       self._flushed = time.monotonic()
