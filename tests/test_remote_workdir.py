@@ -125,7 +125,7 @@ def test_train_resume_evaluate_generate_convert_on_gcs(gcs, corpus, tmp_path):  
 
   assert out["eval"]["tokens"] > 0 and 0 < out["eval"]["loss"] < 20
   assert len(out["generated"]) == 4
-  assert out["converted_equal"] and f"converted/config.json" in bucket_objects(gcs, "converted/")
+  assert out["converted_equal"] and "converted/config.json" in bucket_objects(gcs, "converted/")
 
 
 def _scenario(corpus_glob: str) -> None:
