@@ -48,6 +48,8 @@ CHIPS = (
     Chip("A100 40GB", ("a100-sxm4-40gb", "a100-pcie-40gb", "a100 40gb"), 312.0, 39.4),
     Chip("A100", ("a100",), 312.0, 79.35),
     Chip("A10G", ("a10g",), 125.0, 22.5),
+    Chip("L40S", ("l40s",), 362.0, 44.4),  # before L4: "l4" is a substring of "NVIDIA L40S"
+    Chip("L40", ("l40",), 181.0, 44.4),
     Chip("L4", ("l4",), 121.0, 22.5),
     Chip("T4", ("t4",), 65.0, 15.0),  # fp16: a T4 has no bf16 tensor cores
 )

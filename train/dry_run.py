@@ -23,8 +23,7 @@ import numpy as np
 from model.config import ModelConfig
 from pallas_kernels.paths import attention_path
 from train import accelerators
-from train import metrics as metrics_lib
-from train.loop import build_program, model_and_mesh
+from train.loop import build_program, model_and_mesh, step_cost
 
 GIB = 1024**3
 # XLA:TPU's refusal of a program larger than the chip's memory (sizes in GiB).
@@ -85,7 +84,7 @@ def dry_run(cfg, target: str = "") -> dict:
   else:
     peak, temp, xla_flops = int(float(refused.group(1)) * GIB), None, None
     hbm = int(float(refused.group(2)) * GIB)
-  model_flops = metrics_lib.training_flops_per_token(model_cfg, t) * b * t
+  model_flops = step_cost(prog.objective, model_cfg, b, t).flops
   report = {
       "target": tgt.name if tgt else None,
       "compiler": compiler,

@@ -17,6 +17,7 @@ from infer import workdir as run_dir
 from model import Transformer
 from train import objectives
 from train.config import ConfigError
+from train.metrics import StepCost
 from train.tasks import Feed, Objective, common, sft
 
 REF_KEYS = ("ref_chosen", "ref_rejected")
@@ -84,9 +85,15 @@ def objective(cfg, model_cfg) -> Objective:
       shapes.update({k: ((b,), np.float32) for k in REF_KEYS})
     return shapes
 
+  def step_cost(b, t):
+    """The policy forward and backward over chosen and rejected rows; the frozen reference
+    forward only over the same rows (unless its log-probs were precomputed)."""
+    rows = [(model_cfg, 2 * b)]
+    return StepCost.of(t, trained=rows, frozen=[] if precomputed else rows)
+
   return Objective(init=policy.init, loss_fn=loss, batch_shapes=batch_shapes,
                    init_frozen=init_frozen, export=policy.params if policy.rank else None,
-                   start=policy.start)
+                   start=policy.start, step_cost=step_cost)
 
 
 def feed(cfg, model_cfg, mesh, run) -> Feed:

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 
 from model import Transformer
 from train import objectives, posttrain_data
+from train.metrics import StepCost
 from train.tasks import Feed, Objective, common, pretrain, reward, rl
 
 EXTRA = ("old_logp", "ref_logp", "old_values", "advantages", "returns")
@@ -85,7 +86,9 @@ def objective(cfg, model_cfg) -> Objective:
       loss_fn=lambda params, frozen, batch: loss_fn(params, frozen, batch, policy=policy,
                                                     critic=critic, cfg=cfg),
       batch_shapes=lambda b, t: rl.rollout_shapes(b, t, EXTRA),
-      export=lambda params, frozen: policy.params(params["policy"], frozen))
+      export=lambda params, frozen: policy.params(params["policy"], frozen),
+      # The policy and the critic, each forward and backward over the rows.
+      step_cost=lambda b, t: StepCost.of(t, trained=[(model_cfg, b), (critic.cfg, b)]))
 
 
 def feed(cfg, model_cfg, mesh, run) -> Feed:
