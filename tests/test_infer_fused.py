@@ -70,7 +70,7 @@ def test_prefill_into_an_empty_cache_reads_each_rows_last_token():
   real = (np.arange(9)[None, :] < lens[:, None]).astype(np.int32)
   tokens = np.asarray(jax.random.randint(jax.random.PRNGKey(4), (2, 9), 0, cfg.vocab_size)) * real
   pos = np.broadcast_to(np.arange(9), (2, 9))
-  full, _ = Transformer(cfg).apply({"params": params}, tokens, pos)
+  full, _ = jax.jit(Transformer(cfg).apply)({"params": params}, tokens, pos)
   want = full[np.arange(2), lens - 1]  # causal: a row's padding comes after its last token
   module = lambda empty, at: Transformer(cfg).apply(
       {"params": params}, tokens, pos, segment_ids=real, cache=init_cache(cfg, 2, 16),
