@@ -12,6 +12,9 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # The deviceless GPU compiler: the CUDA plugin loads without a driver (train/accelerators.py).
 os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+# The compile-only TPU compiler: libtpu otherwise takes a machine-wide lock, and fails while
+# any other process (another test worker, a run probing for TPUs) holds it.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
