@@ -1,6 +1,9 @@
 """The jitted train step: its loss, gradient accumulation, and sharding over simulated meshes."""
 
 
+import functools
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,7 +11,7 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from model import ModelConfig, sharding
+from model import ModelConfig, Transformer, sharding
 from train import optim
 from train import step as step_lib
 from train.config import load_config
@@ -51,15 +54,25 @@ def run_steps(cfg, mesh, batches):
   return losses, jax.device_get(state.params)
 
 
-def test_token_losses_match_numpy():
-  rng = np.random.default_rng(0)
-  logits = rng.normal(size=(2, 5, 11)).astype(np.float32) * 3
-  targets = rng.integers(0, 11, (2, 5))
-  nll, log_z = pretrain.token_losses(jnp.asarray(logits), jnp.asarray(targets))
-  z = np.log(np.exp(logits.astype(np.float64)).sum(-1))
-  expected = z - np.take_along_axis(logits, targets[..., None], -1)[..., 0]
-  np.testing.assert_allclose(nll, expected, rtol=1e-5)
-  np.testing.assert_allclose(log_z, z, rtol=1e-5)
+def test_loss_with_z_loss_matches_numpy_on_the_model_logits():
+  # A chunk of 7 tokens does not divide the 8 x 32 tokens: the last chunk overlaps.
+  cfg = small_config()
+  model_cfg = ModelConfig.from_config(cfg.model)
+  model = Transformer(model_cfg)
+  batch = random_batch()
+  params = nn.unbox(pretrain.init_model(model, jax.random.PRNGKey(0)))
+  total, sums = jax.jit(functools.partial(pretrain.loss_fn, model=model, z_loss=1e-2,
+                                          chunk=7))(params, None, batch)
+  logits, _ = model.apply({"params": params}, batch["inputs"], batch["positions"],
+                          segment_ids=batch["segment_ids"])
+  logits = np.asarray(logits, np.float64)
+  z = np.log(np.exp(logits).sum(-1))
+  nll = z - np.take_along_axis(logits, batch["targets"][..., None], -1)[..., 0]
+  mask = batch["loss_mask"]
+  np.testing.assert_allclose(sums["loss"], (nll * mask).sum(), rtol=1e-5)
+  np.testing.assert_allclose(sums["z_loss"], (z**2 * mask).sum(), rtol=1e-5)
+  np.testing.assert_allclose(total, (nll * mask).sum() + 1e-2 * (z**2 * mask).sum(), rtol=1e-5)
+  assert sums["count"] == mask.sum()
 
 
 def test_gradient_accumulation_equals_one_big_batch():
