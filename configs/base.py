@@ -68,6 +68,7 @@ def get_config() -> ml_collections.ConfigDict:
   t.eps = 1e-8  # Adam epsilon.
   t.grad_clip = 1.0  # Global-norm gradient clipping; 0 disables it.
   t.z_loss = 0.0  # Coefficient of the z-loss (log Z)^2 that keeps logits from drifting.
+  t.loss_chunk = 1024  # Tokens per device whose logits the loss holds at once (model/head.py); 0: all.
   t.log_every = 10  # Steps between metric lines.
   t.eval_every = 200  # Steps between validation passes; 0 evaluates only at the end.
   t.eval_batches = 8  # Batches per validation pass.

@@ -153,14 +153,22 @@ def current_mesh() -> Mesh | None:
   return None if ctx is None else ctx[0]
 
 
-def constrain(x: jax.Array, logical_axes: tuple) -> jax.Array:
-  """with_sharding_constraint by logical names; a no-op outside `activation_sharding`."""
+def activation_spec(logical_axes: tuple, shape: Sequence[int]) -> PartitionSpec | None:
+  """The mesh spec of an activation of `shape` named `logical_axes` by the rules of the
+  enclosing `activation_sharding` block; None outside one."""
   ctx = _ACTIVATION_MESH.get()
   if ctx is None:
-    return x
+    return None
   mesh, rules = ctx
-  spec = logical_to_spec(PartitionSpec(*logical_axes), x.shape, mesh, rules)
-  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+  return logical_to_spec(PartitionSpec(*logical_axes), shape, mesh, rules)
+
+
+def constrain(x: jax.Array, logical_axes: tuple) -> jax.Array:
+  """with_sharding_constraint by logical names; a no-op outside `activation_sharding`."""
+  spec = activation_spec(logical_axes, x.shape)
+  if spec is None:
+    return x
+  return jax.lax.with_sharding_constraint(x, NamedSharding(current_mesh(), spec))
 
 
 def in_mesh(fn, mesh: Mesh, rules=RULES):

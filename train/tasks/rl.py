@@ -25,10 +25,10 @@ import numpy as np
 from infer import workdir as run_dir
 from infer.decode import generate_with_stats
 from infer.sampling import SamplingParams
-from model import Transformer
+from model import Transformer, head
 from train import objectives, posttrain_data
 from train.config import ConfigError
-from train.tasks import Feed, common
+from train.tasks import Feed, common, pretrain
 
 ROLLOUT_KEYS = ("inputs", "targets", "positions", "segment_ids", "mask")
 
@@ -221,12 +221,12 @@ def sequence_kl(logp_BT, ref_logp_BT, mask_BT):
   return jnp.mean(jnp.sum((logp_BT - ref_logp_BT) * mask_BT, axis=1))
 
 
-def trainer_logprobs(model, params, rows, temperature):
-  """(log-probs of the targets at `temperature`, entropy): f32[N, T] each."""
-  logits, _ = model.apply({"params": params}, rows["inputs"], rows["positions"],
-                          segment_ids=rows["segment_ids"])
-  return (objectives.token_logprobs(logits, rows["targets"], temperature),
-          objectives.entropy(logits, temperature))
+def trainer_logprobs(model, params, rows, temperature, *, chunk: int = head.DEFAULT_CHUNK):
+  """(log-probs of the targets at `temperature`, entropy): f32[N, T] each, `chunk`
+  (train.loss_chunk) tokens of logits at a time."""
+  scores = pretrain.score_targets(model, params, rows, chunk=chunk, temperature=temperature,
+                                  entropy=True)
+  return scores.logp, scores.entropy
 
 
 def feed(cfg, model_cfg, run, formatter, rollouts: Rollouts, to_policy, load_frozen):
