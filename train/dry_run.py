@@ -47,6 +47,13 @@ def attention_choice(model_cfg: ModelConfig, devices) -> str:
 def dry_run(cfg, target: str = "") -> dict:
   """Compiles cfg's train step for `target` (a name from train/accelerators.py) or, when empty,
   for simulated CPU devices. Prints the report and returns it."""
+  report, _ = plan(cfg, target)
+  _print(report, accelerators.parse_target(target) if target else None)
+  return report
+
+
+def plan(cfg, target: str = ""):
+  """(report, the compiled step or None where the compiler refused it for want of memory)."""
   tgt = accelerators.parse_target(target) if target else None
   devices = accelerators.target_devices(tgt) if tgt else None
   compiler = tgt.compiler if tgt else "cpu-simulated"
@@ -62,9 +69,9 @@ def dry_run(cfg, target: str = "") -> dict:
   t1 = time.perf_counter()
   hbm = tgt.chip.hbm_bytes if tgt else None
   try:
-    compiled = lowered.compile()
-    refused = None
+    compiled, refused = lowered.compile(), None
   except jax.errors.JaxRuntimeError as e:
+    compiled = None
     # The TPU compiler refuses a program that cannot fit, saying how much it needs.
     refused = _TPU_OOM.search(str(e))
     if tgt is None or refused is None:
@@ -108,8 +115,7 @@ def dry_run(cfg, target: str = "") -> dict:
   if tgt:
     # A bound, not a measurement: the step cannot run faster than the chips' peak allows.
     report["min_step_s_at_peak"] = model_flops / (mesh.size * tgt.chip.bf16_tflops * 1e12)
-  _print(report, tgt)
-  return report
+  return report, compiled
 
 
 def _print(r: dict, tgt) -> None:
