@@ -133,7 +133,8 @@ def _print(r: dict, tgt) -> None:
            f"  parameters   {gib(r['param_bytes_per_device'])}",
            f"  optimizer    {gib(r['optimizer_bytes_per_device'])}"]
   if r["temp_bytes_per_device"] is not None:
-    lines.append(f"  temporaries  {gib(r['temp_bytes_per_device'])}")
+    lines.append(f"  temporaries  {gib(r['temp_bytes_per_device'])}  (every temporary buffer; "
+                 "the peak counts those alive at once)")
   peak = f"  peak         {gib(r['peak_bytes_per_device'])}"
   if r["fits"] is None:
     lines.append(peak)
