@@ -3,7 +3,8 @@
   python bench/attention.py                      # full sweep on GPU/TPU, quick XLA-only on CPU
   python bench/attention.py --seq-lens 2048 8192 --heads 32 --kv-heads 8 --head-dim 128
 
-Prints one JSON object per line:
+Prints one JSON object per line, first the path impl="auto" takes for these shapes here:
+  {"auto": {"flash": "pallas (Triton flash)", "paged": "pallas (Triton paged)"}}
   {"bench": "flash", "impl": ..., "pass": "fwd" | "fwd+bwd", "seq_len": ..., "ms": ...,
    "tflops": ...}
   {"bench": "paged_decode", "impl": ..., "context": ..., "us": ..., "kv_gb_per_s": ...}
@@ -26,6 +27,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from pallas_kernels.attention import attention_path  # noqa: E402
 from pallas_kernels.flash_attention import flash_attention  # noqa: E402
 from pallas_kernels.paged_attention import paged_attention  # noqa: E402
 
@@ -152,6 +154,9 @@ def main():
   def emit(row):
     print(json.dumps(row), flush=True)
 
+  path = functools.partial(attention_path, jax.devices()[0].platform, head_dim=args.head_dim,
+                           dtype=args.dtype)
+  emit(dict(auto=dict(flash=str(path()), paged=str(path(page_size=args.page_size)))))
   if not ON_ACCELERATOR:
     emit(dict(note="CPU: XLA paths only (Pallas kernels need a GPU or TPU), quick sizes"))
   if not args.skip_flash:

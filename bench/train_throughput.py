@@ -76,11 +76,12 @@ def main():
   step_s = float(np.median(times))
   tokens_per_s = args.batch * args.seq / step_s
   flops = metrics.training_flops_per_token(model_cfg, args.seq)
+  peak = metrics.peak_flops()  # None for a device kind the chip table lacks: no mfu
   print(json.dumps({
       "tokens_per_s": round(tokens_per_s, 1), "step_s": round(step_s, 4),
       "compile_s": round(compile_s, 2),
       "model_tflops": round(tokens_per_s * flops / 1e12, 4),
-      "mfu": round(tokens_per_s * flops / metrics.peak_flops(), 4),
+      "mfu": round(tokens_per_s * flops / peak, 4) if peak else None,
       "params": int(sum(x.size for x in jax.tree.leaves(state.params))),
       "loss": float(m["loss"]), "device": jax.devices()[0].device_kind,
       "args": vars(args)}))

@@ -9,7 +9,7 @@ import ml_collections
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.workdir = "runs/default"  # Run directory: config.json, checkpoints/, tokenizer.json, metrics.jsonl, tb/.
+  c.workdir = "runs/default"  # Run directory (local, or gs://bucket/run): config.json, checkpoints/, tokenizer.json, metrics.jsonl, tb/.
   c.seed = 0  # Seed for parameter init, dropout-free training RNG and data shuffling.
   c.task = "pretrain"  # What to train: pretrain, sft, reward, dpo, ppo or grpo (train/tasks/).
 
@@ -69,6 +69,7 @@ def get_config() -> ml_collections.ConfigDict:
   t.eps = 1e-8  # Adam epsilon.
   t.grad_clip = 1.0  # Global-norm gradient clipping; 0 disables it.
   t.z_loss = 0.0  # Coefficient of the z-loss (log Z)^2 that keeps logits from drifting.
+  t.loss_chunk = 1024  # Tokens per device whose logits the loss holds at once (model/head.py); 0: all.
   t.log_every = 10  # Steps between metric lines.
   t.eval_every = 200  # Steps between validation passes; 0 evaluates only at the end.
   t.eval_batches = 8  # Batches per validation pass.
@@ -113,6 +114,7 @@ def get_config() -> ml_collections.ConfigDict:
   ck.every = 200  # Steps between checkpoints (one is always written at the end).
   ck.keep = 3  # Checkpoints kept.
   ck.async_save = True  # Write checkpoints in the background while training continues.
+  ck.preemption_check_every = 10  # Multi-process: steps between checks for SIGINT on any process (and SIGTERM when JAX's preemption service is off); each is a host sync.
 
   c.mesh = ms = ml_collections.ConfigDict()
   ms.data = -1  # Data-parallel axis size; -1 fills the devices left over.
@@ -125,7 +127,7 @@ def get_config() -> ml_collections.ConfigDict:
   ds.process_id = -1  # This process's index; -1 uses the environment.
 
   c.metrics = mt = ml_collections.ConfigDict()
-  mt.peak_tflops = 0.0  # Peak device TFLOP/s for MFU; 0 looks it up (or probes it once on CPU).
+  mt.peak_tflops = 0.0  # Peak device TFLOP/s for MFU; 0 looks the chip up (train/accelerators.py; CPU: probed once; unknown: no mfu).
   mt.tensorboard = True  # Write TensorBoard events to workdir/tb.
 
   c.sample = s = ml_collections.ConfigDict()

@@ -8,9 +8,8 @@
 
 import datetime
 import json
-import os
 
-_CONFIG = "tokenizer_config.json"
+from infer.files import TOKENIZER_CONFIG, as_path
 
 
 def _raise(message):
@@ -55,11 +54,8 @@ def render_chat(template: str, messages: list[dict], *, add_generation_prompt: b
 def load_tokenizer_config(directory: str) -> dict:
   """A workdir's (or HF dir's) tokenizer_config.json, {} if absent; its `chat_template`
   is what render_chat takes."""
-  path = os.path.join(directory, _CONFIG)
-  if not os.path.isfile(path):
-    return {}
-  with open(path) as f:
-    return json.load(f)
+  path = as_path(directory) / TOKENIZER_CONFIG
+  return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def special_tokens(tokenizer_config: dict) -> dict:

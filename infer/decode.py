@@ -90,16 +90,19 @@ def bucket(n: int, minimum: int = 8) -> int:
 
 
 def prefill(cfg: ModelConfig, params: fused.FusedParams, prompts_BT, prompt_lens_B, cache):
-  """Runs the prompts through the model; returns the logits at each row's last prompt token
-  and the cache holding the prompts. Sampling the first token from those logits then sets up
-  the invariant every step keeps: the cache holds the context minus its last token."""
+  """Runs the right-padded prompts through the model into an empty `cache`; returns the logits
+  f32[B, V] at each row's last prompt token and the cache holding the prompts. Sampling the
+  first token from those logits then sets up the invariant every step keeps: the cache holds
+  the context minus its last token.
+
+  The prompt attends only to itself (flash attention on TPU/GPU: no [B, K, G, T, S] scores)
+  and the head runs at one position per row (no [B, T, V] logits), so prefill memory grows
+  linearly in T."""
   b, t = prompts_BT.shape
   positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
   real = (jnp.arange(t)[None, :] < prompt_lens_B[:, None]).astype(jnp.int32)
-  logits, cache = fused.forward(cfg, params, prompts_BT, positions, segment_ids=real,
-                                cache=cache)
-  last = jnp.take_along_axis(logits, (prompt_lens_B - 1)[:, None, None], axis=1)[:, 0]
-  return last, cache
+  return fused.forward(cfg, params, prompts_BT, positions, segment_ids=real, cache=cache,
+                       empty_cache=True, logits_at=prompt_lens_B - 1)
 
 
 def token_logprobs(logits_BV, tokens_B, temperature_B):

@@ -112,12 +112,12 @@ def _device_step(params, k_pages, v_pages, copy_src, copy_dst, groups: tuple[_Gr
                          lengths=g.start)
     pos = g.start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
     real = (jnp.arange(t)[None, :] < g.n_real[:, None]).astype(jnp.int32)
-    logits, cache = model.apply({"params": params}, g.tokens, pos, segment_ids=real,
-                                cache=cache)
+    # Only each row's last real token is sampled: the head runs there alone ([R, V]).
+    last, cache = model.apply({"params": params}, g.tokens, pos, segment_ids=real, cache=cache,
+                              logits_at=jnp.maximum(g.n_real - 1, 0))
     k_pages, v_pages = cache.k_pages, cache.v_pages
-    last = jnp.take_along_axis(logits, jnp.maximum(g.n_real - 1, 0)[:, None, None], axis=1)
     keys = sampling_lib.token_keys(sampling_lib.row_keys(g.seeds), g.counter)
-    out.append(sampling_lib.sample_rows(keys, last[:, 0], g.sampling, features, g.seen))
+    out.append(sampling_lib.sample_rows(keys, last, g.sampling, features, g.seen))
   return k_pages, v_pages, tuple(out)
 
 

@@ -1,5 +1,11 @@
-"""Files around a model: tokenizer files in the HF layout, sizes, and destinations that appear
-only when complete. Shared by the GGUF and HF converters and train/convert.py."""
+"""Files around a model: paths that may be remote, atomic writes, tokenizer files in the HF
+layout, sizes, and destinations that appear only when complete. Shared by the run directory
+(infer/workdir.py, training), the GGUF and HF converters and train/convert.py.
+
+Run directories may live on a remote filesystem (`gs://bucket/run`): everything that reads or
+writes them goes through `etils.epath` (gcsfs or tf.io.gfile behind `gs://`), and orbax reads
+and writes their checkpoints (tensorstore's gcs driver behind `gs://`).
+"""
 
 import contextlib
 import json
@@ -8,7 +14,47 @@ import re
 import shutil
 import tempfile
 
+from etils import epath
+
 TOKENIZER, TOKENIZER_CONFIG = "tokenizer.json", "tokenizer_config.json"
+# The URL schemes epath knows; orbax (tensorstore) checkpoints only local paths and gs://.
+REMOTE_SCHEMES = ("gs://", "s3://", "az://", "hf://")
+
+
+def is_remote(path) -> bool:
+  return os.fspath(path).startswith(REMOTE_SCHEMES)
+
+
+def as_path(path) -> epath.Path:
+  """An epath.Path for a local or remote path; local ones made absolute (orbax needs that)."""
+  return epath.Path(path) if is_remote(path) else epath.Path(os.path.abspath(path))
+
+
+def write_atomic(path, data: str | bytes) -> None:
+  """Writes a whole file so that readers see the old content or the new, never a part:
+  locally a temporary file renamed over it; remotely one object write (an object store
+  publishes an object only once its upload completes)."""
+  path = as_path(path)
+  mode = "w" if isinstance(data, str) else "wb"
+  if is_remote(path):
+    with path.open(mode) as f:
+      f.write(data)
+    return
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+  try:
+    with tmp.open(mode) as f:
+      f.write(data)
+    os.replace(tmp, path)
+  except BaseException:
+    tmp.unlink(missing_ok=True)
+    raise
+
+
+def read_tokenizer(path):
+  """A tokenizers.Tokenizer from a tokenizer.json anywhere epath reaches."""
+  from tokenizers import Tokenizer
+  return Tokenizer.from_str(as_path(path).read_text())
 
 
 class ConversionError(ValueError):
@@ -30,32 +76,31 @@ def token_ids(tokenizer, tokenizer_config: dict) -> dict:
 def read_tokenizer_files(directory: str):
   """(tokenizers.Tokenizer or None, tokenizer_config dict) from HF-style files in a dir.
   A `chat_template.jinja` (newer transformers save the template there) is folded in."""
+  directory = as_path(directory)
   tokenizer = None
-  path = os.path.join(directory, TOKENIZER)
-  if os.path.isfile(path):
-    from tokenizers import Tokenizer
+  path = directory / TOKENIZER
+  if path.is_file():
     try:
-      tokenizer = Tokenizer.from_file(path)
+      tokenizer = read_tokenizer(path)
     except Exception as e:  # tokenizers raises plain Exceptions
       raise ConversionError(f"{path}: unreadable tokenizer ({e})") from None
   config = {}
-  path = os.path.join(directory, TOKENIZER_CONFIG)
-  if os.path.isfile(path):
-    with open(path) as f:
-      config = json.load(f)
-  jinja = os.path.join(directory, "chat_template.jinja")
-  if os.path.isfile(jinja) and not config.get("chat_template"):
-    with open(jinja) as f:
-      config["chat_template"] = f.read()
+  path = directory / TOKENIZER_CONFIG
+  if path.is_file():
+    config = json.loads(path.read_text())
+  jinja = directory / "chat_template.jinja"
+  if jinja.is_file() and not config.get("chat_template"):
+    config["chat_template"] = jinja.read_text()
   return tokenizer, config
 
 
 def write_tokenizer_files(directory: str, tokenizer, tokenizer_config: dict | None) -> None:
+  directory = as_path(directory)
   if tokenizer is not None:
-    tokenizer.save(os.path.join(directory, TOKENIZER))
+    write_atomic(directory / TOKENIZER, tokenizer.to_str(pretty=True))
   if tokenizer_config:
-    with open(os.path.join(directory, TOKENIZER_CONFIG), "w") as f:
-      json.dump(tokenizer_config, f, indent=2, ensure_ascii=False)
+    write_atomic(directory / TOKENIZER_CONFIG,
+                 json.dumps(tokenizer_config, indent=2, ensure_ascii=False))
 
 
 def parse_size(size: str | int) -> int:
@@ -70,19 +115,35 @@ def parse_size(size: str | int) -> int:
 
 
 def check_destination(dst: str, overwrite: bool = False) -> str:
-  """The absolute path of `dst`, which must not exist (or be an empty dir) unless
+  """The absolute path (or URL) of `dst`, which must not exist (or be an empty dir) unless
   `overwrite`."""
-  dst = os.path.abspath(dst)
-  if os.path.exists(dst) and not overwrite and (not os.path.isdir(dst) or os.listdir(dst)):
-    raise FileExistsError(f"{dst} already exists; choose another destination (or overwrite)")
-  return dst
+  path = as_path(dst)
+  if path.exists() and not overwrite and (not path.is_dir() or any(path.iterdir())):
+    raise FileExistsError(f"{path} already exists; choose another destination (or overwrite)")
+  return os.fspath(path)
 
 
 @contextlib.contextmanager
 def atomic_directory(dst: str, overwrite: bool = False):
   """Yields a fresh temporary directory beside `dst`, renamed to `dst` only when the block
-  succeeds: a failed conversion never leaves a half-written destination."""
+  succeeds: a failed conversion never leaves a half-written destination.
+
+  Remote (gs://...): an object store has no directory rename (it would copy every object),
+  so the block writes into `dst` itself and must write the file that makes it usable
+  (config.json) last; a failure deletes what it wrote. `overwrite` deletes the old `dst`
+  first."""
   dst = check_destination(dst, overwrite)
+  if is_remote(dst):
+    path = as_path(dst)
+    if path.exists():
+      path.rmtree()
+    try:
+      yield dst
+    except BaseException:
+      if path.exists():
+        path.rmtree()
+      raise
+    return
   parent = os.path.dirname(dst)
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.partial-", dir=parent)

@@ -9,8 +9,6 @@ Each returns a `LoadedModel`: config, params, tokenizer, EOS/BOS ids and the cha
 
 import dataclasses
 import importlib
-import json
-import os
 from typing import Any
 
 from model import ModelConfig
@@ -57,11 +55,7 @@ def load_checkpoint(workdir: str, step: int | None = None) -> LoadedModel:
   cfg = run_dir.load_model_config(workdir)
   tokenizer = run_dir.load_tokenizer(workdir)
   params = run_dir.load_params(workdir, cfg, step=step)
-  config = {}
-  path = os.path.join(workdir, "tokenizer_config.json")
-  if os.path.isfile(path):
-    with open(path) as f:
-      config = json.load(f)
+  config = run_dir.load_tokenizer_config(workdir)
   eos = _token_id(tokenizer, config.get("eos_token")) or tokenizer.token_to_id(_EOS)
   bos = _token_id(tokenizer, config.get("bos_token"))
   if bos is None:

@@ -195,8 +195,7 @@ def _draft_model_propose(draft: ModelDraft, draft_params, s: DecodeState, k: int
   pos = cache.lengths[:, None] + jnp.arange(2)[None, :]
   real = (jnp.arange(2)[None, :] < feed_n[:, None]).astype(jnp.int32)
   logits, cache = fused.forward(draft.cfg, draft_params, feed, pos, segment_ids=real,
-                                cache=cache)
-  logits = jnp.take_along_axis(logits, (feed_n - 1)[:, None, None], axis=1)[:, 0]
+                                cache=cache, logits_at=feed_n - 1)
 
   def draw(i, logits_BV, seen):
     q = sampling_lib.process_logits(logits_BV, s.sampling, features, seen)

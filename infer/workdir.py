@@ -2,28 +2,30 @@
 
 Training writes it (train/checkpoint.py); everything that only needs a model reads it
 through here: generation, evaluation, conversion. infer/ never imports train/, so the
-reader lives on this side.
+reader lives on this side. A run directory may be local or remote (gs://bucket/run): files
+are read through etils.epath, checkpoints through orbax's CheckpointManager.
 """
 
 import json
-import os
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from infer import chat
+from infer.files import TOKENIZER, as_path, read_tokenizer
 from model import ModelConfig, Transformer, sharding
 
 PARAMS = "params"  # the checkpoint item holding the parameter pytree
+CONFIG = "config.json"
 
 
 def load_run_config(workdir: str) -> dict:
-  path = os.path.join(workdir, "config.json")
-  if not os.path.isfile(path):
+  path = as_path(workdir) / CONFIG
+  if not path.is_file():
     raise FileNotFoundError(f"{path} not found: is {workdir!r} a run directory?")
-  with open(path) as f:
-    return json.load(f)
+  return json.loads(path.read_text())
 
 
 def load_model_config(workdir: str) -> ModelConfig:
@@ -31,11 +33,15 @@ def load_model_config(workdir: str) -> ModelConfig:
 
 
 def load_tokenizer(workdir: str):
-  from tokenizers import Tokenizer
-  path = os.path.join(workdir, "tokenizer.json")
-  if not os.path.isfile(path):
+  path = as_path(workdir) / TOKENIZER
+  if not path.is_file():
     raise FileNotFoundError(f"{path} not found")
-  return Tokenizer.from_file(path)
+  return read_tokenizer(path)
+
+
+def load_tokenizer_config(workdir: str) -> dict:
+  """tokenizer_config.json (chat template, special tokens), {} if the run has none."""
+  return chat.load_tokenizer_config(workdir)
 
 
 def abstract_params(cfg: ModelConfig, mesh=None):
@@ -47,12 +53,23 @@ def abstract_params(cfg: ModelConfig, mesh=None):
   return nn.unbox(boxed), sharding.shardings_for(boxed, mesh)
 
 
+def checkpoint_directory(workdir: str):
+  return as_path(workdir) / "checkpoints"
+
+
+def checkpoint_reader(workdir: str) -> ocp.CheckpointManager:
+  """A read-only CheckpointManager of a run: its steps (all_steps, latest_step), which items
+  each step holds (item_metadata) and restoring them. Close it after use."""
+  options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
+  return ocp.CheckpointManager(checkpoint_directory(workdir), options=options)
+
+
 def latest_step(workdir: str) -> int:
-  directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-  steps = [int(d) for d in os.listdir(directory) if d.isdigit()] if os.path.isdir(directory) else []
-  if not steps:
-    raise FileNotFoundError(f"no checkpoint under {directory}")
-  return max(steps)
+  with checkpoint_reader(workdir) as manager:
+    step = manager.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint under {checkpoint_directory(workdir)}")
+  return step
 
 
 def load_params(workdir: str, cfg: ModelConfig | None = None, mesh=None, step: int | None = None,
@@ -60,11 +77,13 @@ def load_params(workdir: str, cfg: ModelConfig | None = None, mesh=None, step: i
   """The parameters of a run's latest (or given) checkpoint, sharded onto `mesh` by the
   rules (default: the first device), or onto `shardings` (a pytree like the params)."""
   cfg = load_model_config(workdir) if cfg is None else cfg
-  step = latest_step(workdir) if step is None else step
   abstract, rule_shardings = abstract_params(cfg, mesh)
   shardings = rule_shardings if shardings is None else shardings
   target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                         abstract, shardings)
-  path = os.path.join(os.path.abspath(workdir), "checkpoints", str(step), PARAMS)
-  with ocp.StandardCheckpointer() as ckptr:
-    return ckptr.restore(path, target)
+  with checkpoint_reader(workdir) as manager:
+    step = manager.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint under {checkpoint_directory(workdir)}")
+    args = ocp.args.Composite(**{PARAMS: ocp.args.StandardRestore(target)})
+    return manager.restore(step, args=args)[PARAMS]

@@ -7,7 +7,8 @@ Dimension letters, used in einsums, shape comments and names (`x_BTD`):
 """
 
 from model.config import ModelConfig
+from model.head import TokenScores, token_scores
 from model.kv_cache import KVCache
 from model.transformer import Transformer
 
-__all__ = ["ModelConfig", "KVCache", "Transformer"]
+__all__ = ["ModelConfig", "KVCache", "TokenScores", "Transformer", "token_scores"]

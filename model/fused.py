@@ -29,11 +29,9 @@ import flax
 import jax
 import jax.numpy as jnp
 
-from model import kv_cache
 from model.config import ModelConfig
-from model.kv_cache import KVCache
-from model.layers import apply_rope, rms_norm, rope_table
-from pallas_kernels.attention import cached_attention
+from model.kv_cache import EmptyCache, KVCache
+from model.layers import apply_rope, contiguous_cache_attention, rms_norm, rope_table
 
 
 LAYOUTS = ("out_in", "in_out")
@@ -123,38 +121,44 @@ def _product(x_BTI, w, layout: str, accumulate=None):
   return y[:1] if pad else y
 
 
-def _layer(cfg: ModelConfig, w: FusedLayer, x_BTD, rope, start_B, k_cache, v_cache, layout):
+def _layer(cfg: ModelConfig, w: FusedLayer, x_BTD, rope, segment_ids, start, layer_kv, layout):
   b, t, _ = x_BTD.shape
   n, k, h, f, dt = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff, cfg.compute_dtype
   qkv = _product(rms_norm(x_BTD, w.attn_norm, cfg), w.qkv.astype(dt), layout)  # [B, T, E]
   q = apply_rope(qkv[..., :n * h].reshape(b, t, n, h), rope)
   key = apply_rope(qkv[..., n * h:(n + k) * h].reshape(b, t, k, h), rope)
   val = qkv[..., (n + k) * h:].reshape(b, t, k, h)
-  k_cache = kv_cache.write(k_cache, key, start_B)
-  v_cache = kv_cache.write(v_cache, val, start_B)
-  out = cached_attention(q, k_cache, v_cache, start_B + t, impl=cfg.attention_impl)
+  out, layer_kv = contiguous_cache_attention(q, key, val, layer_kv, start, segment_ids, cfg)
   x_BTD = x_BTD + _product(out.reshape(b, t, n * h), w.o.astype(dt), layout)
   gate_up = _product(rms_norm(x_BTD, w.mlp_norm, cfg), w.gate_up.astype(dt), layout)
   hidden = jax.nn.silu(gate_up[..., :f]) * gate_up[..., f:]  # [B, T, F]
   x_BTD = x_BTD + _product(hidden, w.down.astype(dt), layout)
-  return x_BTD, k_cache, v_cache
+  return x_BTD, layer_kv
 
 
 def forward(cfg: ModelConfig, params: FusedParams, tokens, positions, segment_ids=None, *,
-            cache: KVCache):
+            cache: KVCache, empty_cache: bool = False, logits_at=None):
   """(logits f32[B, T, V], cache) as `Transformer(cfg).apply` with a contiguous cache held as
   one buffer per layer. tokens, positions, segment_ids: int32[B, T] (segment_ids 0 = right
-  padding, not counted in the new lengths). Uses len(params.layers) layers."""
+  padding, not counted in the new lengths). Uses len(params.layers) layers.
+  empty_cache and logits_at (int32[B]: logits f32[B, V] there only) as in model/transformer.py."""
   x = jnp.take(params.embedding, tokens, axis=0).astype(cfg.compute_dtype)
   rope = rope_table(positions, cfg)
+  start = EmptyCache() if empty_cache else cache.lengths
+  segments = segment_ids if empty_cache else None  # used only where tokens attend each other
   ks, vs = [], []
   for i, w in enumerate(params.layers):
-    x, k_i, v_i = _layer(cfg, w, x, rope, cache.lengths, cache.k[i], cache.v[i], params.layout)
+    x, (k_i, v_i) = _layer(cfg, w, x, rope, segments, start, (cache.k[i], cache.v[i]),
+                           params.layout)
     ks.append(k_i)
     vs.append(v_i)
+  if logits_at is not None:  # [B, 1, D]: norm and head only where they are read
+    x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)
   x = rms_norm(x, params.final_norm, cfg)
   logits = _product(x, params.head.astype(cfg.compute_dtype), params.layout,
-                    accumulate=jnp.float32)  # [B, T, V]
+                    accumulate=jnp.float32)  # [B, T, V] (or [B, 1, V])
+  if logits_at is not None:
+    logits = logits[:, 0]
   t = tokens.shape[1]
   added = t if segment_ids is None else jnp.sum(segment_ids != 0, axis=1).astype(jnp.int32)
   return logits, KVCache(k=tuple(ks), v=tuple(vs), lengths=cache.lengths + added)

@@ -33,6 +33,14 @@ class KVCache:
     return self.k[0].shape[1] if isinstance(self.k, (tuple, list)) else self.k.shape[2]
 
 
+@flax.struct.dataclass
+class EmptyCache:
+  """`start` for a forward into an empty contiguous cache (prefill). Its type is the static
+  promise that no row holds a token yet, so the new tokens attend only to each other: flash
+  attention over T tokens instead of scores over all S slots of the cache (the S - T empty
+  ones included), and their K/V go to slots [0, T)."""
+
+
 def write(cache_BSKH: jax.Array, new_BTKH: jax.Array, start_B: jax.Array) -> jax.Array:
   """Writes each row's new entries at its own offset: cache[b, start[b]:start[b]+T] = new[b]."""
   def one_row(c_SKH, n_TKH, s):

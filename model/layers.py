@@ -17,8 +17,7 @@ from jax.sharding import PartitionSpec as P
 from model import kv_cache, sharding
 from model.config import ModelConfig
 from model.sharding import constrain
-from pallas_kernels.attention import attention, cached_attention
-from pallas_kernels.flash_attention import resolve_impl
+from pallas_kernels.attention import attention, attention_path, cached_attention
 
 
 def _param(module, name, init, shape, axes, dtype):
@@ -80,13 +79,17 @@ def self_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids, cfg: ModelConfig):
 
   A pallas_call is opaque to XLA's partitioner, which would gather its inputs onto every
   device; under a mesh the kernel runs per shard instead: rows over (data, fsdp), heads over
-  tensor when the kv heads divide evenly (else every tensor shard computes all heads).
+  tensor when the kv heads divide evenly (else every tensor shard computes all heads). Whether
+  the kernel runs is asked of the mesh's devices, not of this process's default backend: a
+  step compiled for TPU devices from a CPU-only host runs the kernel.
   """
   if segment_ids is None:
     segment_ids = jnp.ones(q_BTNH.shape[:2], jnp.int32)
   fn = functools.partial(attention, causal=True, impl=cfg.attention_impl)
   mesh = sharding.current_mesh()
-  if mesh is None or resolve_impl(cfg.attention_impl) != "pallas":
+  if mesh is None or attention_path(
+      mesh.devices.flat[0].platform, head_dim=q_BTNH.shape[-1], dtype=q_BTNH.dtype,
+      kv_dtype=k_BTKH.dtype, impl=cfg.attention_impl).impl != "pallas":
     return fn(q_BTNH, k_BTKH, v_BTKH, segment_ids=segment_ids)
   heads = "tensor" if cfg.n_kv_heads % mesh.shape["tensor"] == 0 else None
   qkv_spec = P(("data", "fsdp"), None, heads, None)
@@ -128,15 +131,35 @@ class Attention(nn.Module):
       out = paged_attention(q, k_pages, v_pages, start.lengths + q.shape[1], start.page_indices,
                             impl=cfg.attention_impl)
       new_kv = (k_pages, v_pages)
-    else:
-      k_cache, v_cache = layer_kv
-      k_cache = kv_cache.write(k_cache, key, start)
-      v_cache = kv_cache.write(v_cache, val, start)
-      out = cached_attention(q, k_cache, v_cache, start + q.shape[1], impl=cfg.attention_impl)
-      new_kv = (k_cache, v_cache)
+    else:  # contiguous cache; start: int32[B] or kv_cache.EmptyCache()
+      out, new_kv = contiguous_cache_attention(q, key, val, layer_kv, start, segment_ids, cfg)
     out = constrain(out, ("batch", "length", "act_heads", None))
     y = jnp.einsum("BTNH,NHD->BTD", out, wo.astype(dt))
     return constrain(y, ("batch", "length", "act_embed")), new_kv
+
+
+def contiguous_cache_attention(q_BTNH, k_BTKH, v_BTKH, layer_kv, start, segment_ids,
+                               cfg: ModelConfig):
+  """Writes the new K/V into one layer's contiguous cache, layer_kv = (k, v), each
+  [B, S, K, H], and attends: (out [B, T, N, H], (k, v)). Shared by `Attention` and
+  model/fused.py.
+
+  start: int32[B], the tokens each row already holds: the new ones (at slots start[b] + t)
+  attend to the cache. Or kv_cache.EmptyCache() (prefill): they attend only to each other
+  through `self_attention` (flash attention on TPU/GPU), so no [B, K, G, T, S] scores are
+  formed; segment_ids (0 = right padding) keep the padding from being attended to.
+  """
+  k_cache, v_cache = layer_kv
+  if isinstance(start, kv_cache.EmptyCache):
+    t = q_BTNH.shape[1]
+    k_cache = k_cache.at[:, :t].set(k_BTKH.astype(k_cache.dtype))
+    v_cache = v_cache.at[:, :t].set(v_BTKH.astype(v_cache.dtype))
+    return self_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids, cfg), (k_cache, v_cache)
+  k_cache = kv_cache.write(k_cache, k_BTKH, start)
+  v_cache = kv_cache.write(v_cache, v_BTKH, start)
+  out = cached_attention(q_BTNH, k_cache, v_cache, start + q_BTNH.shape[1],
+                         impl=cfg.attention_impl)
+  return out, (k_cache, v_cache)
 
 
 class MLP(nn.Module):

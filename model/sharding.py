@@ -59,10 +59,26 @@ def mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int) -> tuple[int
 
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
               devices: Sequence[jax.Device] | None = None) -> Mesh:
-  devices = jax.devices() if devices is None else devices
+  """The (data, fsdp, tensor) mesh over `devices` (default: all of the job's).
+
+  Several TPU slices (multi-slice, joined by the data-centre network) split the data axis
+  between them: only gradient reductions cross the slow links; fsdp and tensor stay on
+  each slice's fast interconnect.
+  """
+  devices = jax.devices() if devices is None else list(devices)
   shape = mesh_shape(data, fsdp, tensor, len(devices))
   # Auto axes: the classic GSPMD style, where jit in/out shardings drive propagation.
-  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+  axis_types = (AxisType.Auto,) * 3
+  slices = len({getattr(d, "slice_index", 0) for d in devices})
+  if slices == 1:
+    return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
+  if shape[0] % slices:
+    raise ValueError(f"{slices} TPU slices split the data axis: mesh.data={shape[0]} must be "
+                     f"a multiple of {slices}")
+  from jax.experimental import mesh_utils
+  grid = mesh_utils.create_hybrid_device_mesh(
+      (shape[0] // slices, shape[1], shape[2]), (slices, 1, 1), devices)
+  return Mesh(grid, MESH_AXES, axis_types=axis_types)
 
 
 def logical_to_spec(logical: PartitionSpec, shape: Sequence[int], mesh: Mesh,
@@ -137,14 +153,22 @@ def current_mesh() -> Mesh | None:
   return None if ctx is None else ctx[0]
 
 
-def constrain(x: jax.Array, logical_axes: tuple) -> jax.Array:
-  """with_sharding_constraint by logical names; a no-op outside `activation_sharding`."""
+def activation_spec(logical_axes: tuple, shape: Sequence[int]) -> PartitionSpec | None:
+  """The mesh spec of an activation of `shape` named `logical_axes` by the rules of the
+  enclosing `activation_sharding` block; None outside one."""
   ctx = _ACTIVATION_MESH.get()
   if ctx is None:
-    return x
+    return None
   mesh, rules = ctx
-  spec = logical_to_spec(PartitionSpec(*logical_axes), x.shape, mesh, rules)
-  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+  return logical_to_spec(PartitionSpec(*logical_axes), shape, mesh, rules)
+
+
+def constrain(x: jax.Array, logical_axes: tuple) -> jax.Array:
+  """with_sharding_constraint by logical names; a no-op outside `activation_sharding`."""
+  spec = activation_spec(logical_axes, x.shape)
+  if spec is None:
+    return x
+  return jax.lax.with_sharding_constraint(x, NamedSharding(current_mesh(), spec))
 
 
 def in_mesh(fn, mesh: Mesh, rules=RULES):

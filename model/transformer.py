@@ -9,6 +9,14 @@ With cfg.value_head the output is a scalar per position, values: float32[B, T] (
 model or PPO critic: the backbone of a language model with a head read at chosen tokens).
 `segment_ids` marks packed documents (a token attends only within its own segment); with a
 cache it marks padding instead (0 = pad, not counted in the new lengths).
+
+Two options serve inference at scale:
+  empty_cache=True  the (contiguous) cache holds nothing yet (prefill): the tokens attend only
+                    to each other through flash attention, never to the cache's S slots;
+  logits_at         int32[B]: the final norm and head run only at position logits_at[b] of
+                    each row (the one sampled from), giving [B, V] (values [B], hidden
+                    [B, D]) instead of [B, T, V], which at T = 2048 and V = 49152 is 400 MB
+                    of f32 per row.
 """
 
 import flax.linen as nn
@@ -16,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from model.config import ModelConfig
-from model.kv_cache import KVCache, PagedKVCache, PageTable
+from model.kv_cache import EmptyCache, KVCache, PagedKVCache, PageTable
 from model.layers import Block, RMSNorm, _param, rope_table
 from model.sharding import constrain
 
@@ -40,19 +48,23 @@ class Transformer(nn.Module):
   @nn.compact
   def __call__(self, tokens, positions, segment_ids=None,
                cache: KVCache | PagedKVCache | None = None,
-               *, return_hidden: bool = False):
+               *, return_hidden: bool = False, empty_cache: bool = False, logits_at=None):
     cfg = self.cfg
     embedding = _param(self, "embedding", nn.initializers.normal(cfg.init_std),
                        (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.weight_dtype)
     x = jnp.take(embedding, tokens, axis=0).astype(cfg.compute_dtype)
     x = constrain(x, ("batch", "length", "act_embed"))
-    attn_segments = segment_ids if cache is None else None
+    # Tokens attend to each other by segment (with a cache: only when it starts empty).
+    attn_segments = segment_ids if cache is None or empty_cache else None
     paged = isinstance(cache, PagedKVCache)
+    if empty_cache and not isinstance(cache, KVCache):
+      raise ValueError(f"empty_cache=True needs a contiguous KVCache, got "
+                       f"{type(cache).__name__}")
     if paged:  # the layers find their pages through the (broadcast) page table
       start = PageTable(lengths=cache.lengths, page_indices=cache.page_indices)
       layers_kv = (cache.k_pages, cache.v_pages)
     else:
-      start = None if cache is None else cache.lengths
+      start = None if cache is None else EmptyCache() if empty_cache else cache.lengths
       layers_kv = None if cache is None else (cache.k, cache.v)
 
     rope = rope_table(positions, cfg)
@@ -79,6 +91,8 @@ class Transformer(nn.Module):
       else:
         new_kv = (jnp.stack(new_k), jnp.stack(new_v))
 
+    if logits_at is not None:  # [B, 1, D]: norm and head only where they are read
+      x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)
     x = RMSNorm(cfg, name="final_norm")(x)
     if return_hidden:
       out = x
@@ -98,6 +112,8 @@ class Transformer(nn.Module):
                        preferred_element_type=jnp.float32)
     if not return_hidden and not cfg.value_head:
       out = constrain(out, ("batch", "length", "act_vocab"))
+    if logits_at is not None:
+      out = out[:, 0]
 
     if cache is None:
       return out, None

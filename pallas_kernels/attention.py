@@ -1,15 +1,22 @@
 """The one attention entry point the model calls.
 
 Layout everywhere: q [B, T, Hq, D], k/v [B, S, Hkv, D], Hq % Hkv == 0.
-`impl`: "auto" picks Pallas on GPU/TPU and XLA on CPU; "xla"; "pallas" (interpreted on CPU).
-Self-attention goes to the FlashAttention-2 kernel (`flash_attention.py`); attention over a
-contiguous cache stays in XLA (see `cached_attention`); a paged cache uses `paged_attention`.
+`impl`: "auto" runs a Pallas kernel where it is compile-tested for the platform the program is
+lowered for (`attention_path` says which, and why) and XLA elsewhere; "xla"; "pallas"
+(interpreted on CPU). Self-attention goes to the FlashAttention-2 kernel (`flash_attention.py`);
+attention over a contiguous cache stays in XLA (see `cached_attention`); a paged cache uses
+`paged_attention`.
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.flash_attention import flash_attention, resolve_impl
+from pallas_kernels.flash_attention import flash_attention
+from pallas_kernels.paths import attention_path, check_impl, dispatch
+
+__all__ = ["attention", "attention_path", "cached_attention"]
 
 XLA_BLOCK_Q = 64  # query block of the XLA path; the Pallas kernels have their own BlockSizes
 
@@ -43,16 +50,24 @@ def attention(q, k, v, *, segment_ids=None, causal=True, sliding_window=None, sc
   """Self-attention over one sequence. q [B,T,Hq,D], k/v [B,T,Hkv,D], segment_ids int32[B,T].
 
   Key j is visible to query i iff (not causal or j <= i), i - j < sliding_window (if set) and
-  segment_ids agree. Fully masked rows output 0.
+  segment_ids agree. Fully masked rows output 0. The path is `attention_path(platform, ...)`'s
+  for the platform the program is lowered for.
   """
-  if resolve_impl(impl) == "pallas":
-    return flash_attention(q, k, v, causal=causal, segment_ids=segment_ids,
-                           sliding_window=sliding_window, scale=scale, impl="pallas")
-  return _blocked_attention(q, k, v, segment_ids=segment_ids, causal=causal,
-                            sliding_window=sliding_window, scale=scale, block_q=block_q)
+  xla = functools.partial(_blocked_attention, causal=causal, sliding_window=sliding_window,
+                          scale=scale, block_q=block_q)
+
+  def kernel(variant, interpret):
+    return lambda q, k, v, seg: flash_attention(
+        q, k, v, segment_ids=seg, causal=causal, sliding_window=sliding_window, scale=scale,
+        impl="pallas", backend=variant, interpret=interpret)
+
+  path_of = lambda platform: attention_path(platform, head_dim=q.shape[-1], dtype=q.dtype,
+                                            kv_dtype=k.dtype, impl=impl)
+  return dispatch((q, k, v, segment_ids), impl=impl, interpret=None, backend=None,
+                  path_of=path_of, kernel=kernel, xla=xla)
 
 
-def _blocked_attention(q, k, v, *, segment_ids, causal, sliding_window, scale, block_q):
+def _blocked_attention(q, k, v, segment_ids, *, causal, sliding_window, scale, block_q):
   """The XLA path: dense attention per block of queries, over only the keys the block can see.
 
   Causal (and windowed) blocks skip the keys that are masked for every query in the block, as
@@ -95,7 +110,7 @@ def cached_attention(q, k, v, lengths, *, sliding_window=None, scale=None, impl=
   (Tq small) this is a memory-bound pass over the cache that XLA already does well. Serving
   with a page pool should call `paged_attention`, which has Pallas kernels.
   """
-  resolve_impl(impl)  # validates the name
+  check_impl(impl)
   tq, s = q.shape[1], k.shape[1]
   scale = q.shape[-1] ** -0.5 if scale is None else scale
   q_slot = lengths[:, None] - tq + jnp.arange(tq)[None, :]  # [B,Tq]

@@ -13,8 +13,8 @@ Pallas kernels (dQ; dK and dV) joined to the forward by `jax.custom_vjp`, since 
 cannot be differentiated itself. The forward saves only O and the log-sum-exp L.
 
 There are two kernel variants with the same block math (`_flash_common`): Mosaic for TPU
-(`_flash_tpu`) and Triton for GPU (`_flash_gpu`). `lax.platform_dependent` picks one when the
-computation is lowered, so one jitted function lowers for either platform.
+(`_flash_tpu`) and Triton for GPU (`_flash_gpu`). `paths.dispatch` picks one (or XLA) for the
+platform the computation is lowered for, so one jitted function lowers for any platform.
 `flash_attention_reference` is the same function in plain jnp.
 """
 
@@ -23,15 +23,18 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels import _flash_common as fc
 from pallas_kernels import _flash_gpu
 from pallas_kernels import _flash_tpu
+from pallas_kernels.paths import attention_path, dispatch
 
-ACCELERATORS = ("gpu", "cuda", "rocm", "tpu")
-IMPLS = ("auto", "xla", "pallas")
 BACKENDS = ("tpu", "gpu")
+# Shared memory of the smallest GPU we compile for (A100: 163 KiB per block) holds the pipeline
+# stages of the K and V tiles at GPU_ROW_BYTES per row (head_dim padded, times the itemsize);
+# wider rows get proportionally shorter blocks (f32 with head_dim 256 asks 288 KiB otherwise).
+GPU_ROW_BYTES = 512
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,24 +59,17 @@ class BlockSizes:
         raise ValueError(f"BlockSizes.{f.name} must be a power of two >= 8, got {n!r}")
 
   @classmethod
-  def get_default(cls, backend):
-    """Defaults per backend: "tpu" (Mosaic: big tiles, VMEM is plentiful) or "gpu" (Triton)."""
+  def get_default(cls, backend, head_dim=128, dtype=jnp.bfloat16):
+    """Defaults per backend: "tpu" (Mosaic: big tiles, VMEM is plentiful) or "gpu" (Triton,
+    shrunk for wide rows to fit shared memory; see GPU_ROW_BYTES)."""
     if backend == "tpu":
       return cls(block_q=512, block_k=512, block_q_dq=256, block_k_dq=512,
                  block_q_dkv=512, block_k_dkv=256)
     if backend == "gpu":
-      return cls(block_q=128, block_k=64, block_q_dq=64, block_k_dq=64,
-                 block_q_dkv=64, block_k_dkv=64)
+      row_bytes = fc.next_pow2(max(head_dim, _flash_gpu.MIN_BLOCK)) * jnp.dtype(dtype).itemsize
+      shrink = max(1, row_bytes // GPU_ROW_BYTES)
+      return cls(*(max(_flash_gpu.MIN_BLOCK, b // shrink) for b in (128, 64, 64, 64, 64, 64)))
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-
-
-def resolve_impl(impl):
-  """"auto" -> "pallas" on GPU/TPU, "xla" on CPU."""
-  if impl not in IMPLS:
-    raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-  if impl == "auto":
-    return "pallas" if jax.default_backend() in ACCELERATORS else "xla"
-  return impl
 
 
 # ---------------------------------------------------------------------------------- reference
@@ -141,24 +137,15 @@ class _Static:
   scale: float
   block_sizes: BlockSizes | None
   interpret: bool | pltpu.InterpretParams
-  backend: str | None
+  backend: str  # the kernel variant, "tpu" or "gpu"
 
 
-def _run(cfg, name, *args):
-  """Call `name` ("forward"/"backward") of the kernel variant for the platform being lowered."""
-
-  def variant(backend):
-    module = _flash_tpu if backend == "tpu" else _flash_gpu
-    blocks = cfg.block_sizes or BlockSizes.get_default(backend)
-    return functools.partial(getattr(module, name), causal=cfg.causal, window=cfg.window,
-                             scale=cfg.scale, blocks=blocks, interpret=cfg.interpret)
-
-  if cfg.backend is not None:
-    return variant(cfg.backend)(*args)
-  if cfg.interpret:  # on CPU: the TPU variant unless another is asked for
-    return variant("tpu")(*args)
-  gpu = variant("gpu")
-  return lax.platform_dependent(*args, tpu=variant("tpu"), cuda=gpu, rocm=gpu)
+def _run(cfg, name, q, *args):
+  """Call `name` ("forward"/"backward") of the kernel variant cfg.backend."""
+  module = _flash_tpu if cfg.backend == "tpu" else _flash_gpu
+  blocks = cfg.block_sizes or BlockSizes.get_default(cfg.backend, q.shape[-1], q.dtype)
+  return getattr(module, name)(q, *args, causal=cfg.causal, window=cfg.window, scale=cfg.scale,
+                               blocks=blocks, interpret=cfg.interpret)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -189,13 +176,14 @@ def flash_attention(q, k, v, *, causal=True, segment_ids=None, sliding_window=No
     within their segment (packed documents).
   sliding_window: key j is visible to query i only if i - j < sliding_window.
   scale: softmax scale, default D ** -0.5.
-  impl: "auto" (Pallas on GPU/TPU, XLA reference on CPU), "xla" or "pallas".
+  impl: "auto" (the kernel where `paths.attention_path` says it is compile-tested, else the
+    XLA reference), "xla" or "pallas"; decided for the platform the program is lowered for.
   block_sizes: a `BlockSizes`; None takes `BlockSizes.get_default` of the backend.
-  interpret: run the Pallas kernels in the interpreter (default: True when not on GPU/TPU).
-    A `pltpu.InterpretParams` selects TPU interpret mode for the TPU variant (simulated VMEM
-    and DMAs, NaN-filled uninitialised memory, shuffled "parallel" grid axes).
-  backend: force the "tpu" or "gpu" kernel variant. None: chosen by the platform being lowered
-    (in interpret mode the TPU variant).
+  interpret (impl="pallas"): run the kernels in the interpreter. None: only on platforms with no
+    kernel (CPU). A `pltpu.InterpretParams` selects TPU interpret mode for the TPU variant
+    (simulated VMEM and DMAs, NaN-filled uninitialised memory, shuffled "parallel" grid axes).
+  backend (impl="pallas"): force the "tpu" or "gpu" kernel variant wherever lowered. None:
+    chosen by the platform being lowered (in interpret mode the TPU variant).
   """
   if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
     raise ValueError(f"flash_attention expects q [B,T,Hq,D], k/v [B,S,Hkv,D]; got "
@@ -211,15 +199,22 @@ def flash_attention(q, k, v, *, causal=True, segment_ids=None, sliding_window=No
   if backend is not None and backend not in BACKENDS:
     raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
   scale = float(d ** -0.5 if scale is None else scale)
-  if resolve_impl(impl) == "xla":
-    return flash_attention_reference(q, k, v, causal=causal, segment_ids=segment_ids,
-                                     sliding_window=sliding_window, scale=scale)
   q_seg, kv_seg = _split_segment_ids(segment_ids, t, k.shape[1])
   for name, seg, n in (("q", q_seg, t), ("kv", kv_seg, k.shape[1])):
     if seg is not None and seg.shape != (b, n):
       raise ValueError(f"{name} segment ids must be [B={b}, {n}], got {seg.shape}")
-  if interpret is None:
-    interpret = jax.default_backend() not in ACCELERATORS
-  cfg = _Static(causal=bool(causal), window=sliding_window, scale=scale,
-                block_sizes=block_sizes, interpret=interpret, backend=backend)
-  return _flash(q, k, v, q_seg, kv_seg, cfg)
+
+  def kernel(variant, interpret):
+    cfg = _Static(causal=bool(causal), window=sliding_window, scale=scale,
+                  block_sizes=block_sizes, interpret=interpret, backend=variant)
+    return lambda *args: _flash(*args, cfg)
+
+  def xla(q, k, v, q_seg, kv_seg):
+    return flash_attention_reference(q, k, v, causal=causal, sliding_window=sliding_window,
+                                     scale=scale,
+                                     segment_ids=None if q_seg is None else (q_seg, kv_seg))
+
+  path_of = lambda platform: attention_path(platform, head_dim=d, dtype=q.dtype,
+                                            kv_dtype=k.dtype, impl=impl)
+  return dispatch((q, k, v, q_seg, kv_seg), impl=impl, interpret=interpret, backend=backend,
+                  path_of=path_of, kernel=kernel, xla=xla)

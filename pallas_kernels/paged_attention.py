@@ -9,18 +9,22 @@ the page table: position p of sequence b lives in slot p % page_size of physical
 page_indices[b, p // page_size]. Query t of row b sits at position lengths[b] - Tq + t and sees
 positions <= its own (causal among the new tokens).
 
-One program handles a (sequence, KV head) pair and all G * Tq queries that read that head, so
-each page is read once per KV head (GQA without repeating K/V). Pages at or past a sequence's
-length are never read. Long contexts can be split over pages (flash-decoding, Dao et al. 2023):
-each split emits a partial output and its log-sum-exp, and `_combine` merges them.
+A program handles a (sequence, KV head) pair and a block of the G * Tq query rows that read
+that head (row t * G + g: query head g of the group at new token t), so each page is read once
+per KV head and row block (GQA without repeating K/V). Decoding and speculative verification fit
+one row block; a prefill chunk of hundreds of tokens spans several, which bounds the
+accumulators a program holds (f32 [rows, D] in registers on GPU, in VMEM on TPU). Pages at or
+past the last position a row block can see are never read. Long contexts can be split over
+pages (flash-decoding, Dao et al. 2023): each split emits a partial output and its
+log-sum-exp, and `_combine` merges them.
 
 TPU (Mosaic): the page table and lengths are scalar-prefetched into SMEM
 (`pltpu.PrefetchScalarGridSpec`); each grid step reads `pages_per_compute_block` pages through
 block specs whose index maps look pages up in the table, clamped to the last valid page so steps
 past the length issue no new DMA (and `pl.when` skips their compute).
-GPU (Triton): one program per (sequence, KV head, split) loops over its valid pages, loading each
-through the table. head_dim and page_size must be powers of two (head_dim >= 16); other shapes
-run the XLA reference on GPU.
+GPU (Triton): one program per (sequence, KV head, split, row block) loops over its valid pages,
+loading each through the table. head_dim and page_size must be powers of two (head_dim >= 16);
+other shapes run the XLA reference on GPU (`paths.attention_path` says so).
 """
 
 import functools
@@ -34,11 +38,17 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import _flash_common as fc
-from pallas_kernels.flash_attention import ACCELERATORS, resolve_impl
+from pallas_kernels.paths import attention_path, dispatch
 
 LANES = 128
 SUBLANES = 8
 GPU_MIN_ROWS = 16  # tl.dot needs >= 16 rows
+# Query rows per program. GPU: the f32 [rows, D] accumulator lives in registers, so rows * D is
+# bounded (8192: 64 registers a thread at 4 warps); one row block of next_pow2(G * Tq) rows
+# asked 1 MiB of shared memory for a 512-token chunk with G = 8. TPU: m, l and the accumulator
+# are VMEM scratch, [512, 128 + 128 + D] f32, well inside the scoped VMEM of every generation.
+GPU_ROW_ELEMENTS = 8192
+TPU_MAX_ROWS = 512
 
 
 # ---------------------------------------------------------------------------------- reference
@@ -85,24 +95,33 @@ def paged_attention_reference(q, k_pages, v_pages, lengths, page_indices, *, sca
 
 
 def _group_queries(q4, hkv, rows):
-  """[B, Tq, Hq, D] -> [B, Hkv, rows, D]; row r = g * Tq + t (padded rows are zeros)."""
+  """[B, Tq, Hq, D] -> [B, Hkv, rows, D]; row r = t * G + g (padded rows are zeros).
+
+  Token-major rows put the earliest new tokens in the first row blocks, which see the fewest
+  pages (`_visible`)."""
   b, tq, hq, d = q4.shape
-  g = hq // hkv
-  x = q4.reshape(b, tq, hkv, g, d).transpose(0, 2, 3, 1, 4).reshape(b, hkv, g * tq, d)
+  x = q4.reshape(b, tq, hkv, hq // hkv, d).transpose(0, 2, 1, 3, 4)
+  x = x.reshape(b, hkv, tq * (hq // hkv), d)
   return fc.pad_axis(x, 2, rows)
 
 
-def _rows_back(tq, n, rows):
+def _rows_back(tq, g, rows):
   """How many positions before the newest token each row's query sits (int32 [rows])."""
   back = np.zeros(rows, np.int32)
-  back[:n] = tq - 1 - np.arange(n) % tq
+  back[:tq * g] = tq - 1 - np.arange(tq * g) // g
   return back
+
+
+def _visible(length, block, *, rows_per_block, tq, g):
+  """Tokens row block `block` can see: up to the position of its last token's query."""
+  last_t = fc.idiv(fc.imin((block + 1) * rows_per_block, tq * g) - 1, g)
+  return length - (tq - 1 - last_t)
 
 
 def _ungroup(o, b, tq, hq, d):
   hkv = o.shape[1]
-  o = o[:, :, :(hq // hkv) * tq].reshape(b, hkv, hq // hkv, tq, d)
-  return o.transpose(0, 3, 1, 2, 4).reshape(b, tq, hq, d)
+  o = o[:, :, :(hq // hkv) * tq].reshape(b, hkv, tq, hq // hkv, d)
+  return o.transpose(0, 2, 1, 3, 4).reshape(b, tq, hq, d)
 
 
 def _combine(o_part, lse_part):
@@ -135,11 +154,13 @@ def logical_page(length, step, j, *, page_size, ppcb, pps):
   return fc.imin(step * ppcb + j, n_valid - 1)
 
 
-def _tpu_kernel(lengths_ref, pages_ref, back_ref, q_ref, *refs, scale, page_size, ppcb, steps):
-  """One step: `ppcb` pages of one (sequence, KV head, split); FlashAttention-2 Alg. 1 update."""
+def _tpu_kernel(lengths_ref, pages_ref, back_ref, q_ref, *refs, scale, page_size, ppcb, steps,
+                visible):
+  """One step: `ppcb` pages of one (sequence, KV head, row block, split); FlashAttention-2 Alg. 1
+  update."""
   k_refs, v_refs = refs[:ppcb], refs[ppcb:2 * ppcb]
   o_ref, lse_ref, m_sc, l_sc, acc_sc = refs[2 * ppcb:]
-  b, split, i = pl.program_id(0), pl.program_id(2), pl.program_id(3)
+  b, block, split, i = pl.program_id(0), pl.program_id(2), pl.program_id(3), pl.program_id(4)
   length = lengths_ref[b]
   first = (split * steps + i) * ppcb  # first logical page of this step
 
@@ -149,7 +170,7 @@ def _tpu_kernel(lengths_ref, pages_ref, back_ref, q_ref, *refs, scale, page_size
     l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
     acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
 
-  @pl.when(first * page_size < length)  # pages past the length: no compute
+  @pl.when(first * page_size < visible(length, block))  # pages no row sees: no compute
   def _step():
     # Join the pages into one [ppcb * P, D] block; via f32 so any page size joins on whole tiles.
     def join(rs):
@@ -172,51 +193,56 @@ def _tpu_kernel(lengths_ref, pages_ref, back_ref, q_ref, *refs, scale, page_size
 
 
 def _paged_tpu(q4, k_pages, v_pages, lengths, page_indices, *, scale, ppcb, num_splits,
-               interpret):
+               max_rows, interpret):
   b, tq, hq, d = q4.shape
   hkv, _, page_size, _ = k_pages.shape
   pps = page_indices.shape[1]
-  n = (hq // hkv) * tq
-  rows = fc.round_up(n, SUBLANES)
+  g = hq // hkv
+  # Equal blocks of whole bf16 tiles (16 rows) when there are several, so little is padding.
+  n_blocks = -(-g * tq // (max_rows or TPU_MAX_ROWS))
+  block_rows = fc.round_up(-(-g * tq // n_blocks), SUBLANES if n_blocks == 1 else 2 * SUBLANES)
+  rows = n_blocks * block_rows
   qs = _group_queries(q4, hkv, rows)
-  back = jnp.broadcast_to(jnp.asarray(_rows_back(tq, n, rows))[:, None], (rows, LANES))
+  back = jnp.broadcast_to(jnp.asarray(_rows_back(tq, g, rows))[:, None], (rows, LANES))
+  visible = functools.partial(_visible, rows_per_block=block_rows, tq=tq, g=g)
   ppcb = ppcb or max(1, min(pps, 256 // page_size))
   total_steps = -(-pps // ppcb)
-  num_splits = num_splits or (min(2, total_steps) if b * hkv == 1 else 1)
+  num_splits = num_splits or (min(2, total_steps) if b * hkv * n_blocks == 1 else 1)
   steps = -(-total_steps // num_splits)
 
   def page_index(j):
-    def index_map(bi, h, split, i, lengths_ref, pages_ref):
-      page = logical_page(lengths_ref[bi], split * steps + i, j, page_size=page_size, ppcb=ppcb,
-                          pps=pps)
+    def index_map(bi, h, block, split, i, lengths_ref, pages_ref):
+      page = logical_page(visible(lengths_ref[bi], block), split * steps + i, j,
+                          page_size=page_size, ppcb=ppcb, pps=pps)
       return h, pages_ref[bi * pps + page], 0, 0
     return index_map
 
   page_specs = [pl.BlockSpec((None, None, page_size, d), page_index(j)) for j in range(ppcb)]
-  part_spec = lambda w: pl.BlockSpec((None, None, None, rows, w),
-                                     lambda bi, h, split, i, *_: (bi, h, split, 0, 0))
+  part_spec = lambda w: pl.BlockSpec((None, None, None, block_rows, w),
+                                     lambda bi, h, block, split, i, *_: (bi, h, split, block, 0))
   kernel = functools.partial(_tpu_kernel, scale=scale, page_size=page_size, ppcb=ppcb,
-                             steps=steps)
+                             steps=steps, visible=visible)
   o, lse = pl.pallas_call(
       kernel,
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=2,
-          grid=(b, hkv, num_splits, steps),
-          in_specs=[pl.BlockSpec((rows, LANES), lambda *_: (0, 0)),
-                    pl.BlockSpec((None, None, rows, d), lambda bi, h, *_: (bi, h, 0, 0)),
+          grid=(b, hkv, n_blocks, num_splits, steps),
+          in_specs=[pl.BlockSpec((block_rows, LANES), lambda bi, h, block, *_: (block, 0)),
+                    pl.BlockSpec((None, None, block_rows, d),
+                                 lambda bi, h, block, *_: (bi, h, block, 0)),
                     *page_specs, *page_specs],
           out_specs=[part_spec(d), part_spec(LANES)],
-          scratch_shapes=[pltpu.VMEM((rows, LANES), jnp.float32),
-                          pltpu.VMEM((rows, LANES), jnp.float32),
-                          pltpu.VMEM((rows, d), jnp.float32)]),
+          scratch_shapes=[pltpu.VMEM((block_rows, LANES), jnp.float32),
+                          pltpu.VMEM((block_rows, LANES), jnp.float32),
+                          pltpu.VMEM((block_rows, d), jnp.float32)]),
       out_shape=[jax.ShapeDtypeStruct((b, hkv, num_splits, rows, d), jnp.float32),
                  jax.ShapeDtypeStruct((b, hkv, num_splits, rows, LANES), jnp.float32)],
       compiler_params=pltpu.CompilerParams(
-          dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
+          dimension_semantics=("parallel", "parallel", "parallel", "parallel", "arbitrary")),
       interpret=interpret,
       name="paged_attention",
   )(lengths, page_indices.reshape(-1), back, qs, *([k_pages] * ppcb), *([v_pages] * ppcb))
-  return _ungroup(_combine(o, lse[..., 0]), b, tq, hq, d)
+  return _ungroup(_combine(o, lse[..., 0]), b, tq, hq, d).astype(q4.dtype)
 
 
 # ------------------------------------------------------------------------------------- GPU
@@ -232,14 +258,14 @@ def _broadcast_dot(a, b, dims, precision=None):
 
 
 def _gpu_kernel(lengths_ref, pages_ref, back_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale,
-                page_size, pages_per_split, pps, precision):
-  """One (sequence, KV head, split): loop over the split's valid pages, one page at a time."""
+                page_size, pages_per_split, pps, precision, visible):
+  """One (sequence, KV head, split, row block): loop over the split's pages its rows can see."""
   matmul = fc.dot if page_size >= GPU_MIN_ROWS else _broadcast_dot
-  b, split = pl.program_id(0), pl.program_id(2)
+  b, split, block = pl.program_id(0), pl.program_id(2), pl.program_id(3)
   length = lengths_ref[b]
-  n_valid = jnp.minimum(lax.div(length + page_size - 1, page_size), pps)
+  n_valid = jnp.minimum(lax.div(visible(length, block) + page_size - 1, page_size), pps)
   lo = split * pages_per_split
-  hi = jnp.minimum(lo + pages_per_split, n_valid)  # pages past the length are never read
+  hi = jnp.minimum(lo + pages_per_split, n_valid)  # pages no row sees are never read
   q = q_ref[...]
   q_pos = (length - 1 - back_ref[...])[:, None]
 
@@ -260,66 +286,74 @@ def _gpu_kernel(lengths_ref, pages_ref, back_ref, q_ref, k_ref, v_ref, o_ref, ls
   lse_ref[...] = lse.reshape(rows)
 
 
-def _paged_gpu(q4, k_pages, v_pages, lengths, page_indices, *, scale, num_splits, interpret):
+def _paged_gpu(q4, k_pages, v_pages, lengths, page_indices, *, scale, num_splits, max_rows,
+               interpret):
   b, tq, hq, d = q4.shape
   hkv, num_pages, page_size, _ = k_pages.shape
   pps = page_indices.shape[1]
-  if page_size & (page_size - 1) or d & (d - 1) or d < GPU_MIN_ROWS:
-    # Triton tensors must have power-of-two sizes, and padding head_dim would copy the whole
-    # page pool on every call. Such shapes take the XLA path on GPU; raising instead would also
-    # break lowering for TPU, since platform_dependent traces every platform's branch.
+  path = attention_path("cuda", head_dim=d, dtype=q4.dtype, page_size=page_size, impl="pallas")
+  if path.impl == "xla":
+    # Raising instead would break lowering for TPU: platform_dependent traces every branch.
     return paged_attention_reference(q4, k_pages, v_pages, lengths, page_indices, scale=scale)
-  n = (hq // hkv) * tq
-  rows = fc.next_pow2(max(n, GPU_MIN_ROWS))
+  g = hq // hkv
+  block_rows = min(fc.next_pow2(max(g * tq, GPU_MIN_ROWS)),
+                   max_rows or max(GPU_MIN_ROWS, GPU_ROW_ELEMENTS // d))
+  rows = fc.round_up(g * tq, block_rows)
+  n_blocks = rows // block_rows
   qs = _group_queries(q4, hkv, rows)
-  back = jnp.asarray(_rows_back(tq, n, rows))
+  back = jnp.asarray(_rows_back(tq, g, rows))
   # Flash-decoding split: enough programs to fill the GPU, but >= 8 pages per split.
-  num_splits = num_splits or int(np.clip(-(-256 // (b * hkv)), 1, -(-pps // 8)))
+  num_splits = num_splits or int(np.clip(-(-256 // (b * hkv * n_blocks)), 1, -(-pps // 8)))
   pages_per_split = -(-pps // num_splits)
-  pool_spec = pl.BlockSpec((None, num_pages, page_size, d), lambda bi, h, s: (h, 0, 0, 0))
-  part_spec = lambda *w: pl.BlockSpec((None, None, None, rows, *w),
-                                      lambda bi, h, s: (bi, h, s, 0, *([0] * len(w))))
+  pool_spec = pl.BlockSpec((None, num_pages, page_size, d), lambda bi, h, s, r: (h, 0, 0, 0))
   kernel = functools.partial(
       _gpu_kernel, scale=scale, page_size=page_size, pages_per_split=pages_per_split, pps=pps,
-      precision=lax.Precision.HIGHEST if q4.dtype == jnp.float32 else None)
+      precision=lax.Precision.HIGHEST if q4.dtype == jnp.float32 else None,
+      visible=functools.partial(_visible, rows_per_block=block_rows, tq=tq, g=g))
   o, lse = pl.pallas_call(
       kernel,
-      grid=(b, hkv, num_splits),
+      grid=(b, hkv, num_splits, n_blocks),
       in_specs=[pl.BlockSpec((b,), lambda *_: (0,)),
-                pl.BlockSpec((None, pps), lambda bi, h, s: (bi, 0)),
-                pl.BlockSpec((rows,), lambda *_: (0,)),
-                pl.BlockSpec((None, None, rows, d), lambda bi, h, s: (bi, h, 0, 0)),
+                pl.BlockSpec((None, pps), lambda bi, h, s, r: (bi, 0)),
+                pl.BlockSpec((block_rows,), lambda bi, h, s, r: (r,)),
+                pl.BlockSpec((None, None, block_rows, d), lambda bi, h, s, r: (bi, h, r, 0)),
                 pool_spec, pool_spec],
-      out_specs=[part_spec(d), pl.BlockSpec((None, None, None, rows),
-                                            lambda bi, h, s: (bi, h, s, 0))],
+      out_specs=[pl.BlockSpec((None, None, None, block_rows, d),
+                              lambda bi, h, s, r: (bi, h, s, r, 0)),
+                 pl.BlockSpec((None, None, None, block_rows), lambda bi, h, s, r: (bi, h, s, r))],
       out_shape=[jax.ShapeDtypeStruct((b, hkv, num_splits, rows, d), jnp.float32),
                  jax.ShapeDtypeStruct((b, hkv, num_splits, rows), jnp.float32)],
       compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
       interpret=bool(interpret),  # TPU interpret params mean plain interpret here
       name="paged_attention",
   )(lengths, page_indices, back, qs, k_pages, v_pages)
-  return _ungroup(_combine(o, lse), b, tq, hq, d)
+  return _ungroup(_combine(o, lse), b, tq, hq, d).astype(q4.dtype)
 
 
 # ---------------------------------------------------------------------------------- public
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "impl", "pages_per_compute_block",
-                                             "num_splits", "interpret", "backend"))
+                                             "num_splits", "rows_per_block", "interpret",
+                                             "backend"))
 def paged_attention(q, k_pages, v_pages, lengths, page_indices, *, scale=None, impl="auto",
-                    pages_per_compute_block=None, num_splits=None, interpret=None,
-                    backend=None):
+                    pages_per_compute_block=None, num_splits=None, rows_per_block=None,
+                    interpret=None, backend=None):
   """Attention of new tokens over a paged KV cache. Returns q's shape and dtype.
 
   q [B, Hq, D] or [B, Tq, Hq, D]; k_pages, v_pages [Hkv, num_pages, page_size, D];
   lengths int32[B] (cache tokens including the new ones); page_indices int32[B, pages_per_seq].
-  impl: "auto" (Pallas on GPU/TPU, XLA reference on CPU), "xla" or "pallas".
+  impl: "auto" (the kernel where `paths.attention_path` says it is compile-tested, else the XLA
+    reference), "xla" or "pallas"; decided for the platform the program is lowered for.
   pages_per_compute_block: pages per TPU grid step (default: 256 tokens' worth).
   num_splits: flash-decoding splits over pages (default: by occupancy).
-  interpret: run the kernel in the Pallas interpreter (default: True when not on GPU/TPU); a
-    `pltpu.InterpretParams` selects TPU interpret mode for the TPU variant.
-  backend: force the "tpu" or "gpu" variant (default: by the platform being lowered; the TPU
-    variant in interpret mode).
+  rows_per_block: most query rows (G * Tq in all) per program, a power of two >= 16 (default:
+    TPU_MAX_ROWS on TPU, GPU_ROW_ELEMENTS // D on GPU).
+  interpret (impl="pallas"): run the kernel in the Pallas interpreter. None: only on platforms
+    with no kernel (CPU). A `pltpu.InterpretParams` selects TPU interpret mode for the TPU
+    variant.
+  backend (impl="pallas"): force the "tpu" or "gpu" variant wherever lowered (default: by the
+    platform being lowered; the TPU variant in interpret mode).
   """
   q4, single = _as_4d(q)
   b, tq, hq, d = q4.shape
@@ -333,19 +367,25 @@ def paged_attention(q, k_pages, v_pages, lengths, page_indices, *, scale=None, i
                      f"{lengths.shape} and {page_indices.shape}")
   if backend not in (None, "tpu", "gpu"):
     raise ValueError(f"backend must be 'tpu', 'gpu' or None, got {backend!r}")
+  if rows_per_block is not None and (rows_per_block < GPU_MIN_ROWS
+                                     or rows_per_block & (rows_per_block - 1)):
+    raise ValueError(f"rows_per_block must be a power of two >= {GPU_MIN_ROWS} or None, got "
+                     f"{rows_per_block}")
   scale = float(d ** -0.5 if scale is None else scale)
   lengths, page_indices = lengths.astype(jnp.int32), page_indices.astype(jnp.int32)
-  if resolve_impl(impl) == "xla":
-    return paged_attention_reference(q, k_pages, v_pages, lengths, page_indices, scale=scale)
-  if interpret is None:
-    interpret = jax.default_backend() not in ACCELERATORS
-  tpu = functools.partial(_paged_tpu, scale=scale, ppcb=pages_per_compute_block,
-                          num_splits=num_splits, interpret=interpret)
-  gpu = functools.partial(_paged_gpu, scale=scale, num_splits=num_splits, interpret=interpret)
-  args = (q4, k_pages, v_pages, lengths, page_indices)
-  if backend is not None or interpret:
-    o = (gpu if backend == "gpu" else tpu)(*args)
-  else:
-    o = lax.platform_dependent(*args, tpu=tpu, cuda=gpu, rocm=gpu)
-  o = o.astype(q.dtype)
+
+  def kernel(variant, interpret):
+    if variant == "gpu":
+      return functools.partial(_paged_gpu, scale=scale, num_splits=num_splits,
+                               max_rows=rows_per_block, interpret=interpret)
+    return functools.partial(_paged_tpu, scale=scale, ppcb=pages_per_compute_block,
+                             num_splits=num_splits, max_rows=rows_per_block,
+                             interpret=interpret)
+
+  xla = functools.partial(paged_attention_reference, scale=scale)
+  path_of = lambda platform: attention_path(platform, head_dim=d, dtype=q.dtype,
+                                            kv_dtype=k_pages.dtype,
+                                            page_size=k_pages.shape[2], impl=impl)
+  o = dispatch((q4, k_pages, v_pages, lengths, page_indices), impl=impl, interpret=interpret,
+               backend=backend, path_of=path_of, kernel=kernel, xla=xla)
   return o[:, 0] if single else o

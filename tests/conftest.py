@@ -9,14 +9,14 @@ import sys
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# The deviceless GPU compiler: the CUDA plugin loads without a driver (train/accelerators.py).
-os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
+from train import accelerators  # noqa: E402  (imports no jax)
+
+# jax on the CPU; the real TPU and GPU compilers load compile-only beside it, in every worker.
+accelerators.prepare_environment()
 
 import pytest  # noqa: E402
 
@@ -37,8 +37,6 @@ def target_devices():
   """name -> compile-only devices of a named target ("v5e-4", "h100-8"; train/accelerators.py):
   the real TPU or GPU compiler builds for them here. Skips, saying why, where that compiler is
   not installed (the test extra installs both)."""
-  from train import accelerators
-
   def devices(name):
     target = accelerators.parse_target(name)
     missing = accelerators.compiler_available(target.compiler)

@@ -148,6 +148,8 @@ CASES = [
     (1, 384, 384, 4, 4, 128, True, 100, False, jnp.float32, B_MIXED, "gpu"),
     (1, 7, 129, 8, 2, 64, False, None, False, jnp.bfloat16, None, "gpu"),
     (1, 384, 384, 8, 2, 64, False, 64, True, jnp.bfloat16, B128, "gpu"),
+    # f32 head_dim 256: the default GPU blocks shrink to 64 x 32 (shared memory).
+    (1, 100, 100, 4, 2, 256, True, None, True, jnp.float32, None, "gpu"),
 ]
 
 

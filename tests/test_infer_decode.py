@@ -31,24 +31,26 @@ def full_logits(params, tokens, cfg=CFG):
                                 jnp.broadcast_to(jnp.arange(t), (b, t)))[0]
 
 
-def _apply(params, tokens, positions, segment_ids, cache):
+def _apply(params, tokens, positions, segment_ids, cache, empty_cache=False):
   return Transformer(CFG).apply({"params": params}, tokens, positions, segment_ids=segment_ids,
-                                cache=cache)
+                                cache=cache, empty_cache=empty_cache)
 
 
-_apply_jit = jax.jit(_apply)
+_apply_jit = jax.jit(_apply, static_argnames="empty_cache")
 
 LENS = np.array([3, 8, 5])  # ragged prompts, right-padded to 8
 STEPS = 6
 
 
-def _prefill_then_decode(params, tokens, cache):
+def _prefill_then_decode(params, tokens, cache, empty_cache=False):
   """Prefill each row's prompt (padded batch), then STEPS one-token steps; [B, 8+STEPS, V]
-  logits where row b's position t sits at index t (entries past a row's tokens unused)."""
+  logits where row b's position t sits at index t (entries past a row's tokens unused).
+  empty_cache: the prompt attends only to itself (flash attention), not through the cache."""
   b = tokens.shape[0]
   prompt = np.where(np.arange(8)[None, :] < LENS[:, None], tokens[:, :8], 0)
   seg = (np.arange(8)[None, :] < LENS[:, None]).astype(np.int32)
-  logits, cache = _apply_jit(params, prompt, np.broadcast_to(np.arange(8), (b, 8)), seg, cache)
+  logits, cache = _apply_jit(params, prompt, np.broadcast_to(np.arange(8), (b, 8)), seg, cache,
+                             empty_cache)
   np.testing.assert_array_equal(np.asarray(cache.lengths), LENS)
   out = np.full((b, 8 + STEPS, CFG.vocab_size), np.nan, np.float32)
   for i in range(b):
@@ -68,11 +70,19 @@ def _check_against_full(params, tokens, got, atol):
     np.testing.assert_allclose(got[i, :n], want[i, :n], atol=atol, rtol=0)
 
 
+@pytest.mark.parametrize("empty_cache", [False, True])
 @pytest.mark.parametrize("dtype,atol", [(jnp.float32, 1e-4), (jnp.bfloat16, 0.1)])
-def test_contiguous_prefill_then_decode_equals_full_forward(params, dtype, atol):
+def test_contiguous_prefill_then_decode_equals_full_forward(params, dtype, atol, empty_cache):
   tokens = np.random.default_rng(0).integers(0, CFG.vocab_size, (3, 8 + STEPS)).astype(np.int32)
   cache = KVCache.init(CFG, 3, 32, dtype)
-  _check_against_full(params, tokens, _prefill_then_decode(params, tokens, cache), atol)
+  got = _prefill_then_decode(params, tokens, cache, empty_cache)
+  _check_against_full(params, tokens, got, atol)
+
+
+def test_empty_cache_prefill_needs_a_contiguous_cache(params):
+  with pytest.raises(ValueError, match="contiguous KVCache"):
+    _apply(params, np.zeros((3, 4), np.int32), np.zeros((3, 4), np.int32), None,
+           _shuffled_paged_cache(4, 20, 8, np.random.default_rng(0)), empty_cache=True)
 
 
 def _shuffled_paged_cache(page_size, num_pages, total, rng, fill=np.nan):

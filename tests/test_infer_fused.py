@@ -2,6 +2,7 @@
 greedy decoding."""
 
 import dataclasses
+import functools
 import importlib.util
 import os
 
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 
 from infer import speculative
-from infer.decode import generate, generate_with_stats, init_cache
+from infer.decode import generate, generate_with_stats, init_cache, unstack_layers
 from infer.sampling import Features, SamplingParams
 from model import ModelConfig, Transformer, fused
 
@@ -20,6 +21,7 @@ CFG = ModelConfig(vocab_size=64, d_model=48, n_layers=3, n_heads=6, n_kv_heads=2
                   max_seq_len=128, init_std=0.3)
 
 
+@functools.cache  # one compile and one init per config: the tests only read the params
 def _init(cfg, seed=0):
   tokens = jnp.zeros((1, 1), jnp.int32)
   init = jax.jit(lambda key: Transformer(cfg).init(key, tokens, tokens)["params"])
@@ -27,12 +29,14 @@ def _init(cfg, seed=0):
 
 
 def _prefill_then_decode(cfg, fp, tokens_BT, split: int):
-  """Logits of the prompt's first `split` tokens in one forward, then one token at a time."""
+  """Logits of the prompt's first `split` tokens in one forward into the empty cache (as
+  decode.prefill: attending over the prompt alone), then one token at a time."""
   b, t = tokens_BT.shape
   cfg = dataclasses.replace(cfg, scan_layers=False)
   cache = init_cache(cfg, b, t)
   pos = jnp.broadcast_to(jnp.arange(t), (b, t))
-  logits, cache = fused.forward(cfg, fp, tokens_BT[:, :split], pos[:, :split], cache=cache)
+  logits, cache = fused.forward(cfg, fp, tokens_BT[:, :split], pos[:, :split], cache=cache,
+                                empty_cache=True)
   out = [logits]
   for i in range(split, t):
     logits, cache = fused.forward(cfg, fp, tokens_BT[:, i:i + 1], pos[:, i:i + 1], cache=cache)
@@ -55,6 +59,35 @@ def test_fused_prefill_and_decode_equal_the_module_forward(tie, scan, layout):
   # One row at a time (batch 1) too: the path plain decoding takes.
   got1, _ = _prefill_then_decode(cfg, fp, tokens[1:], split=7)
   np.testing.assert_allclose(got1, want[1:], rtol=1e-5, atol=5e-5)
+
+
+def test_prefill_into_an_empty_cache_reads_each_rows_last_token():
+  """Ragged, right-padded prompts: the fused forward and the module, each attending over the
+  prompt alone with the head at each row's last real token only, give the full forward's
+  logits there and write what the path through the cache writes."""
+  cfg, params = unstack_layers(CFG, _init(CFG))
+  lens = np.array([9, 4])
+  real = (np.arange(9)[None, :] < lens[:, None]).astype(np.int32)
+  tokens = np.asarray(jax.random.randint(jax.random.PRNGKey(4), (2, 9), 0, cfg.vocab_size)) * real
+  pos = np.broadcast_to(np.arange(9), (2, 9))
+  full, _ = jax.jit(Transformer(cfg).apply)({"params": params}, tokens, pos)
+  want = full[np.arange(2), lens - 1]  # causal: a row's padding comes after its last token
+  module = lambda empty, at: Transformer(cfg).apply(
+      {"params": params}, tokens, pos, segment_ids=real, cache=init_cache(cfg, 2, 16),
+      empty_cache=empty, logits_at=at)
+  got_module, cache_module = jax.jit(module, static_argnums=0)(True, lens - 1)
+  _, cache_through = jax.jit(module, static_argnums=0)(False, None)  # attending via the cache
+  fp = fused.prepare(cfg, params, layout="in_out")
+  got_fused, cache_fused = jax.jit(lambda fp: fused.forward(
+      cfg, fp, tokens, pos, segment_ids=real, cache=init_cache(cfg, 2, 16), empty_cache=True,
+      logits_at=lens - 1))(fp)
+  for got, cache in ((got_module, cache_module), (got_fused, cache_fused)):
+    assert got.shape == (2, cfg.vocab_size)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=5e-5)
+    assert cache.lengths.tolist() == lens.tolist()
+    for new, old in zip(cache.k + cache.v, cache_through.k + cache_through.v):
+      for b, n in enumerate(lens):
+        np.testing.assert_allclose(new[b, :n], old[b, :n], rtol=1e-5, atol=1e-5)
 
 
 def test_layouts_are_transposes_of_each_other():

@@ -70,13 +70,31 @@ def test_dpo_rung(in_ladder, precompute):
   assert math.isfinite(last["loss"]) and "rewards/margins" in last and "val_score" in last
 
 
+ROLLOUT_SLEEP_S = 2.0
+
+
+def slow_reward(prompt: str, completion: str) -> float:
+  """The arithmetic checker, slowed so that scoring a rollout of 8 rows takes 2 s more."""
+  import time
+  from train.examples import arithmetic
+  time.sleep(ROLLOUT_SLEEP_S / 8)
+  return arithmetic.reward(prompt, completion)
+
+
 @pytest.mark.parametrize("task", ["ppo", "grpo"])
 def test_rl_rungs(in_ladder, task):
-  steps = 2
-  last, _ = run(task, steps, **{"rl.prompts_per_rollout": "8", "train.batch_size": "8",
-                                     "rl.group_size": "2", "rl.epochs": "1"})
+  # One rollout of 8 rows per step (PPO: 8 prompts; GRPO: 4 prompts x 2), scored slowly.
+  last, lines = run(task, 2, **{"rl.prompts_per_rollout": "8" if task == "ppo" else "4",
+                                "train.batch_size": "8", "rl.group_size": "2",
+                                "rl.epochs": "1", "train.log_every": "1",
+                                "rl.reward_fn": "tests.test_ladder:slow_reward"})
   assert math.isfinite(last["loss"]) and 0 <= last["score"] <= 1
   assert "kl" in last and "val_score" in last
+  # The rollout is off the train step's clock: were it on, step 2's tokens_per_s could not
+  # exceed 8 rows x 64 tokens / 2 s. Rollouts report their own rate (<= 16 tokens a row).
+  assert [line["step"] for line in lines if "tokens_per_s" in line] == [2]  # 1 compiles
+  assert last["tokens_per_s"] > 2 * 8 * 64 / ROLLOUT_SLEEP_S and "mfu" in last
+  assert 0 < last["rollout_tokens_per_s"] < 8 * 16 / ROLLOUT_SLEEP_S
   # Sampler and trainer agree on the log-probs of the sampled tokens.
   assert last["logprob_gap"] < 1e-3
   # The exported policy is a plain model: generation reads the workdir as it is.

@@ -196,8 +196,9 @@ def test_dry_run_compiles_llama3_8b_shapes_without_allocating():
                 "--config.model.n_layers=2", "--config.data.seq_len=1024",
                 "--config.train.batch_size=16"], timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
-  report = json.loads(result.stdout[result.stdout.index("{"):result.stdout.rindex("}") + 1])
-  assert report["devices"] == 16
+  report = json.loads(result.stdout.strip().splitlines()[-1])
+  assert "XLA:CPU's estimates" in result.stdout and report["compiler"] == "cpu-simulated"
+  assert report["devices"] == 16 and report["fits"] is None
   n = report["params"]
   # embedding + head + 2 layers of Llama-3-8B
   per_layer = 4096 * (4096 * 2 + 1024 * 2) + 3 * 4096 * 14336 + 2 * 4096
@@ -207,3 +208,14 @@ def test_dry_run_compiles_llama3_8b_shapes_without_allocating():
   assert abs(report["param_bytes_per_device"] - 4 * n / 8) / (4 * n / 8) < 0.01
   assert abs(report["optimizer_bytes_per_device"] - 8 * n / 8) / (8 * n / 8) < 0.01
   assert report["temp_bytes_per_device"] > 0 and report["xla_flops_per_device"] > 0
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--dry_run", "--target", "v5p-100"], "v5p-128"),  # names the known targets
+    (["--target", "v5p-128"], "--target is for --dry_run"),
+])
+def test_bad_target_is_one_line_and_exit_2(args, message):
+  result = run([sys.executable, os.path.join(ROOT, "train", "main.py"), "--config",
+                os.path.join(ROOT, "configs", "llama3_8b.py"), *args], timeout=120)
+  assert result.returncode == 2 and message in result.stderr
+  assert "Traceback" not in result.stderr

@@ -24,12 +24,6 @@ def rng(seed=0):
   return np.random.default_rng(seed)
 
 
-def np_log_softmax(x):
-  x = x.astype(np.float64)
-  m = x.max(-1, keepdims=True)
-  return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
-
-
 def span_masks(r, b, t):
   """Contiguous masks of varying start and length, including empty and full rows."""
   mask = np.zeros((b, t), np.float32)
@@ -40,60 +34,6 @@ def span_masks(r, b, t):
     length = t - start if i == 1 else int(r.integers(1, t - start + 1))
     mask[i, start:start + length] = 1
   return mask
-
-
-# --- log-probs and entropy -------------------------------------------------------------
-
-
-@pytest.mark.parametrize("temperature", [1.0, 0.7, 0.0])
-def test_token_and_sequence_logprobs_match_numpy(temperature):
-  r = rng(1)
-  logits = r.normal(size=(3, 5, 11)).astype(np.float32) * 3
-  targets = r.integers(0, 11, (3, 5))
-  mask = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 1, 1, 0, 0]], np.float32)
-  t = temperature if temperature > 0 else 1.0
-  want = np.take_along_axis(np_log_softmax(logits / t), targets[..., None], -1)[..., 0]
-  got = obj.token_logprobs(jnp.asarray(logits), jnp.asarray(targets), temperature)
-  assert got.dtype == jnp.float32 and got.shape == (3, 5)
-  np.testing.assert_allclose(got, want, **TOL)
-  seq = jax.jit(obj.sequence_logprobs)(logits, targets, mask, temperature)
-  np.testing.assert_allclose(seq, (want * mask).sum(-1), **TOL)
-
-
-def test_bf16_logits_are_scored_in_f32():
-  logits = jnp.asarray(rng(2).normal(size=(2, 3, 7)) * 8, jnp.bfloat16)
-  targets = jnp.zeros((2, 3), jnp.int32)
-  want = np_log_softmax(np.asarray(logits.astype(jnp.float32)))[..., 0]
-  np.testing.assert_allclose(obj.token_logprobs(logits, targets), want, **TOL)
-
-
-def test_extra_right_padding_leaves_sequence_logprobs_unchanged():
-  r = rng(3)
-  b, t, pad, v = 3, 6, 4, 13
-  logits = r.normal(size=(b, t, v)).astype(np.float32)
-  targets = r.integers(0, v, (b, t))
-  mask = np.array([[1] * 6, [1] * 4 + [0] * 2, [0, 1, 1, 1, 0, 0]], np.float32)
-  base = obj.sequence_logprobs(logits, targets, mask)
-  # Longer T: junk logits, masked, with pad ids in range, -100 (HF ignore) and beyond V.
-  logits2 = np.concatenate([logits, 50 * r.normal(size=(b, pad, v)).astype(np.float32)], 1)
-  pad_ids = np.array([[0, v - 1, -100, v + 7]] * b)
-  targets2 = np.concatenate([targets, pad_ids], 1)
-  mask2 = np.concatenate([mask, np.zeros((b, pad), np.float32)], 1)
-  np.testing.assert_allclose(obj.sequence_logprobs(logits2, targets2, mask2), base, **TOL)
-  # Another pad id in the original padding positions changes nothing either.
-  targets3 = np.where(mask > 0, targets, 5)
-  np.testing.assert_allclose(obj.sequence_logprobs(logits, targets3, mask), base, **TOL)
-
-
-def test_entropy_matches_numpy_and_closed_forms():
-  logits = rng(4).normal(size=(2, 3, 9)).astype(np.float32)
-  p = np.exp(np_log_softmax(logits))
-  np.testing.assert_allclose(obj.entropy(logits), -(p * np.log(p)).sum(-1), **TOL)
-  np.testing.assert_allclose(obj.entropy(jnp.zeros((1, 1, 9))), [[math.log(9)]], **TOL)
-  # A filtered (-inf) token counts as p = 0: entropy and its gradient stay finite.
-  masked = jnp.asarray([[[0.0, 0.0, -jnp.inf, -jnp.inf]]])
-  np.testing.assert_allclose(obj.entropy(masked), [[LN2]], **TOL)
-  assert np.isfinite(jax.grad(lambda x: obj.entropy(x).sum())(masked)).all()
 
 
 # --- masked reductions ---------------------------------------------------------------

@@ -111,15 +111,43 @@ def test_kernel_matches_reference_and_dense(case):
   np.testing.assert_allclose(got, dense, atol=2e-5)
 
 
+# Prefill chunks: G * Tq query rows over several row blocks (rows_per_block), ragged lengths
+# that hold the chunk; (B, Tq, Hq, Hkv, D, pages_per_seq, rows_per_block, lengths, backend).
+ROW_BLOCK_CASES = [
+    (2, 16, 8, 2, 64, 6, 16, [16, 83], "tpu"),  # 4 blocks of 4 tokens x 4 heads
+    (2, 11, 9, 3, 64, 5, 16, [11, 80], "tpu"),  # G = 3: blocks split a token's heads
+    (3, 24, 8, 2, 64, 6, 16, [24, 41, 96], "gpu"),
+    (3, 11, 9, 3, 64, 5, 16, [11, 16, 80], "gpu"),
+    (2, 20, 8, 1, 128, 4, 32, [20, 57], "gpu"),  # GQA 8:1
+]
+
+
+@pytest.mark.parametrize("case", ROW_BLOCK_CASES, ids=lambda c: (
+    f"{c[-1]}-B{c[0]}-Tq{c[1]}-H{c[2]}:{c[3]}-D{c[4]}-rows{c[6]}"))
+def test_row_blocks_match_reference_and_dense(case):
+  b, tq, hq, hkv, d, pps, rows_per_block, lengths, backend = case
+  lengths = np.array(lengths, np.int32)
+  q, k, v, k_pages, v_pages, table, _ = _setup(b, tq, hq, hkv, d, pps, lengths, seed=11)
+  args = (jnp.asarray(q), jnp.asarray(k_pages), jnp.asarray(v_pages), jnp.asarray(lengths),
+          jnp.asarray(table))
+  got = paged_attention(*args, impl="pallas", interpret=INTERPRET[backend], backend=backend,
+                        rows_per_block=rows_per_block)
+  np.testing.assert_allclose(got, paged_attention_reference(*args), atol=2e-5)
+  dense = cached_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(lengths),
+                           impl="xla")
+  np.testing.assert_allclose(got, dense, atol=2e-5)
+
+
 @pytest.mark.parametrize("backend", ["tpu", "gpu"])
 def test_pages_a_sequence_does_not_own_are_never_read(backend):
-  """Fill every page (and slot) a row does not own with NaN: its output must not change."""
-  b, tq, hq, hkv, d, pps = 3, 2, 8, 2, 64, 5
-  lengths = np.array([2, PAGE + 3, pps * PAGE], np.int32)
+  """Fill every page (and slot) a row does not own with NaN: its output must not change.
+  Two row blocks (5 tokens x 4 heads, 16 rows a block)."""
+  b, tq, hq, hkv, d, pps = 3, 5, 8, 2, 64, 5
+  lengths = np.array([5, PAGE + 3, pps * PAGE], np.int32)
   q, _, _, k_pages, v_pages, table, owned = _setup(b, tq, hq, hkv, d, pps, lengths, seed=5)
   kernel = jax.jit(functools.partial(paged_attention, impl="pallas", backend=backend,
                                      interpret=INTERPRET[backend], pages_per_compute_block=2,
-                                     num_splits=2))
+                                     num_splits=2, rows_per_block=16))
   clean = kernel(q, k_pages, v_pages, lengths, table)
   for row in range(b):
     poisoned_k, poisoned_v = np.full_like(k_pages, np.nan), np.full_like(v_pages, np.nan)

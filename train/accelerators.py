@@ -21,7 +21,8 @@ GIB = 1024**3
 
 @dataclasses.dataclass(frozen=True)
 class Chip:
-  """One jax device of a kind: its dense bf16 peak and its memory (the data sheets')."""
+  """One jax device of a kind: its dense bf16 peak (the data sheet's) and the memory a program
+  may use (TPU: what libtpu's compiler reports available; GPU: what the CUDA runtime reports)."""
   name: str
   kinds: tuple[str, ...]  # lower-case substrings of jax's `device_kind` that name this chip
   bf16_tflops: float  # dense, per jax device
@@ -34,21 +35,23 @@ class Chip:
 
 # Most specific kinds first: "tpu v5 lite" must match before "tpu v5".
 CHIPS = (
-    Chip("TPU v6e", ("tpu v6 lite", "tpu v6e"), 918.0, 32),
-    Chip("TPU v5e", ("tpu v5 lite", "tpu v5e"), 197.0, 16),
-    Chip("TPU v5p", ("tpu v5p", "tpu v5"), 459.0, 95),
-    Chip("TPU v4", ("tpu v4",), 275.0, 32),
-    Chip("TPU v3", ("tpu v3",), 61.5, 16),  # a v3 chip is two jax devices (TensorCores)
-    Chip("TPU v2", ("tpu v2",), 22.5, 8),  # likewise
-    Chip("B200", ("b200",), 2250.0, 180),
-    Chip("H200", ("h200",), 989.0, 141),
-    Chip("H100 PCIe", ("h100 pcie",), 756.0, 80),
-    Chip("H100", ("h100",), 989.0, 80),  # SXM
-    Chip("A100 40GB", ("a100-sxm4-40gb", "a100-pcie-40gb", "a100 40gb"), 312.0, 40),
-    Chip("A100", ("a100",), 312.0, 80),
-    Chip("A10G", ("a10g",), 125.0, 24),
-    Chip("L4", ("l4",), 121.0, 24),
-    Chip("T4", ("t4",), 65.0, 16),  # fp16: a T4 has no bf16 tensor cores
+    Chip("TPU v6e", ("tpu v6 lite", "tpu v6e"), 918.0, 31.25),
+    Chip("TPU v5e", ("tpu v5 lite", "tpu v5e"), 197.0, 15.75),
+    Chip("TPU v5p", ("tpu v5p", "tpu v5"), 459.0, 95.74),
+    Chip("TPU v4", ("tpu v4",), 275.0, 30.75),
+    Chip("TPU v3", ("tpu v3",), 61.5, 16.0),  # a v3 chip is two jax devices (TensorCores)
+    Chip("TPU v2", ("tpu v2",), 22.5, 8.0),  # likewise
+    Chip("B200", ("b200",), 2250.0, 179.0),
+    Chip("H200", ("h200",), 989.0, 140.4),
+    Chip("H100 PCIe", ("h100 pcie",), 756.0, 79.1),
+    Chip("H100", ("h100",), 989.0, 79.1),  # SXM
+    Chip("A100 40GB", ("a100-sxm4-40gb", "a100-pcie-40gb", "a100 40gb"), 312.0, 39.4),
+    Chip("A100", ("a100",), 312.0, 79.35),
+    Chip("A10G", ("a10g",), 125.0, 22.5),
+    Chip("L40S", ("l40s",), 362.0, 44.4),  # before L4: "l4" is a substring of "NVIDIA L40S"
+    Chip("L40", ("l40",), 181.0, 44.4),
+    Chip("L4", ("l4",), 121.0, 22.5),
+    Chip("T4", ("t4",), 65.0, 15.0),  # fp16: a T4 has no bf16 tensor cores
 )
 
 
@@ -108,7 +111,7 @@ _GPU = {
     "a100": ("A100", dict(
         description="NVIDIA A100-SXM4-80GB", cc=(8, 0), sms=108, fpus_per_core=64,
         smem_per_block_optin=166912, smem_per_core=167936, l2=41943040,
-        bandwidth=2039000000000, clock_ghz=1.41, memory=85097971712)),
+        bandwidth=2039000000000, clock_ghz=1.41, memory=85198045184)),
 }
 
 EXAMPLES = ("v4-32", "v5e-16", "v5litepod-16", "v5p-128", "v6e-64", "2xv5p-128", "h100-8",
@@ -195,6 +198,9 @@ def prepare_environment() -> None:
   driver, so that the compilers can be asked for compile-only devices."""
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+  # libtpu takes a lock file so that one process owns the chips; compiling owns nothing, so
+  # several compiling processes (test workers, a dry run beside them) may load it at once.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 
 def compiler_available(compiler: str) -> str | None:

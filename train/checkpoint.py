@@ -7,14 +7,14 @@ Each step directory holds three items:
   data      the input iterator's state as JSON (likewise)
 A converted model is a checkpoint with `params` alone; training starts from it with a fresh
 optimizer (train.init_from), and resumes only from checkpoints that have all three.
+Steps and the items a step holds come from orbax (its CheckpointManager), never from listing
+directories, so `workdir` may be remote (gs://bucket/run).
 """
-
-import os
 
 import jax
 import orbax.checkpoint as ocp
 
-from infer.workdir import PARAMS
+from infer.workdir import PARAMS, checkpoint_directory
 
 TRAIN, DATA = "train", "data"
 
@@ -30,7 +30,7 @@ class Checkpointer:
 
   def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True,
                read_only: bool = False):
-    self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    self.directory = checkpoint_directory(workdir)
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
                                            enable_async_checkpointing=async_save,
                                            read_only=read_only)
@@ -40,8 +40,12 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
+  def items(self, step: int) -> set[str]:
+    """The items checkpoint `step` holds (PARAMS, TRAIN, DATA), from orbax's metadata."""
+    return set(self.manager.item_metadata(step).keys())
+
   def has_train_state(self, step: int) -> bool:
-    return os.path.isdir(os.path.join(self.directory, str(step), TRAIN))
+    return TRAIN in self.items(step)
 
   def save(self, state, data_state: dict | None = None, model_params=None) -> None:
     """Saves a TrainState (and the iterator state) at state.step. Async unless configured.
@@ -73,7 +77,7 @@ class Checkpointer:
     if not separate_params:
       items[PARAMS] = ocp.args.StandardRestore(_abstract(abstract_state.params,
                                                          shardings.params))
-    has_data = os.path.isdir(os.path.join(self.directory, str(step), DATA))
+    has_data = DATA in self.items(step)
     if has_data:
       items[DATA] = ocp.args.JsonRestore()
     out = self.manager.restore(step, args=ocp.args.Composite(**items))

@@ -7,8 +7,9 @@
 
 Formats: `gguf` (read), `hf` (a directory with config.json, *.safetensors and an optional
 index; read and write), `orbax` (a run directory: config.json, tokenizer files and
-checkpoints/0/params; read and write). Parameters are loaded straight into the mesh's
-shardings and written tensor by tensor; the destination appears only when complete.
+checkpoints/0/params; read and write, local or gs://bucket/run). Parameters are loaded
+straight into the mesh's shardings and written tensor by tensor; the destination appears only
+when complete (remotely: its config.json is written last).
 
 From Python: `convert("gguf:model.gguf", "orbax:runs/x")`.
 """
@@ -25,8 +26,9 @@ import json
 from typing import Any
 
 from infer import workdir as workdir_lib
-from infer.files import (ConversionError, atomic_directory, check_destination,
-                         read_tokenizer_files, token_ids, write_tokenizer_files)
+from infer.files import (ConversionError, as_path, atomic_directory, check_destination,
+                         is_remote, read_tokenizer_files, token_ids, write_atomic,
+                         write_tokenizer_files)
 from infer.hf import load_hf, relayout, write_hf
 from model import ModelConfig, sharding
 
@@ -52,6 +54,9 @@ def parse_location(text: str, formats: tuple[str, ...], flag: str) -> tuple[str,
   fmt, sep, path = text.partition(":")
   if not sep or fmt not in formats or not path:
     raise ValueError(f"{flag}={text!r}: expected FORMAT:PATH with FORMAT one of {list(formats)}")
+  if fmt != "orbax" and is_remote(path):
+    raise ValueError(f"{flag}={text!r}: {fmt} files are read and written locally; only orbax "
+                     "run directories may be remote")
   return fmt, path
 
 
@@ -99,24 +104,24 @@ def run_config(cfg: ModelConfig, path: str) -> dict:
 
 
 def write_workdir(directory: str, model: Pretrained, final_path: str | None = None) -> None:
-  """A run directory in an existing empty `directory`: config.json, tokenizer files and a
-  params-only checkpoint at step 0."""
+  """A run directory in `directory` (empty, local or remote): tokenizer files, a params-only
+  checkpoint at step 0, and config.json last (what makes it a run directory)."""
   from train.checkpoint import Checkpointer
-  with open(os.path.join(directory, "config.json"), "w") as f:
-    json.dump(run_config(model.cfg, final_path or directory), f, indent=2)
   write_tokenizer_files(directory, model.tokenizer, model.tokenizer_config)
   ckpt = Checkpointer(directory, keep=1, async_save=False)
   try:
     ckpt.save_params(0, model.params)
   finally:
     ckpt.close()
+  write_atomic(as_path(directory) / workdir_lib.CONFIG,
+               json.dumps(run_config(model.cfg, final_path or directory), indent=2))
 
 
 def write(model: Pretrained, dst: str, *, max_shard_size: str | int = "5GB",
           dtype: str | None = None, overwrite: bool = False) -> str:
   """Writes `model` to `FORMAT:PATH`, all or nothing; returns the path."""
   fmt, path = parse_location(dst, WRITE_FORMATS, "--dst")
-  path = os.path.abspath(path)
+  path = os.fspath(as_path(path))
   with atomic_directory(path, overwrite) as tmp:
     if fmt == "hf":
       write_hf(tmp, model.cfg, model.params, tokenizer=model.tokenizer,

@@ -25,7 +25,7 @@ import ml_collections
 import numpy as np
 
 from infer import workdir as run_dir
-from model import Transformer, sharding
+from model import Transformer, head, sharding
 from train import data as data_lib
 from train import step as step_lib
 from train.tasks import pretrain
@@ -72,7 +72,9 @@ def evaluate(workdir: str, *, data: str = "", data_format: str = "text",
   nbytes = token_bytes(tokenizer)
   params = run_dir.load_params(workdir, model_cfg, mesh)
   shardings = jax.tree.map(lambda x: x.sharding, params)
-  loss_fn = functools.partial(pretrain.loss_fn, model=Transformer(model_cfg))
+  # Runs saved before train.loss_chunk existed get its default.
+  chunk = run_cfg.train.get("loss_chunk", head.DEFAULT_CHUNK)
+  loss_fn = functools.partial(pretrain.loss_fn, model=Transformer(model_cfg), chunk=chunk)
   batch_sh = sharding.batch_sharding(mesh)
   eval_step = jax.jit(sharding.in_mesh(step_lib.make_eval_step(loss_fn), mesh),
                       in_shardings=(shardings, None, batch_sh))

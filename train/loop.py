@@ -2,15 +2,13 @@
 
 It builds the mesh, data, model, optimizer and sharded state; resumes from the workdir if a
 checkpoint is there; runs the jitted step, evaluating, logging and checkpointing on schedule;
-and on SIGTERM/SIGINT finishes the current step, saves, and returns.
+and on SIGTERM/SIGINT finishes the current step, saves, and returns (train/preemption.py).
+The workdir may be remote (gs://bucket/run): it is reached through etils.epath and orbax.
 """
 
 import dataclasses
 import json
 import math
-import os
-import shutil
-import signal
 import time
 from typing import Any, Callable
 
@@ -19,13 +17,14 @@ import numpy as np
 from tqdm import tqdm
 
 from infer import chat
+from infer import files
 from infer import workdir as run_dir
 from infer.decode import generate
 from infer.sampling import SamplingParams
 from model import ModelConfig, sharding
 from train import data as data_lib
 from train import metrics as metrics_lib
-from train import optim, step as step_lib
+from train import optim, preemption, step as step_lib
 from train import streams
 from train.checkpoint import Checkpointer
 from train.config import ConfigError
@@ -34,12 +33,12 @@ from train.state import TrainState, abstract_state, create_state, param_count
 from train.tokenizer import load_or_train_tokenizer
 
 
-def model_and_mesh(cfg):
-  """(ModelConfig, mesh) from a run config; their errors become ConfigErrors (clean messages
-  naming the key, no traceback)."""
+def model_and_mesh(cfg, devices=None):
+  """(ModelConfig, mesh over `devices`, default all) from a run config; their errors become
+  ConfigErrors (clean messages naming the key, no traceback)."""
   try:
     model_cfg = ModelConfig.from_config(cfg.model)
-    mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices)
     optim.learning_rate_schedule(cfg.train)
   except ValueError as e:
     raise ConfigError(str(e)) from None
@@ -66,6 +65,9 @@ def validate(cfg, model_cfg: ModelConfig, mesh) -> None:
   if t.batch_size % jax.process_count():
     raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by "
                       f"{jax.process_count()} processes")
+  if cfg.checkpoint.preemption_check_every < 1:
+    raise ConfigError(f"checkpoint.preemption_check_every="
+                      f"{cfg.checkpoint.preemption_check_every} must be at least 1")
   tasks.module(cfg.task)  # names the valid tasks if it is not one
 
 
@@ -84,6 +86,15 @@ class Program:
 
   def init_state(self, seed: int, frozen=None) -> TrainState:
     return create_state(self.objective.init, self.tx, self.mesh, seed, self.shardings, frozen)
+
+
+def step_cost(objective: tasks.Objective, model_cfg: ModelConfig, batch_size: int,
+              seq_len: int) -> metrics_lib.StepCost:
+  """Tokens and model FLOPs of one train step: the task's count, else the model forward and
+  backward over the batch's rows."""
+  if objective.step_cost is not None:
+    return objective.step_cost(batch_size, seq_len)
+  return metrics_lib.StepCost.of(seq_len, trained=[(model_cfg, batch_size)])
 
 
 def build_program(cfg, model_cfg: ModelConfig, mesh) -> Program:
@@ -133,7 +144,7 @@ class _HostBatches:
       batch, real = self._own_rows(next(self.iterator)), True
     except StopIteration:
       batch, real = self._padding(), False
-    if not _any_process(real):
+    if not preemption.any_process(real):
       raise StopIteration
     return batch
 
@@ -168,35 +179,6 @@ class _HostBatches:
                                  for b, n in zip(blobs, sizes.ravel())])
 
 
-def _stop_on_signals():
-  """SIGTERM/SIGINT set a flag; the loop saves after the current step and returns.
-
-  Returns (flag, restore): restore() puts the previous handlers back (a notebook keeps its
-  own Ctrl-C after training)."""
-  flag = {"stop": False}
-
-  def handler(signum, frame):
-    del frame
-    if flag["stop"]:  # a second signal: give up waiting
-      raise KeyboardInterrupt
-    flag["stop"] = True
-    print(f"\nsignal {signum}: finishing the current step, then saving", flush=True)
-
-  previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
-
-  def restore():
-    for sig, old in previous.items():
-      signal.signal(sig, old)
-  return flag, restore
-
-
-def _any_process(flag: bool) -> bool:
-  if jax.process_count() == 1:
-    return flag
-  from jax.experimental import multihost_utils
-  return bool(np.any(multihost_utils.process_allgather(np.array(flag))))
-
-
 _SHAPE_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff",
                  "tie_embeddings", "scan_layers")
 
@@ -212,7 +194,7 @@ def _check_init_from(cfg, model_cfg: ModelConfig) -> None:
         f"model.{k}={ours} here but {src} there" for k, (ours, src) in diff.items()))
   if not cfg.data.tokenizer:
     with cfg.unlocked():
-      cfg.data.tokenizer = os.path.join(source, "tokenizer.json")
+      cfg.data.tokenizer = str(files.as_path(source) / files.TOKENIZER)
 
 
 def _tokenizer(cfg, workdir, vocab_size, train_files):
@@ -231,8 +213,8 @@ def _tokenizer(cfg, workdir, vocab_size, train_files):
 def _tokenizer_config(cfg, workdir: str) -> dict:
   """The chat template and special tokens: the workdir's copy, else the source run's."""
   for directory in (workdir, cfg.train.init_from,
-                    os.path.dirname(cfg.data.tokenizer) if cfg.data.tokenizer else ""):
-    if directory and os.path.isfile(os.path.join(directory, "tokenizer_config.json")):
+                    files.as_path(cfg.data.tokenizer).parent if cfg.data.tokenizer else ""):
+    if directory and (files.as_path(directory) / files.TOKENIZER_CONFIG).is_file():
       return chat.load_tokenizer_config(directory)
   return {}
 
@@ -241,7 +223,8 @@ def train(cfg) -> dict:
   """Runs cfg.train.steps optimizer steps (resuming from cfg.workdir). Returns last metrics."""
   workdir = cfg.workdir
   model_cfg, mesh = model_and_mesh(cfg)
-  os.makedirs(workdir, exist_ok=True)
+  workdir_path = files.as_path(workdir)
+  workdir_path.mkdir(parents=True, exist_ok=True)
   is_main = jax.process_index() == 0
 
   if cfg.train.init_from:
@@ -249,7 +232,7 @@ def train(cfg) -> dict:
   # Data first: bad input fails here, before anything in the workdir is touched.
   train_files, val_files = data_lib.list_files(cfg.data)
   if (cfg.task != "pretrain" and not cfg.data.tokenizer
-      and not os.path.isfile(os.path.join(workdir, "tokenizer.json"))):
+      and not (workdir_path / files.TOKENIZER).is_file()):
     raise ConfigError(f"task={cfg.task!r} needs the model's tokenizer: set data.tokenizer "
                       "or train.init_from (a run directory holding tokenizer.json)")
   tokenizer = _tokenizer(cfg, workdir, model_cfg.vocab_size, train_files)
@@ -282,17 +265,18 @@ def train(cfg) -> dict:
     if cfg.train.init_from:
       print(f"initialised from {cfg.train.init_from}", flush=True)
   if is_main:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(cfg.to_json(indent=2))
-    extra = os.path.join(cfg.train.init_from, "tokenizer_config.json")
-    if cfg.train.init_from and os.path.isfile(extra):  # the chat template and special tokens
-      shutil.copy(extra, os.path.join(workdir, "tokenizer_config.json"))
+    files.write_atomic(workdir_path / run_dir.CONFIG, cfg.to_json(indent=2))
+    if cfg.train.init_from:  # the chat template and special tokens
+      extra = files.as_path(cfg.train.init_from) / files.TOKENIZER_CONFIG
+      if extra.is_file():
+        files.write_atomic(workdir_path / files.TOKENIZER_CONFIG, extra.read_text())
 
   def model_params(state):
     return state.params if export is None else export(state.params, state.frozen)
 
   def save(state):
     ckpt.save(state, batches.get_state(), None if export is None else model_params(state))
+    writer.flush()  # a remote metrics.jsonl is rewritten now and then: at least with each save
 
   p_train_step, p_eval_step = prog.train_step, prog.eval_step
 
@@ -320,33 +304,28 @@ def train(cfg) -> dict:
     return out
 
   n_params = param_count(state.params)
-  flops_per_token = metrics_lib.training_flops_per_token(model_cfg, seq_len)
-  peak = metrics_lib.peak_flops(cfg.metrics.peak_tflops)
-  tokens_per_step = batch_size * seq_len
+  cost = step_cost(objective, model_cfg, batch_size, seq_len)
+  throughput = metrics_lib.Throughput(
+      cost, metrics_lib.peak_flops(cfg.metrics.peak_tflops, list(mesh.devices.flat)))
   writer = metrics_lib.MetricsWriter(workdir, tensorboard=cfg.metrics.tensorboard)
   start = int(jax.device_get(state.step))
   steps = cfg.train.steps
   if is_main:
     print(f"task {cfg.task} | {n_params / 1e6:.2f}M trained params | mesh {dict(mesh.shape)} | "
-          f"{tokens_per_step} tokens/step | steps {start}->{steps}", flush=True)
+          f"{cost.tokens:.0f} tokens/step | steps {start}->{steps}", flush=True)
 
   if hasattr(train_it, "bind"):  # rollouts sample from the current policy
     train_it.bind(lambda: state)
-  stop, restore_signals = _stop_on_signals()
+  stop = preemption.StopRequest(cfg.checkpoint.preemption_check_every, start)
   batches = _HostBatches(train_it, mesh, batch_size)
   bar = tqdm(total=steps, initial=start, disable=not is_main, dynamic_ncols=True, mininterval=1.0)
   last, saved_step = {}, latest
   pending = None  # (step, device metrics, extra metrics), logged once the next step is dispatched
-  clock = {"t": None, "steps": 0}  # throughput since the last log, evaluation time excluded
 
   def log(step: int, device_metrics, extra: dict) -> dict:
     m = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
     m.pop("count", None)
-    now = time.perf_counter()
-    if clock["t"] is not None and clock["steps"]:
-      m["tokens_per_s"] = clock["steps"] * tokens_per_step / (now - clock["t"])
-      m["mfu"] = m["tokens_per_s"] * flops_per_token / peak
-    clock["t"], clock["steps"] = now, 0
+    m.update(throughput.read())
     m.update(extra)
     writer.write(step, m)
     bar.set_postfix({k: f"{m[k]:.4g}" for k in ("loss", "val_loss", "score", "val_score",
@@ -355,7 +334,9 @@ def train(cfg) -> dict:
 
   try:
     for i in range(start, steps):
-      state, device_metrics = p_train_step(state, next(batches))
+      batch = next(batches)
+      throughput.exclude(feed.off_clock())  # an RL rollout ran inside next(): not this step
+      state, device_metrics = p_train_step(state, batch)
       step = i + 1
       # Step `step` is dispatched: now read the previous step's metrics without stalling it.
       if pending is not None:
@@ -363,28 +344,27 @@ def train(cfg) -> dict:
         pending = None
       if i == start:  # the first step compiles: keep it out of the throughput
         jax.block_until_ready(state)
-        clock["t"], clock["steps"] = time.perf_counter(), 0
+        throughput.start()
       else:
-        clock["steps"] += 1
+        throughput.step()
       extra = dict(feed.host_metrics())
       evaluating = cfg.train.eval_every and step % cfg.train.eval_every == 0 or step == steps
       if evaluating:
         jax.block_until_ready(state)  # so that only evaluation is taken off the clock
         t0 = time.perf_counter()
         extra.update(evaluate(state))
-        if clock["t"] is not None:
-          clock["t"] += time.perf_counter() - t0
+        throughput.exclude(time.perf_counter() - t0)
       if step % cfg.train.log_every == 0 or evaluating:
         pending = (step, device_metrics, extra)
       bar.update(1)
-      stopping = _any_process(stop["stop"])
+      stopping = stop.stop(step)
       if step % cfg.checkpoint.every == 0 or step == steps or stopping:
         save(state)
         saved_step = step
       if stopping:
         break
   finally:
-    restore_signals()
+    stop.close()
   if pending is not None:
     last = log(*pending)
   bar.close()
@@ -394,7 +374,8 @@ def train(cfg) -> dict:
   writer.close()
   train_it.close()
 
-  if (not stop["stop"] and cfg.sample.max_new_tokens > 0 and jax.process_count() == 1
+  stopped = stop.preempted or stop.requested  # no time for a sample
+  if (not stopped and cfg.sample.max_new_tokens > 0 and jax.process_count() == 1
       and feed.sample_prompt is not None):
     prompt, eos_ids = feed.sample_prompt(cfg.sample.prompt)
     out = generate(model_cfg, model_params(state), [prompt],

@@ -1,7 +1,9 @@
 """Train a model: `python train/main.py --config configs/tiny.py [--config.a.b=value ...]`.
 
-  --dry_run      lower and compile the full train step for the configured mesh on simulated
-                 CPU devices, allocate nothing, and print memory and FLOPs per device.
+  --dry_run      compile the full train step for the configured mesh, allocate nothing, and
+                 print memory per device; with --target NAME (v5p-128, v5e-16, 2xv5p-128,
+                 h100-8, h100-8x4, ...) the real TPU/GPU compiler builds it for that hardware
+                 and says whether it fits; without, simulated CPU devices give estimates.
 Multi-host: set distributed.coordinator_address / num_processes / process_id (or the
 JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID environment variables); on a
 TPU pod or under SLURM they are detected. Run the same command on every host.
@@ -44,6 +46,19 @@ def _simulate_devices_for(cfg) -> None:
   os.environ["JAX_PLATFORMS"] = "cpu"
 
 
+def _check_target(name: str) -> None:
+  """A known target whose compiler is installed; jax itself stays on the CPU (before it loads)."""
+  from train import accelerators
+  try:
+    target = accelerators.parse_target(name)
+  except ValueError as e:
+    raise ConfigError(f"--target: {e}") from None
+  missing = accelerators.compiler_available(target.compiler)
+  if missing:
+    raise ConfigError(f"--target {name}: {missing}")
+  accelerators.prepare_environment()
+
+
 def main(argv=None) -> int:
   argv = sys.argv[1:] if argv is None else argv
   parser = argparse.ArgumentParser(description=__doc__,
@@ -51,14 +66,23 @@ def main(argv=None) -> int:
   parser.add_argument("--config", required=True, help="a configs/*.py file")
   parser.add_argument("--dry_run", action="store_true",
                       help="compile the train step for the configured mesh; allocate nothing")
+  parser.add_argument("--target", default="",
+                      help="with --dry_run: compile for this TPU slice or GPU box (v5p-128, "
+                           "v5e-16, 2xv5p-128, h100-8, h100-8x4, ...) with its real compiler")
   try:
     overrides, rest = split_overrides(argv)
     args = parser.parse_args(rest)
     cfg = load_config(args.config, overrides)
+    if args.target and not args.dry_run:
+      raise ConfigError("--target is for --dry_run (compile-only); a real run uses the "
+                        "devices it runs on")
     if args.dry_run:
-      _simulate_devices_for(cfg)
+      if args.target:
+        _check_target(args.target)
+      else:
+        _simulate_devices_for(cfg)
       from train.dry_run import dry_run
-      dry_run(cfg)
+      dry_run(cfg, args.target)
       return 0
     init_distributed(cfg.distributed)
     from train.loop import train

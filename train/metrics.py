@@ -1,45 +1,54 @@
 """FLOP accounting, model FLOPs utilisation, and the metric sinks (jsonl, TensorBoard)."""
 
+import dataclasses
 import functools
 import json
-import os
 import time
+import warnings
 
 import jax
 import jax.numpy as jnp
 
+from infer.files import as_path, is_remote, write_atomic
 from model.config import ModelConfig
-
-# Dense bf16 peak TFLOP/s per chip, from the vendors' data sheets.
-PEAK_TFLOPS = (
-    ("TPU v6", 918.0),  # Trillium (v6e); device_kind "TPU v6 lite"
-    ("TPU v5p", 459.0),
-    ("TPU v5 lite", 197.0),  # v5e
-    ("TPU v5e", 197.0),
-    ("TPU v5", 459.0),  # plain "TPU v5" is v5p
-    ("TPU v4", 275.0),
-    ("H200", 989.0),
-    ("H100", 989.0),  # SXM; the PCIe card is lower, override metrics.peak_tflops
-    ("A100", 312.0),
-)
+from train import accelerators
 
 
 def matmul_params(cfg: ModelConfig) -> int:
   """Parameters that take part in a matmul per token (everything but norms and the lookup)."""
   d, n, k, h, f = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff
   per_layer = d * n * h + 2 * d * k * h + n * h * d + 3 * d * f
-  return cfg.n_layers * per_layer + d * cfg.vocab_size  # + the output head
+  head = 1 if cfg.value_head else cfg.vocab_size  # a scalar head, or the output head
+  return cfg.n_layers * per_layer + d * head
+
+
+def forward_flops_per_token(cfg: ModelConfig, seq_len: int, causal: bool = True) -> float:
+  """2 FLOPs per matmul parameter, plus attention's QK^T and PV, 2 * 2 * N * H per visible
+  key; a causal mask leaves (T + 1) / 2 visible keys on average."""
+  keys = (seq_len + 1) / 2 if causal else seq_len
+  return 2 * matmul_params(cfg) + 4 * cfg.n_layers * cfg.n_heads * cfg.head_dim * keys
 
 
 def training_flops_per_token(cfg: ModelConfig, seq_len: int, causal: bool = True) -> float:
-  """Forward + backward FLOPs per token: 3x the forward (backward is two matmuls per matmul).
+  """Forward + backward FLOPs per token: 3x the forward (backward is two matmuls per matmul)."""
+  return 3 * forward_flops_per_token(cfg, seq_len, causal)
 
-  Forward: 2 FLOPs per matmul parameter, plus attention's QK^T and PV, 2 * 2 * N * H per
-  visible key; a causal mask leaves (T + 1) / 2 visible keys on average.
-  """
-  keys = (seq_len + 1) / 2 if causal else seq_len
-  attention = 4 * cfg.n_layers * cfg.n_heads * cfg.head_dim * keys
-  return 3 * (2 * matmul_params(cfg) + attention)
+
+@dataclasses.dataclass(frozen=True)
+class StepCost:
+  """What one train step does: the tokens it trains on and its model FLOPs."""
+  tokens: float
+  flops: float
+
+  @classmethod
+  def of(cls, seq_len: int, trained, frozen=()) -> "StepCost":
+    """`trained`: (ModelConfig, rows) of each model the step runs forward and backward,
+    `frozen`: of each it only runs forward (a DPO reference), over rows of `seq_len` tokens.
+    The tokens are the first trained model's rows (a pair task's chosen and rejected rows
+    both count; a PPO critic reads the policy's tokens again)."""
+    flops = sum(rows * seq_len * training_flops_per_token(cfg, seq_len) for cfg, rows in trained)
+    flops += sum(rows * seq_len * forward_flops_per_token(cfg, seq_len) for cfg, rows in frozen)
+    return cls(tokens=trained[0][1] * seq_len, flops=flops)
 
 
 @functools.lru_cache(maxsize=None)
@@ -56,51 +65,133 @@ def _cpu_probe_flops(n: int = 1024, repeats: int = 5) -> float:
   return 2 * n**3 / best
 
 
-def peak_flops(override_tflops: float = 0.0, devices=None) -> float:
-  """Peak FLOP/s of the devices in the job. CPU: one machine-wide matmul probe, since the
-  simulated CPU devices share the same cores."""
-  if override_tflops > 0:
-    devices = jax.devices() if devices is None else devices
-    return override_tflops * 1e12 * len(devices)
+@functools.lru_cache(maxsize=None)
+def _warn_unknown_kind(kind: str) -> None:
+  warnings.warn(f"no peak FLOP/s known for device kind {kind!r} (train/accelerators.py CHIPS): "
+                "mfu is not reported; set metrics.peak_tflops (per device) to report it",
+                RuntimeWarning, stacklevel=3)
+
+
+def peak_flops(override_tflops: float = 0.0, devices=None) -> float | None:
+  """Peak FLOP/s of `devices` (default: all of the job's): metrics.peak_tflops if set, else
+  the chip table's dense bf16 peak (train/accelerators.py). CPU: one machine-wide matmul
+  probe, since the simulated CPU devices share the same cores. An unknown device kind: None
+  (no MFU) and one warning."""
   devices = jax.devices() if devices is None else devices
+  if override_tflops > 0:
+    return override_tflops * 1e12 * len(devices)
   kind = devices[0].device_kind
-  for name, tflops in PEAK_TFLOPS:
-    if name.lower() in kind.lower():
-      return tflops * 1e12 * len(devices)
+  chip = accelerators.chip_of(kind)
+  if chip is not None:
+    return chip.bf16_tflops * 1e12 * len(devices)
   if devices[0].platform == "cpu":
     return _cpu_probe_flops() * jax.process_count()
-  raise ValueError(f"no peak FLOP/s known for device kind {kind!r}; "
-                   "set metrics.peak_tflops (per device)")
+  _warn_unknown_kind(kind)
+  return None
+
+
+class Throughput:
+  """Tokens/s and MFU of the train steps between two reads. Time spent on anything else
+  (the first step's compilation, evaluation, RL rollouts) is taken off the clock."""
+
+  def __init__(self, cost: StepCost, peak: float | None, clock=time.perf_counter):
+    self.cost, self.peak, self.clock = cost, peak, clock
+    self.t0, self.steps = None, 0
+
+  def start(self) -> None:
+    self.t0, self.steps = self.clock(), 0
+
+  def step(self) -> None:
+    self.steps += 1
+
+  def exclude(self, seconds: float) -> None:
+    if self.t0 is not None:
+      self.t0 += seconds
+
+  def read(self) -> dict:
+    """{"tokens_per_s", "mfu"} since the last read ({} before any timed step; no "mfu"
+    without a peak), and restarts the count."""
+    out = {}
+    if self.t0 is not None and self.steps:
+      elapsed = self.clock() - self.t0
+      out["tokens_per_s"] = self.steps * self.cost.tokens / elapsed
+      if self.peak:
+        out["mfu"] = self.steps * self.cost.flops / elapsed / self.peak
+    if self.t0 is not None:
+      self.start()
+    return out
 
 
 class MetricsWriter:
-  """Appends one JSON object per logged step to workdir/metrics.jsonl, and TensorBoard events
-  to workdir/tb. Only process 0 writes."""
+  """One JSON object per logged step in workdir/metrics.jsonl, and TensorBoard events in
+  workdir/tb. Only process 0 writes.
 
-  def __init__(self, workdir: str, tensorboard: bool = True):
+  Locally each row is appended as it comes. An object store cannot append, so remotely
+  (gs://...) the whole file is rewritten, one object write at most every `flush_secs` and on
+  flush() and close(); a resumed run starts from the rows already there."""
+
+  def __init__(self, workdir: str, tensorboard: bool = True, flush_secs: float = 30.0):
     self.active = jax.process_index() == 0
     self._tb = None
     if not self.active:
       return
-    os.makedirs(workdir, exist_ok=True)
-    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
+    workdir = as_path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    self.path, self.remote = workdir / "metrics.jsonl", is_remote(workdir)
+    self.flush_secs = flush_secs
+    if self.remote:
+      self._text = self.path.read_text() if self.path.exists() else ""
+      self._flushed = time.monotonic()
+    else:
+      self._jsonl = open(self.path, "a", buffering=1)
     if tensorboard:
-      from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+      self._tb = _tensorboard(workdir / "tb")
 
   def write(self, step: int, metrics: dict) -> None:
     if not self.active:
       return
     row = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
-    self._jsonl.write(json.dumps(row) + "\n")
+    line = json.dumps(row) + "\n"
+    if self.remote:
+      self._text += line
+      if time.monotonic() - self._flushed >= self.flush_secs:
+        self.flush()
+    else:
+      self._jsonl.write(line)
     if self._tb is not None:
       for k, v in row.items():
         if k != "step":
           self._tb.add_scalar(k, v, step)
 
+  def flush(self) -> None:
+    if not self.active:
+      return
+    if self.remote:
+      write_atomic(self.path, self._text)
+      self._flushed = time.monotonic()
+    if self._tb is not None:
+      self._tb.flush()
+
   def close(self) -> None:
     if not self.active:
       return
-    self._jsonl.close()
+    self.flush()
+    if not self.remote:
+      self._jsonl.close()
     if self._tb is not None:
       self._tb.close()
+
+
+def _tensorboard(directory):
+  """A tensorboardX SummaryWriter, or None (with one message) where it cannot write: it
+  writes local paths, gs:// (with google-cloud-storage) and s3:// (with boto3)."""
+  path = str(directory)
+  try:
+    if is_remote(path) and not path.startswith(("gs://", "s3://")):
+      raise ValueError("tensorboardX writes only local, gs:// and s3:// paths")
+    from tensorboardX import SummaryWriter
+    return SummaryWriter(path)
+  except Exception as e:  # a missing client library, or credentials: metrics.jsonl remains
+    print(f"TensorBoard: not writing events to {path} ({type(e).__name__}: {e}); "
+          "metrics.jsonl has the same numbers (or set metrics.tensorboard=False)", flush=True)
+    return None

@@ -5,7 +5,10 @@ unreduced arrays: the task's loss_fn sums them over its mask and the train step 
 by a normaliser counted over the whole accumulated batch (see train/step.py), so gradient
 accumulation never reweights examples. Everything is computed in f32.
 
-Dimension letters: B batch (sequences, or preference pairs), T completion length, V vocab,
+Token log-probabilities and entropies come from model/head.py, which scores the hidden
+states without holding the full logits; these functions take them per token.
+
+Dimension letters: B batch (sequences, or preference pairs), T completion length,
 N sampled completions (P prompts × G samples each, consecutive).
 
 Masks are 0/1 (bool or float), 1 at completion positions that count; prompt and padding
@@ -26,52 +29,6 @@ def _f32(x):
 
 def _valid(mask):
   return jnp.asarray(mask) > 0
-
-
-# ---------------------------------------------------------------------------------------
-# Log-probabilities and entropy.
-
-
-def _scaled_logits(logits_BTV, temperature):
-  # Temperature 0 means greedy when sampling; its log-probs are those of the raw logits.
-  # jnp.where rather than `if`, so a traced temperature works too.
-  temperature = _f32(temperature)
-  temperature = jnp.where(temperature > 0, temperature, 1.0)
-  return _f32(logits_BTV) / temperature
-
-
-def token_logprobs(logits_BTV, targets_BT, temperature=1.0):
-  """log softmax(logits / temperature)[target] per position: f32[B, T].
-
-  logits_BTV: [B, T, V], already aligned so that logits[:, t] predicts targets[:, t].
-  targets_BT: int[B, T]. Padding positions may hold any id (even -100 or >= V): it is
-  clipped into range so the result stays finite, and the caller's mask removes it.
-  The temperature must be the sampling temperature, or the PPO ratio is off from step one.
-  """
-  logits_BTV = _scaled_logits(logits_BTV, temperature)
-  log_z_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
-  target_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1, mode="clip")
-  return target_BT[..., 0] - log_z_BT
-
-
-def sequence_logprobs(logits_BTV, targets_BT, mask_BT, temperature=1.0):
-  """log π(y|x) = Σ_t mask·log p(y_t): f32[B].
-
-  mask_BT: 1 at completion positions (the final EOS included, even when pad = EOS, or the
-  model never learns to stop), 0 at prompt and padding. `where`, not a product, so the value
-  at a masked position cannot leak in even if it were not finite.
-  """
-  logp_BT = token_logprobs(logits_BTV, targets_BT, temperature)
-  return jnp.sum(jnp.where(_valid(mask_BT), logp_BT, 0.0), axis=-1)
-
-
-def entropy(logits_BTV, temperature=1.0):
-  """Entropy of softmax(logits / temperature) per position: f32[B, T]."""
-  logp_BTV = jax.nn.log_softmax(_scaled_logits(logits_BTV, temperature), axis=-1)
-  p_BTV = jnp.exp(logp_BTV)
-  # Tokens filtered to -inf have p = 0; 0·log 0 is 0, and a safe log keeps the gradient finite.
-  logp_BTV = jnp.where(p_BTV > 0, logp_BTV, 0.0)
-  return -jnp.sum(p_BTV * logp_BTV, axis=-1)
 
 
 # ---------------------------------------------------------------------------------------

@@ -4,12 +4,12 @@ Byte-level (GPT-2 style) means every string, tabs and unicode included, maps to
 tokens and decodes back to exactly itself: there is no unknown token.
 """
 
-import os
 from collections.abc import Iterable, Iterator
 
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from infer.files import as_path, read_tokenizer, write_atomic
 from train.data import EOS, DataError, read_documents
 
 __all__ = ["EOS", "train_tokenizer", "load_or_train_tokenizer"]
@@ -49,13 +49,14 @@ def load_or_train_tokenizer(data_cfg, workdir: str, vocab_size: int,
   3. a new BPE trained on the first `data_cfg.tokenizer_train_mb` MB of
      `train_files`, in their order, saved to workdir/tokenizer.json.
 
-  `vocab_size` is model.vocab_size; a bigger tokenizer is an error.
+  `vocab_size` is model.vocab_size; a bigger tokenizer is an error. Paths may be remote
+  (gs://...).
   """
-  saved = os.path.join(workdir, _FILENAME)
+  saved = as_path(workdir) / _FILENAME
   if data_cfg.tokenizer:
     tokenizer = _load(data_cfg.tokenizer, "data.tokenizer")
     _keep_copy(tokenizer, saved)
-  elif os.path.exists(saved):
+  elif saved.exists():
     tokenizer = _load(saved, "workdir")
   else:
     budget = int(data_cfg.tokenizer_train_mb * 2**20)
@@ -70,20 +71,20 @@ def load_or_train_tokenizer(data_cfg, workdir: str, vocab_size: int,
   return tokenizer
 
 
-def _load(path: str, source: str) -> tokenizers.Tokenizer:
-  if not os.path.isfile(path):
-    raise DataError(f"{source}: no tokenizer file at {path!r}.")
-  tokenizer = tokenizers.Tokenizer.from_file(path)
+def _load(path, source: str) -> tokenizers.Tokenizer:
+  if not as_path(path).is_file():
+    raise DataError(f"{source}: no tokenizer file at {str(path)!r}.")
+  tokenizer = read_tokenizer(path)
   if tokenizer.token_to_id(EOS) is None:
     raise DataError(f"{source}: the tokenizer at {path} has no {EOS!r} token.")
   return tokenizer
 
 
-def _keep_copy(tokenizer: tokenizers.Tokenizer, saved: str) -> None:
+def _keep_copy(tokenizer: tokenizers.Tokenizer, saved) -> None:
   """Puts the tokenizer in workdir, so the workdir alone can resume a run."""
-  if not os.path.exists(saved):
+  if not saved.exists():
     _save_atomic(tokenizer, saved)
-  elif tokenizers.Tokenizer.from_file(saved).to_str() != tokenizer.to_str():
+  elif read_tokenizer(saved).to_str() != tokenizer.to_str():
     # Resuming with other token ids would silently scramble the model's input.
     raise DataError(
         f"data.tokenizer differs from {saved}, which this run was started "
@@ -102,9 +103,6 @@ def _leading_text(files: list[str], data_cfg, budget: int) -> Iterator[str]:
       yield text
 
 
-def _save_atomic(tokenizer: tokenizers.Tokenizer, path: str) -> None:
-  """Write then rename, so a crash never leaves a half-written tokenizer."""
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  tmp = f"{path}.tmp{os.getpid()}"
-  tokenizer.save(tmp)
-  os.replace(tmp, path)
+def _save_atomic(tokenizer: tokenizers.Tokenizer, path) -> None:
+  """A crash never leaves a half-written tokenizer (see infer.files.write_atomic)."""
+  write_atomic(path, tokenizer.to_str(pretty=True))

@@ -34,6 +34,9 @@ class Objective:
   # (fresh params, frozen) -> the params training starts from (train.init_from, a critic
   # initialised from a reward model); None keeps the fresh ones.
   start: Callable | None = None
+  # (batch_size, seq_len) -> metrics.StepCost: the tokens and model FLOPs of one train step,
+  # for tokens/s and MFU; None: the model forward and backward over the batch's rows.
+  step_cost: Callable | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +62,9 @@ class Feed:
   load_frozen: Callable | None = None
   # Host-side metrics of the latest batch (rollout scores, KL), merged into the log.
   host_metrics: Callable[[], dict] = dict
+  # () -> seconds the train iterator spent, since the last call, on work that is not the
+  # train step (PPO/GRPO rollouts): taken off the train step's tokens/s and MFU.
+  off_clock: Callable[[], float] = float
   # text -> (prompt ids, eos ids) for the sample printed after training; None: no sample.
   sample_prompt: Callable | None = None
   # files -> one ordered pass over their batches (post-training data).

@@ -12,7 +12,7 @@ import numpy as np
 from infer import workdir as run_dir
 from infer.decode import generate
 from infer.sampling import SamplingParams
-from model import ModelConfig, Transformer, lora
+from model import ModelConfig, Transformer, head, lora
 from train import objectives, posttrain_data
 from train.config import ConfigError, import_function
 from train.tasks import pretrain
@@ -130,13 +130,14 @@ def pair_tokens(batch):
   return {k: cat(k) for k in ("inputs", "targets", "positions", "segment_ids", "loss_mask")}
 
 
-def completion_logprobs(model, params, tokens, *, temperature: float = 1.0, per_token=False):
-  """Sum (or mean, per_token=True) of log p(target) over loss_mask positions: f32[B]
-  (ALGORITHMS.md: completion tokens only; padding and prompt contribute nothing)."""
-  logits, _ = model.apply({"params": params}, tokens["inputs"], tokens["positions"],
-                          segment_ids=tokens["segment_ids"])
-  logp = objectives.sequence_logprobs(logits, tokens["targets"], tokens["loss_mask"],
-                                      temperature)
+def completion_logprobs(model, params, tokens, *, chunk: int = head.DEFAULT_CHUNK,
+                        temperature: float = 1.0, per_token=False):
+  """log π(y|x): the sum (or mean, per_token=True) of log p(target) over loss_mask positions,
+  f32[B] (ALGORITHMS.md: completion tokens only, the final EOS included even when pad = EOS;
+  padding and prompt contribute nothing, by `where`, so not even a non-finite value there
+  could leak in). chunk: train.loss_chunk (model/head.py)."""
+  scores = pretrain.score_targets(model, params, tokens, chunk=chunk, temperature=temperature)
+  logp = objectives.masked_sum(scores.logp, tokens["loss_mask"], axis=-1)
   if per_token:
     logp = logp / jnp.maximum(jnp.sum(tokens["loss_mask"], axis=1), 1.0)
   return logp

@@ -14,30 +14,31 @@ import jax.numpy as jnp
 import numpy as np
 
 from infer import workdir as run_dir
-from model import Transformer
+from model import Transformer, head, sharding
 from train import objectives
 from train.config import ConfigError
+from train.metrics import StepCost
 from train.tasks import Feed, Objective, common, sft
 
 REF_KEYS = ("ref_chosen", "ref_rejected")
 
 
-def pair_logprobs(model, params, batch, *, per_token: bool):
+def pair_logprobs(model, params, batch, *, per_token: bool, chunk: int = head.DEFAULT_CHUNK):
   """(log pi(chosen | prompt), log pi(rejected | prompt)): f32[B] each, one forward."""
-  logp = common.completion_logprobs(model, params, common.pair_tokens(batch),
+  logp = common.completion_logprobs(model, params, common.pair_tokens(batch), chunk=chunk,
                                     per_token=per_token)
   return jnp.split(logp, 2)
 
 
-def loss_fn(params, reference, batch, *, model, beta, kind, label_smoothing):
+def loss_fn(params, reference, batch, *, model, beta, kind, label_smoothing, chunk):
   """`reference`: the reference's params, or None when the batch carries its log-probs."""
   per_token = kind == "ipo"
-  pi_c, pi_r = pair_logprobs(model, params, batch, per_token=per_token)
+  pi_c, pi_r = pair_logprobs(model, params, batch, per_token=per_token, chunk=chunk)
   if reference is None:
     ref_c, ref_r = batch["ref_chosen"], batch["ref_rejected"]
   else:
     ref_c, ref_r = jax.lax.stop_gradient(
-        pair_logprobs(model, reference, batch, per_token=per_token))
+        pair_logprobs(model, reference, batch, per_token=per_token, chunk=chunk))
   losses, rew_c, rew_r = objectives.dpo_loss(pi_c, pi_r, ref_c, ref_r, beta=beta, kind=kind,
                                              label_smoothing=label_smoothing)
   valid = batch["valid"]
@@ -63,7 +64,8 @@ def _settings(cfg):
                       "reference is the base, which is kept anyway")
   if not (d.reference or cfg.train.init_from):
     raise ConfigError("task='dpo' needs a reference: set train.init_from (or dpo.reference)")
-  return dict(beta=d.beta, kind=d.loss, label_smoothing=d.label_smoothing)
+  return dict(beta=d.beta, kind=d.loss, label_smoothing=d.label_smoothing,
+              chunk=cfg.train.loss_chunk)
 
 
 def objective(cfg, model_cfg) -> Objective:
@@ -84,9 +86,15 @@ def objective(cfg, model_cfg) -> Objective:
       shapes.update({k: ((b,), np.float32) for k in REF_KEYS})
     return shapes
 
+  def step_cost(b, t):
+    """The policy forward and backward over chosen and rejected rows; the frozen reference
+    forward only over the same rows (unless its log-probs were precomputed)."""
+    rows = [(model_cfg, 2 * b)]
+    return StepCost.of(t, trained=rows, frozen=[] if precomputed else rows)
+
   return Objective(init=policy.init, loss_fn=loss, batch_shapes=batch_shapes,
                    init_frozen=init_frozen, export=policy.params if policy.rank else None,
-                   start=policy.start)
+                   start=policy.start, step_cost=step_cost)
 
 
 def feed(cfg, model_cfg, mesh, run) -> Feed:
@@ -108,7 +116,9 @@ def _precompute(cfg, model_cfg, mesh, reference: str, make, run):
   """Scores every train and val pair once with the reference, which is then let go."""
   ref_params = run_dir.load_params(reference, model_cfg, mesh)
   model = Transformer(model_cfg)
-  scorer = jax.jit(lambda p, b: pair_logprobs(model, p, b, per_token=cfg.dpo.loss == "ipo"))
+  scorer = jax.jit(sharding.in_mesh(
+      lambda p, b: pair_logprobs(model, p, b, per_token=cfg.dpo.loss == "ipo",
+                                 chunk=cfg.train.loss_chunk), mesh))
   score = lambda batch: jax.device_get(scorer(ref_params, batch))
   return (reference_logprobs(make(run.train_files), score),
           reference_logprobs(make(run.val_files), score))

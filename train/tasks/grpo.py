@@ -11,9 +11,10 @@ tokens accordingly, so accumulation does not change the result.
 import jax
 import jax.numpy as jnp
 
+from model import sharding
 from train import objectives, posttrain_data
 from train.config import ConfigError
-from train.tasks import Feed, Objective, common, rl
+from train.tasks import Feed, Objective, common, pretrain, rl
 
 EXTRA = ("old_logp", "ref_logp", "advantages")
 AGGREGATIONS = ("grpo", "bnpo")
@@ -22,9 +23,10 @@ AGGREGATIONS = ("grpo", "bnpo")
 def loss_fn(params, frozen, batch, *, policy, cfg):
   r = cfg.rl
   mask = batch["mask"]
-  logits, _ = policy.model.apply({"params": policy.params(params, frozen)}, batch["inputs"],
-                                 batch["positions"], segment_ids=batch["segment_ids"])
-  logp = objectives.token_logprobs(logits, batch["targets"], r.temperature)
+  scores = pretrain.score_targets(policy.model, policy.params(params, frozen), batch,
+                                  chunk=cfg.train.loss_chunk, temperature=r.temperature,
+                                  entropy=True)
+  logp = scores.logp
   pg, clipped = objectives.ppo_policy_loss(logp, batch["old_logp"], batch["advantages"],
                                            clip=r.clip)
   kl = objectives.kl_penalty(logp, batch["ref_logp"], "k3")
@@ -32,7 +34,7 @@ def loss_fn(params, frozen, batch, *, policy, cfg):
   per_token = {"loss": pg + r.kl_coef * kl, "policy_loss": pg, "kl_penalty": kl,
                "clip_fraction": clipped,
                "approx_kl": objectives.approx_kl(logp, batch["old_logp"]),
-               "entropy": objectives.entropy(logits, r.temperature)}
+               "entropy": scores.entropy}
   if r.loss_agg == "grpo":  # token mean per sequence, summed over sequences
     lengths = jnp.sum(mask, axis=1)
     weight = mask / jnp.maximum(lengths, 1.0)[:, None]
@@ -48,10 +50,10 @@ def prepare(params, frozen, rows, scores, kl_coef, *, policy, cfg):
   del kl_coef  # GRPO's KL is in the loss, not in the reward
   r = cfg.rl
   mask = rows["mask"]
-  logp, entropy = rl.trainer_logprobs(policy.model, policy.params(params, frozen), rows,
-                                      r.temperature)
-  ref_logp, _ = rl.trainer_logprobs(policy.model, policy.reference(frozen), rows,
-                                    r.temperature)
+  score = lambda p: rl.trainer_logprobs(policy.model, p, rows, r.temperature,
+                                        chunk=cfg.train.loss_chunk)
+  logp, entropy = score(policy.params(params, frozen))
+  ref_logp, _ = score(policy.reference(frozen))
   adv = objectives.grpo_advantages(scores, r.group_size)
   arrays = {"old_logp": logp * mask, "ref_logp": ref_logp * mask,
             "advantages": adv[:, None] * mask}
@@ -88,8 +90,8 @@ def feed(cfg, model_cfg, mesh, run) -> Feed:
   rl.check(cfg, cfg.rl.group_size)
   policy = common.Policy.of(cfg, model_cfg)
   formatter = posttrain_data.Formatter(run.tokenizer, run.tokenizer_config, cfg.data)
-  prep = jax.jit(lambda params, frozen, rows, scores, kl_coef: prepare(
-      params, frozen, rows, scores, kl_coef, policy=policy, cfg=cfg))
+  prep = jax.jit(sharding.in_mesh(lambda params, frozen, rows, scores, kl_coef: prepare(
+      params, frozen, rows, scores, kl_coef, policy=policy, cfg=cfg), mesh))
   rollouts = rl.Rollouts(cfg, model_cfg, run, formatter, rl.Scorer(cfg, run.tokenizer, mesh),
                          policy.params, prep, group_size=cfg.rl.group_size)
   return rl.feed(cfg, model_cfg, run, formatter, rollouts, policy.params,

@@ -11,8 +11,9 @@ plus rl.vf_coef times the clipped value loss, normalised by the minibatch's comp
 import jax
 import jax.numpy as jnp
 
-from model import Transformer
+from model import Transformer, sharding
 from train import objectives, posttrain_data
+from train.metrics import StepCost
 from train.tasks import Feed, Objective, common, pretrain, reward, rl
 
 EXTRA = ("old_logp", "ref_logp", "old_values", "advantages", "returns")
@@ -21,10 +22,10 @@ EXTRA = ("old_logp", "ref_logp", "old_values", "advantages", "returns")
 def loss_fn(params, frozen, batch, *, policy, critic, cfg):
   r = cfg.rl
   mask = batch["mask"]
-  logits, _ = policy.model.apply({"params": policy.params(params["policy"], frozen)},
-                                 batch["inputs"], batch["positions"],
-                                 segment_ids=batch["segment_ids"])
-  logp = objectives.token_logprobs(logits, batch["targets"], r.temperature)
+  scores = pretrain.score_targets(policy.model, policy.params(params["policy"], frozen), batch,
+                                  chunk=cfg.train.loss_chunk, temperature=r.temperature,
+                                  entropy=True)
+  logp = scores.logp
   pg, clipped = objectives.ppo_policy_loss(logp, batch["old_logp"], batch["advantages"],
                                            clip=r.clip)
   values, _ = critic.apply({"params": params["value"]}, batch["inputs"], batch["positions"],
@@ -37,7 +38,7 @@ def loss_fn(params, frozen, batch, *, policy, critic, cfg):
       "loss": total, "policy_loss": total_pg, "value_loss": total_vf,
       "clip_fraction": jnp.sum(clipped * mask),
       "approx_kl": jnp.sum(objectives.approx_kl(logp, batch["old_logp"]) * mask),
-      "entropy": jnp.sum(objectives.entropy(logits, r.temperature) * mask),
+      "entropy": jnp.sum(scores.entropy * mask),
       "count": jnp.sum(mask)}
 
 
@@ -45,10 +46,10 @@ def prepare(params, frozen, rows, scores, kl_coef, *, policy, critic, cfg):
   """Old and reference log-probs, old values, token rewards, GAE and whitened advantages."""
   r = cfg.rl
   mask = rows["mask"]
-  logp, entropy = rl.trainer_logprobs(policy.model, policy.params(params["policy"], frozen),
-                                      rows, r.temperature)
-  ref_logp, _ = rl.trainer_logprobs(policy.model, policy.reference(frozen), rows,
-                                    r.temperature)
+  score = lambda p: rl.trainer_logprobs(policy.model, p, rows, r.temperature,
+                                        chunk=cfg.train.loss_chunk)
+  logp, entropy = score(policy.params(params["policy"], frozen))
+  ref_logp, _ = score(policy.reference(frozen))
   values, _ = critic.apply({"params": params["value"]}, rows["inputs"], rows["positions"],
                            segment_ids=rows["segment_ids"])
   values = values * mask
@@ -85,15 +86,17 @@ def objective(cfg, model_cfg) -> Objective:
       loss_fn=lambda params, frozen, batch: loss_fn(params, frozen, batch, policy=policy,
                                                     critic=critic, cfg=cfg),
       batch_shapes=lambda b, t: rl.rollout_shapes(b, t, EXTRA),
-      export=lambda params, frozen: policy.params(params["policy"], frozen))
+      export=lambda params, frozen: policy.params(params["policy"], frozen),
+      # The policy and the critic, each forward and backward over the rows.
+      step_cost=lambda b, t: StepCost.of(t, trained=[(model_cfg, b), (critic.cfg, b)]))
 
 
 def feed(cfg, model_cfg, mesh, run) -> Feed:
   rl.check(cfg, 1)
   policy, critic = _models(cfg, model_cfg)
   formatter = posttrain_data.Formatter(run.tokenizer, run.tokenizer_config, cfg.data)
-  prep = jax.jit(lambda params, frozen, rows, scores, kl_coef: prepare(
-      params, frozen, rows, scores, kl_coef, policy=policy, critic=critic, cfg=cfg))
+  prep = jax.jit(sharding.in_mesh(lambda params, frozen, rows, scores, kl_coef: prepare(
+      params, frozen, rows, scores, kl_coef, policy=policy, critic=critic, cfg=cfg), mesh))
   to_policy = lambda params, frozen: policy.params(params["policy"], frozen)
   rollouts = rl.Rollouts(cfg, model_cfg, run, formatter, rl.Scorer(cfg, run.tokenizer, mesh),
                          to_policy, prep, group_size=1)

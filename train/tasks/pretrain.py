@@ -8,36 +8,38 @@ loss_mask 1 on completion tokens only.
 
 import functools
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from model import Transformer
+from model import Transformer, head
 from train import data as data_lib
 from train.tasks import Feed, Objective
 
 
-def token_losses(logits_BTV, targets_BT):
-  """(-log p(target), log Z) per position, in f32."""
-  logits_BTV = logits_BTV.astype(jnp.float32)
-  log_z = jax.nn.logsumexp(logits_BTV, axis=-1)
-  target_logit = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
-  return log_z - target_logit, log_z
+def score_targets(model: Transformer, params, batch, *, chunk: int = head.DEFAULT_CHUNK,
+                  temperature: float = 1.0, entropy: bool = False) -> head.TokenScores:
+  """The model's scores of batch["targets"] (log p, log Z, entropy: f32[B, T]) from its
+  hidden states, chunk tokens of logits at a time (model/head.py): the full f32 [B, T, V]
+  logits are never held, nor their gradient."""
+  hidden, _ = model.apply({"params": params}, batch["inputs"], batch["positions"],
+                          segment_ids=batch["segment_ids"], return_hidden=True)
+  return head.token_scores(hidden, params, model.cfg, batch["targets"],
+                           temperature=temperature, chunk=chunk, entropy=entropy)
 
 
-def loss_fn(params, frozen, batch, *, model, z_loss: float = 0.0):
+def loss_fn(params, frozen, batch, *, model, z_loss: float = 0.0,
+            chunk: int = head.DEFAULT_CHUNK):
   """Returns (sum of weighted losses, metrics as sums). The caller divides by `count`.
 
   Sums rather than means, so gradient accumulation divides once by the tokens of the whole
   accumulated batch and k microbatches give exactly the update of one large batch.
+  chunk: train.loss_chunk, tokens of logits held at once.
   """
   del frozen
-  logits, _ = model.apply({"params": params}, batch["inputs"], batch["positions"],
-                          segment_ids=batch["segment_ids"])
-  nll, log_z = token_losses(logits, batch["targets"])
+  scores = score_targets(model, params, batch, chunk=chunk)
   mask = batch["loss_mask"].astype(jnp.float32)
-  nll_sum = jnp.sum(nll * mask)
-  z_sum = jnp.sum(jnp.square(log_z) * mask)
+  nll_sum = -jnp.sum(scores.logp * mask)
+  z_sum = jnp.sum(jnp.square(scores.log_z) * mask)
   total = nll_sum + z_loss * z_sum
   # "z_loss" reports mean (log Z)^2 per token whatever its coefficient, to watch logit drift.
   return total, {"loss": nll_sum, "z_loss": z_sum, "count": jnp.sum(mask)}
@@ -59,7 +61,8 @@ def token_batch_shapes(batch_size: int, seq_len: int) -> dict:
 def objective(cfg, model_cfg) -> Objective:
   model = Transformer(model_cfg)
   return Objective(init=functools.partial(init_model, model),
-                   loss_fn=functools.partial(loss_fn, model=model, z_loss=cfg.train.z_loss),
+                   loss_fn=functools.partial(loss_fn, model=model, z_loss=cfg.train.z_loss,
+                                             chunk=cfg.train.loss_chunk),
                    batch_shapes=token_batch_shapes)
 
 

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from infer import workdir as run_dir
 from model import Transformer, lora
 from train import objectives
+from train.metrics import StepCost
 from train.config import ConfigError
 from train.tasks import Feed, Objective, common, pretrain, sft
 
@@ -42,6 +43,8 @@ def objective(cfg, model_cfg) -> Objective:
   policy = common.Policy.of(cfg, model_cfg)
   model = Transformer(model_cfg)
   init_model = lambda rng: pretrain.init_model(model, rng)
+  # One forward and backward over the chosen and the rejected rows.
+  step_cost = lambda b, t: StepCost.of(t, trained=[(model_cfg, 2 * b)])
 
   if not policy.rank:
     def start(params, frozen):
@@ -52,7 +55,7 @@ def objective(cfg, model_cfg) -> Objective:
 
     return Objective(init=init_model,
                      loss_fn=lambda params, frozen, batch: loss_fn(params, batch, model=model),
-                     batch_shapes=common.pair_batch_shapes, start=start)
+                     batch_shapes=common.pair_batch_shapes, start=start, step_cost=step_cost)
 
   def init(rng):
     params = init_model(rng)
@@ -71,7 +74,7 @@ def objective(cfg, model_cfg) -> Objective:
       init=init, init_frozen=init_frozen, export=to_params, start=lambda p, f: p,
       loss_fn=lambda params, frozen, batch: loss_fn(to_params(params, frozen), batch,
                                                     model=model),
-      batch_shapes=common.pair_batch_shapes)
+      batch_shapes=common.pair_batch_shapes, step_cost=step_cost)
 
 
 def backbone_from(workdir: str, model_cfg, value_params):

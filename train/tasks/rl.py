@@ -15,6 +15,7 @@ a resumed run starts a fresh rollout.
 """
 
 import functools
+import time
 
 import jax
 import jax.numpy as jnp
@@ -24,10 +25,10 @@ import numpy as np
 from infer import workdir as run_dir
 from infer.decode import generate_with_stats
 from infer.sampling import SamplingParams
-from model import Transformer
+from model import Transformer, head
 from train import objectives, posttrain_data
 from train.config import ConfigError
-from train.tasks import Feed, common
+from train.tasks import Feed, common, pretrain
 
 ROLLOUT_KEYS = ("inputs", "targets", "positions", "segment_ids", "mask")
 
@@ -127,9 +128,16 @@ class Rollouts:
         batch_size=cfg.rl.prompts_per_rollout, seed=cfg.seed, shuffle=True, repeat=True)
     self.kl_coef, self.count = float(cfg.rl.kl_coef), 0
     self.buffer, self.metrics, self.current = [], {}, None
+    self.rollout_seconds = 0.0  # since the loop last took them (take_rollout_seconds)
 
   def bind(self, current_state):
     self.current = current_state
+
+  def take_rollout_seconds(self) -> float:
+    """Seconds spent in rollouts since the last call: the loop takes them off the train
+    step's clock (Feed.off_clock)."""
+    seconds, self.rollout_seconds = self.rollout_seconds, 0.0
+    return seconds
 
   def __iter__(self):
     return self
@@ -142,6 +150,9 @@ class Rollouts:
   def _rollout(self):
     cfg, r = self.cfg, self.cfg.rl
     state = self.current()
+    # The clock starts once the policy's last update is done: that was the train step's time.
+    jax.block_until_ready(state.params)
+    t0 = time.perf_counter()
     batch = next(self.prompts)
     g = self.group_size
     prompt_ids = [p for p in batch["prompt_ids"] for _ in range(g)]
@@ -165,10 +176,15 @@ class Rollouts:
       sampled[i, len(p) - 1:len(p) - 1 + len(lp)] = lp[:cfg.data.seq_len - len(p) + 1]
     gap = np.abs(sampled - arrays["old_logp"]) * rows["mask"]
     n = len(prompt_ids)
+    seconds = time.perf_counter() - t0
+    self.rollout_seconds += seconds
     self.metrics = {"score": float(scores.mean()), "score_std": float(scores.std()),
                     "completion_len": float(rows["mask"].sum(1).mean()),
                     "stopped": float(stopped.mean()), "kl_coef": self.kl_coef,
                     "logprob_gap": float(gap.max()),
+                    # Sampled tokens per second of the whole rollout (sampling, scoring and
+                    # the log-probs and advantages the step needs).
+                    "rollout_tokens_per_s": sum(len(c) for c in completions) / seconds,
                     **{k: float(v) for k, v in metrics.items()}}
     if r.kl_target > 0:  # Ziegler et al. 2019, adaptive KL controller
       self.kl_coef = objectives.adaptive_kl_coef(self.kl_coef, self.metrics["kl"],
@@ -205,12 +221,12 @@ def sequence_kl(logp_BT, ref_logp_BT, mask_BT):
   return jnp.mean(jnp.sum((logp_BT - ref_logp_BT) * mask_BT, axis=1))
 
 
-def trainer_logprobs(model, params, rows, temperature):
-  """(log-probs of the targets at `temperature`, entropy): f32[N, T] each."""
-  logits, _ = model.apply({"params": params}, rows["inputs"], rows["positions"],
-                          segment_ids=rows["segment_ids"])
-  return (objectives.token_logprobs(logits, rows["targets"], temperature),
-          objectives.entropy(logits, temperature))
+def trainer_logprobs(model, params, rows, temperature, *, chunk: int = head.DEFAULT_CHUNK):
+  """(log-probs of the targets at `temperature`, entropy): f32[N, T] each, `chunk`
+  (train.loss_chunk) tokens of logits at a time."""
+  scores = pretrain.score_targets(model, params, rows, chunk=chunk, temperature=temperature,
+                                  entropy=True)
+  return scores.logp, scores.entropy
 
 
 def feed(cfg, model_cfg, run, formatter, rollouts: Rollouts, to_policy, load_frozen):
@@ -220,6 +236,6 @@ def feed(cfg, model_cfg, run, formatter, rollouts: Rollouts, to_policy, load_fro
   evaluate = common.ScoreEval(cfg, model_cfg, formatter, files, to_policy,
                               scorer=rollouts.scorer)
   return Feed(train=rollouts, evaluate=evaluate, load_frozen=load_frozen,
-              host_metrics=lambda: rollouts.metrics,
+              host_metrics=lambda: rollouts.metrics, off_clock=rollouts.take_rollout_seconds,
               sample_prompt=lambda text: (formatter.prompt({"prompt": text}),
                                           formatter.eos_ids))

@@ -19,7 +19,7 @@ def objective(cfg, model_cfg) -> Objective:
 
   def loss_fn(params, frozen, batch):
     return pretrain.loss_fn(policy.params(params, frozen), None, batch, model=policy.model,
-                            z_loss=cfg.train.z_loss)
+                            z_loss=cfg.train.z_loss, chunk=cfg.train.loss_chunk)
 
   return Objective(init=policy.init, loss_fn=loss_fn, batch_shapes=pretrain.token_batch_shapes,
                    init_frozen=policy.init_frozen if policy.rank else None,

@@ -1,0 +1,120 @@
+"""Which attention path runs on which platform, and why: one answer for the kernels and the dry run.
+
+  attention_path("tpu", head_dim=128, dtype=jnp.bfloat16)        -> pallas (Mosaic flash)
+  attention_path("cuda", head_dim=96, dtype=jnp.bfloat16)        -> xla (head_dim 96 not covered
+                                                                     by the Triton kernel)
+  attention_path("cuda", head_dim=128, dtype=jnp.bfloat16, page_size=16)  -> pallas (Triton paged)
+
+`impl="auto"` takes a Pallas kernel only where tests/test_target_compile_kernels.py compiles it
+with the real compiler (Mosaic for TPU, Triton for CUDA GPUs): the head dims, dtypes and page
+sizes below. Everything else, and every other platform (CPU, ROCm), runs the XLA path.
+
+The kernels' wrappers decide through `dispatch`, which asks `attention_path` once per platform
+and lets `lax.platform_dependent` keep the branch of the platform the program is lowered for. So
+a function jitted in a CPU-only process and lowered for compile-only TPU devices gets the Mosaic
+kernel, and what the dry run prints is what the program compiles.
+"""
+
+import dataclasses
+
+import jax.numpy as jnp
+from jax import lax
+
+IMPLS = ("auto", "xla", "pallas")
+# What the target-compile tests compile (each value somewhere, not the full product).
+COVERED_HEAD_DIMS = (64, 128, 256)
+COVERED_DTYPES = ("bfloat16", "float32")
+COVERED_PAGE_SIZES = (16, 64)
+# jax device platforms -> lax.platform_dependent's names. A jax GPU device says "gpu"; CUDA is
+# the GPU platform we compile for (a ROCm GPU taken for CUDA still runs correct code: auto's
+# XLA branch there, or the kernel under a harmless per-shard shard_map).
+_CANONICAL = {"gpu": "cuda"}
+_COMPILER = {"tpu": "Mosaic", "cuda": "Triton", "rocm": "Triton"}
+_VARIANT = {"tpu": "tpu", "cuda": "gpu", "rocm": "gpu"}  # kernel variant per platform
+
+
+@dataclasses.dataclass(frozen=True)
+class Path:
+  """impl: "pallas" or "xla"; kernel: e.g. "Mosaic flash" (None for xla); reason: why."""
+  impl: str
+  kernel: str | None
+  reason: str
+
+  def __str__(self):
+    return f"pallas ({self.kernel})" if self.impl == "pallas" else f"xla ({self.reason})"
+
+
+def check_impl(impl):
+  if impl not in IMPLS:
+    raise ValueError(f"impl must be one of {IMPLS}, got {impl!r} (model.attention_impl)")
+  return impl
+
+
+def _pow2(n):
+  return n > 0 and n & (n - 1) == 0
+
+
+def attention_path(platform, *, head_dim, dtype, page_size=None, kv_dtype=None, impl="auto"):
+  """The path attention takes on `platform` ("tpu", "cuda" or "gpu", "rocm", "cpu", ...).
+
+  head_dim, dtype: of q (and of K/V unless kv_dtype says otherwise); page_size: the paged
+  cache's page size, None for self-attention (the flash kernel); impl: "auto", "xla" or
+  "pallas". With impl="pallas" the kernel runs wherever its shapes allow (interpreted on CPU).
+  """
+  check_impl(impl)
+  platform = _CANONICAL.get(platform, platform)
+  op = "flash" if page_size is None else "paged"
+  if impl == "xla":
+    return Path("xla", None, "impl='xla'")
+  if platform not in _COMPILER:
+    if impl == "pallas":
+      return Path("pallas", f"Mosaic {op}, interpreted", f"no {platform} kernel: interpreted")
+    return Path("xla", None, f"no Pallas kernel for {platform}")
+  compiler = _COMPILER[platform]
+  kernel = f"{compiler} {op}"
+  if compiler == "Triton" and op == "paged" and not (
+      _pow2(page_size) and _pow2(head_dim) and head_dim >= 16):
+    # Triton tensors have power-of-two sizes, and padding would copy the page pool per call.
+    return Path("xla", None, f"page_size {page_size} and head_dim {head_dim} must be powers "
+                f"of two (head_dim >= 16) for the Triton kernel")
+  if impl == "pallas":
+    return Path("pallas", kernel, "impl='pallas'")
+  if platform == "rocm":
+    return Path("xla", None, "the Triton kernels are not compile-tested for ROCm")
+  dtypes = {jnp.dtype(dtype).name, jnp.dtype(kv_dtype or dtype).name}
+  if len(dtypes) > 1 or not dtypes <= set(COVERED_DTYPES):
+    return Path("xla", None, f"dtype {'/'.join(sorted(dtypes))} not covered by the {compiler} "
+                "kernel")
+  if head_dim not in COVERED_HEAD_DIMS:
+    return Path("xla", None, f"head_dim {head_dim} not covered by the {compiler} kernel")
+  if page_size is not None and page_size not in COVERED_PAGE_SIZES:
+    return Path("xla", None, f"page_size {page_size} not covered by the {compiler} kernel")
+  return Path("pallas", kernel, "compile-tested")
+
+
+def dispatch(args, *, impl, interpret, backend, path_of, kernel, xla):
+  """Runs kernel or XLA as `attention_path` decides for the platform being lowered.
+
+  path_of(platform) -> Path; kernel(variant, interpret) -> a function of *args, for variant
+  "tpu" (Mosaic) or "gpu" (Triton); xla: a function of *args.
+
+  impl="pallas" with `backend` or a truthy `interpret` runs that variant (default "tpu")
+  wherever it is lowered: tests interpret kernels on CPU this way. Otherwise each platform gets
+  its branch through `lax.platform_dependent`: impl="auto" runs XLA on platforms without a
+  covered kernel; impl="pallas" with interpret=None interprets on platforms without a kernel,
+  and with interpret=False refuses to lower for them.
+  """
+  check_impl(impl)
+  if impl == "xla":
+    return xla(*args)
+  if impl == "pallas" and (backend is not None or interpret):
+    return kernel(backend or "tpu", interpret or False)(*args)
+  compiled = {v: kernel(v, False) for v in set(_VARIANT.values())}
+  branches = {p: compiled[v] if path_of(p).impl == "pallas" else xla
+              for p, v in _VARIANT.items()}
+  default = None
+  if impl == "auto":
+    default = xla
+  elif interpret is None:
+    default = kernel("tpu", True)
+  return lax.platform_dependent(*args, default=default, **branches)

@@ -1,0 +1,273 @@
+"""The attention kernels compiled by the real TPU and GPU compilers, on a CPU-only machine.
+
+Each test lowers a jitted function for compile-only devices of a named target (the
+`target_devices` fixture; train/accelerators.py) and compiles it: Mosaic and XLA:TPU from libtpu
+for v5e, v5p and v6e, Triton, ptxas and XLA:GPU from the CUDA plugin for H100 and A100. What they
+refuse would fail on the device; the memory plan they report is the device's. Nothing runs and
+nothing is allocated: inputs are ShapeDtypeStructs on a one-device mesh of the target.
+
+The grids cover every axis (target, dtype, head_dim, GQA ratio, segment ids, sliding window,
+lengths up to 32k that no block divides; paged decode, speculative verification and prefill
+chunks over a long page table) somewhere rather than their product. `impl="auto"` takes a kernel
+only for the head dims, dtypes and page sizes these grids compile (pallas_kernels/paths.py),
+and `test_grids_cover_what_auto_takes` keeps the two in step.
+
+What this cannot tell: speed, and numerics on the device (tests/test_flash_attention.py and
+tests/test_paged_attention.py check the same kernels against references in interpret mode).
+"""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from model import sharding
+from model.config import ModelConfig
+from model.layers import self_attention
+from pallas_kernels import paths
+from pallas_kernels.attention import attention, attention_path
+from pallas_kernels.flash_attention import BlockSizes, flash_attention
+from pallas_kernels.paged_attention import paged_attention
+
+MOSAIC, TRITON = "tpu_custom_call", "__gpu$xla.gpu.triton"
+CALL = {"tpu": MOSAIC, "cuda": TRITON}
+BF16, F32 = jnp.bfloat16, jnp.float32
+FLASH_KERNELS = ["flash_attention_dkv", "flash_attention_dq", "flash_attention_fwd"]
+
+
+def _compiler(target):
+  return "tpu" if target.startswith("v") else "cuda"
+
+
+def _compile(target_devices, target, fn, *shapes):
+  """jit(fn) compiled for one device of `target`; shapes: (shape, dtype) pairs."""
+  mesh = Mesh(np.array(target_devices(target)[:1]), ("x",))
+  args = [jax.ShapeDtypeStruct(s, dt, sharding=NamedSharding(mesh, P())) for s, dt in shapes]
+  return jax.jit(fn).lower(*args).compile()
+
+
+def _kernels(compiled):
+  """Sorted names of the Pallas kernels in a compiled program, and the custom-call targets."""
+  names, targets = [], set()
+  for line in compiled.as_text().splitlines():
+    call = re.search(r'custom_call_target="([^"]+)"', line)
+    if call and call.group(1) in (MOSAIC, TRITON):
+      targets.add(call.group(1))
+      names.append(re.search(r'op_name="[^"]*/(\w+)/pallas_call"', line).group(1))
+  return sorted(names), targets
+
+
+def _peak(compiled):
+  return compiled.memory_analysis().peak_memory_in_bytes
+
+
+def _flash_grads(**kwargs):
+  def fn(q, k, v, seg=None):
+    loss = lambda q, k, v: jnp.sum(flash_attention(q, k, v, segment_ids=seg, **kwargs)
+                                   .astype(jnp.float32))
+    return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+  return fn
+
+
+# ------------------------------------------------------------------------- flash attention
+
+# (target, dtype, head_dim, Hq, Hkv, T, segment ids, sliding window); forward and backward.
+FLASH = [
+    ("v5e-1", BF16, 128, 32, 8, 4095, True, None),
+    ("v5p-8", F32, 64, 8, 1, 1000, False, 256),
+    ("v6e-1", BF16, 256, 8, 1, 32767, False, 1024),
+    ("v5e-1", F32, 256, 9, 3, 1000, True, 128),
+    ("h100-1", BF16, 128, 32, 8, 4095, True, None),
+    ("a100-1", BF16, 256, 8, 1, 32767, False, 1024),
+    ("h100-1", BF16, 64, 9, 3, 1000, True, 256),
+    # f32 rows of 1 KiB: the default GPU blocks shrink to fit the A100's shared memory.
+    ("a100-1", F32, 256, 8, 1, 1000, False, None),
+]
+
+
+def _flash_id(c):
+  target, dtype, d, hq, hkv, t, seg, window = c
+  return (f"{target}-{jnp.dtype(dtype).name}-D{d}-{hq}:{hkv}-T{t}-{'seg' if seg else 'noseg'}"
+          f"-w{window}")
+
+
+@pytest.mark.parametrize("case", FLASH, ids=_flash_id)
+def test_flash_forward_backward_compiles(target_devices, case):
+  target, dtype, d, hq, hkv, t, seg, window = case
+  fn = _flash_grads(sliding_window=window)  # impl="auto": the kernel, since it is covered
+  shapes = [((1, t, hq, d), dtype), ((1, t, hkv, d), dtype), ((1, t, hkv, d), dtype)]
+  if seg:
+    shapes.append(((1, t), jnp.int32))
+  compiled = _compile(target_devices, target, fn, *shapes)
+  names, targets = _kernels(compiled)
+  assert names == FLASH_KERNELS and targets == {CALL[_compiler(target)]}
+  if t > 4096:  # a small part of one f32 score matrix [Hq, T, T], which XLA's path holds
+    assert _peak(compiled) < 4 * hq * t * t / 16
+
+
+def _flash_peak(target_devices, target, t, impl):
+  shapes = [((1, t, 8, 128), BF16), ((1, t, 1, 128), BF16), ((1, t, 1, 128), BF16)]
+  return _peak(_compile(target_devices, target, _flash_grads(impl=impl), *shapes))
+
+
+@pytest.mark.parametrize("target", ["v5e-1", "h100-1"])
+def test_flash_memory_grows_linearly_with_length(target_devices, target):
+  """Forward + backward at T, 2T, 4T: the compiler's peak memory doubles with T."""
+  peaks = [_flash_peak(target_devices, target, t, "auto") for t in (1024, 2048, 4096)]
+  assert all(1.8 < b / a < 2.2 for a, b in zip(peaks, peaks[1:])), peaks
+
+
+def test_memory_check_tells_quadratic_from_linear(target_devices):
+  """The XLA reference (f32 scores [Hq, T, T]) at T and 2T: its peak quadruples, so the check
+  above would catch a kernel that materialised the scores."""
+  xla = [_flash_peak(target_devices, "h100-1", t, "xla") for t in (512, 1024)]
+  assert xla[1] / xla[0] > 3.5, xla
+  assert _flash_peak(target_devices, "h100-1", 1024, "auto") < xla[1] / 4
+
+
+def test_oversized_gpu_blocks_are_refused_for_shared_memory(target_devices):
+  """Triton's shared-memory check is real: f32 head_dim 256 with 128 x 128 blocks asks more
+  than an A100 has (the default blocks for it compile: FLASH above)."""
+  fn = lambda q, k, v: flash_attention(q, k, v, impl="pallas", block_sizes=BlockSizes())
+  shapes = [((1, 1000, 8, 256), F32), ((1, 1000, 1, 256), F32), ((1, 1000, 1, 256), F32)]
+  with pytest.raises(Exception, match="RESOURCE_EXHAUSTED: Shared memory size limit exceeded"):
+    _compile(target_devices, "a100-1", fn, *shapes)
+
+
+# ------------------------------------------------------------------------- paged attention
+
+# (target, dtype, head_dim, Hq, Hkv, B, Tq, page_size, pages per sequence). Decode (Tq = 1),
+# speculative verification (Tq = k + 1 = 5) and prefill chunks (Tq = 128, 512: 1024 and 4096
+# query rows for a KV head, in row blocks) over a 32k-token page table.
+PAGED = [
+    ("v5e-1", BF16, 128, 32, 4, 8, 1, 16, 2048),
+    ("v6e-1", F32, 64, 9, 3, 8, 5, 64, 512),
+    ("v5p-8", BF16, 128, 32, 4, 2, 128, 16, 2048),
+    ("v5e-1", BF16, 256, 16, 2, 2, 512, 16, 2048),
+    ("h100-1", BF16, 64, 9, 3, 8, 1, 64, 512),
+    ("a100-1", F32, 128, 32, 4, 8, 5, 16, 2048),
+    ("h100-1", BF16, 128, 32, 4, 2, 128, 16, 2048),
+    ("a100-1", BF16, 256, 16, 2, 2, 512, 16, 2048),
+]
+
+
+def _paged_shapes(dtype, d, hq, hkv, b, tq, page, pps):
+  return [((b, tq, hq, d), dtype), ((hkv, b * pps, page, d), dtype),
+          ((hkv, b * pps, page, d), dtype), ((b,), jnp.int32), ((b, pps), jnp.int32)]
+
+
+def _paged_id(c):
+  target, dtype, d, hq, hkv, b, tq, page, pps = c
+  return f"{target}-{jnp.dtype(dtype).name}-D{d}-{hq}:{hkv}-B{b}-Tq{tq}-page{page}x{pps}"
+
+
+@pytest.mark.parametrize("case", PAGED, ids=_paged_id)
+def test_paged_compiles(target_devices, case):
+  target, dtype, *dims = case
+  compiled = _compile(target_devices, target, paged_attention, *_paged_shapes(dtype, *dims))
+  names, targets = _kernels(compiled)
+  assert names == ["paged_attention"] and targets == {CALL[_compiler(target)]}
+
+
+@pytest.mark.parametrize("target,tq,error", [
+    ("h100-1", 128, "Shared memory size limit exceeded"),
+    ("v5e-1", 1024, "CompileTimeScopedVmemOom"),
+])
+def test_paged_prefill_needs_row_blocks(target_devices, target, tq, error):
+  """A prefill chunk's G * Tq query rows (G = 8) in one program are over the GPU's shared
+  memory (1024 rows) and the TPU's scoped VMEM (8192 rows); in row blocks (the default) the
+  same call compiles."""
+  shapes = _paged_shapes(BF16, 128, 32, 4, 1, tq, 16, 2048)
+  one_block = lambda *args: paged_attention(*args, impl="pallas", rows_per_block=8 * tq)
+  with pytest.raises(Exception, match=f"RESOURCE_EXHAUSTED: .*{error}"):
+    _compile(target_devices, target, one_block, *shapes)
+  _compile(target_devices, target, paged_attention, *shapes)
+
+
+# ------------------------------------------------------------------- what auto takes, and why
+
+
+def test_grids_cover_what_auto_takes():
+  """Every dtype and head_dim auto takes a kernel for is compiled above, for each compiler and
+  kernel; and every page size for the paged kernel."""
+  for compiler in ("tpu", "cuda"):
+    for grid in (FLASH, PAGED):
+      cases = [c for c in grid if _compiler(c[0]) == compiler]
+      assert {jnp.dtype(c[1]).name for c in cases} == set(paths.COVERED_DTYPES), compiler
+      assert {c[2] for c in cases} == set(paths.COVERED_HEAD_DIMS), compiler
+    pages = {c[7] for c in PAGED if _compiler(c[0]) == compiler}
+    assert pages == set(paths.COVERED_PAGE_SIZES), compiler
+
+
+def test_attention_path_says_why():
+  path = lambda platform, **kw: str(attention_path(platform, **{"head_dim": 128, "dtype": BF16,
+                                                                **kw}))
+  assert path("tpu") == "pallas (Mosaic flash)"
+  assert path("gpu", page_size=16) == "pallas (Triton paged)"
+  assert path("cuda", head_dim=96) == "xla (head_dim 96 not covered by the Triton kernel)"
+  assert path("tpu", dtype=jnp.float16) == "xla (dtype float16 not covered by the Mosaic kernel)"
+  assert path("cuda", page_size=12, impl="pallas").startswith("xla (page_size 12 and head_dim")
+  assert path("cpu") == "xla (no Pallas kernel for cpu)"
+  assert path("cpu", impl="pallas") == "pallas (Mosaic flash, interpreted)"
+  assert path("tpu", impl="xla") == "xla (impl='xla')"
+  with pytest.raises(ValueError, match="attention_impl"):
+    attention_path("tpu", head_dim=128, dtype=BF16, impl="triton")
+
+
+# (target, head_dim, dtype): auto's choice in the model's entry point `attention`, as the
+# compiled program shows it, is attention_path's (FLASH above takes flash_attention's auto).
+AUTO = [("v6e-1", 128, BF16), ("h100-1", 128, BF16), ("h100-1", 96, BF16),
+        ("v5e-1", 128, jnp.float16)]
+
+
+@pytest.mark.parametrize("target,d,dtype", AUTO, ids=lambda x: str(getattr(x, "__name__", x)))
+def test_auto_compiles_what_attention_path_says(target_devices, target, d, dtype):
+  path = attention_path(target_devices(target)[0].platform, head_dim=d, dtype=dtype)
+  shapes = [((1, 256, 8, d), dtype), ((1, 256, 2, d), dtype), ((1, 256, 2, d), dtype)]
+  compiled = _compile(target_devices, target, attention, *shapes)
+  names, _ = _kernels(compiled)
+  assert names == (["flash_attention_fwd"] if path.impl == "pallas" else []), str(path)
+
+
+def test_auto_on_cpu_is_xla_without_the_interpreter():
+  """Lowered for CPU, auto runs the XLA path: no kernel, and no interpreter's grid loops."""
+  q = jax.ShapeDtypeStruct((1, 256, 8, 64), F32)
+  k = jax.ShapeDtypeStruct((1, 256, 2, 64), F32)
+  text = jax.jit(_flash_grads()).lower(q, k, k).as_text()
+  assert "while" not in text and MOSAIC not in text and TRITON not in text
+  pages = jax.ShapeDtypeStruct((2, 16, 16, 64), F32)
+  text = jax.jit(paged_attention).lower(
+      jax.ShapeDtypeStruct((2, 8, 64), F32), pages, pages, jax.ShapeDtypeStruct((2,), jnp.int32),
+      jax.ShapeDtypeStruct((2, 8), jnp.int32)).as_text()
+  assert "while" not in text and MOSAIC not in text and TRITON not in text
+
+
+def test_pallas_without_interpret_refuses_cpu():
+  """There is no CPU kernel: impl="pallas", interpret=False must not fall back silently."""
+  q = jax.ShapeDtypeStruct((1, 128, 4, 64), F32)
+  fn = lambda q, k, v: flash_attention(q, k, v, impl="pallas", interpret=False)
+  with pytest.raises(Exception, match="cpu"):
+    jax.jit(fn).lower(q, q, q)
+
+
+def test_model_attention_runs_the_kernel_per_shard_on_a_tpu_mesh(target_devices):
+  """self_attention under a v5e-4 mesh (data 2 x tensor 2), traced in this CPU-only process:
+  the mesh's devices, not the default backend, decide, so the kernel runs per shard on
+  [B/2, T, N/2, H] (the TPU kernel's [B, N, T, H] layout: [1, 4, T, 128])."""
+  devices = np.array(target_devices("v5e-4")).reshape(2, 1, 2)
+  mesh = Mesh(devices, sharding.MESH_AXES)
+  cfg = ModelConfig(d_model=1024, n_heads=8, n_kv_heads=2, head_dim=128, dtype="bfloat16")
+  spec = NamedSharding(mesh, P(("data", "fsdp"), None, "tensor", None))
+
+  def fn(q, k, v):
+    with sharding.activation_sharding(mesh):
+      return self_attention(q, k, v, None, cfg)
+
+  args = [jax.ShapeDtypeStruct((2, 512, n, 128), BF16, sharding=spec) for n in (8, 2, 2)]
+  text = jax.jit(fn).lower(*args).compile().as_text()
+  kernels = [l for l in text.splitlines() if f'custom_call_target="{MOSAIC}"' in l]
+  assert len(kernels) == 1, "the Mosaic kernel should run once, per shard"
+  assert "bf16[1,4,512,128]" in kernels[0].split("custom-call(")[0], kernels[0][:300]
