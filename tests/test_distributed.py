@@ -11,8 +11,7 @@ import time
 import portpicker
 import pytest
 
-from tests.test_main import (ROOT, checkpoint_steps, command, corpus, env, losses,  # noqa: F401
-                             run)
+from tests.test_main import ROOT, checkpoint_steps, command, corpus, env, losses  # noqa: F401
 
 STEPS = ["--config.train.steps=4", "--config.checkpoint.every=2", "--config.train.eval_every=2"]
 

@@ -132,7 +132,7 @@ def test_sigterm_saves_the_last_completed_step_and_exits_0(corpus, tmp_path):
   # The checkpoint is whole: the same command resumes from it.
   result = run(command(workdir, corpus, f"--config.train.steps={steps[0] + 1}"))
   assert result.returncode == 0, result.stderr[-3000:]
-  assert f"resumed from" in result.stdout and checkpoint_steps(workdir)[-1] == steps[0] + 1
+  assert "resumed from" in result.stdout and checkpoint_steps(workdir)[-1] == steps[0] + 1
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +178,7 @@ def test_bad_jsonl_line_names_file_and_line(trained, tmp_path, line, why):
       command(trained, "unused", f"--config.data.corpus={data}/*.jsonl",
               "--config.data.format=jsonl", "--config.data.val_fraction=0.34")))
   assert result.returncode == 2, result.stderr[-2000:]
-  assert f"part1.jsonl:4" in result.stderr and why in result.stderr
+  assert "part1.jsonl:4" in result.stderr and why in result.stderr
 
 
 def test_seq_len_longer_than_the_model_takes(corpus, trained):

@@ -1,5 +1,6 @@
-"""A run directory on Google Cloud Storage (gs://bucket/run), offline: train, resume, evaluate,
-generate and convert with the workdir in a bucket served by a GCS emulator on localhost.
+"""A run directory and its corpus on Google Cloud Storage (gs://bucket/run, gs://bucket/corpus),
+offline: train, resume, evaluate, generate and convert with the workdir and the training text in
+a bucket served by a GCS emulator on localhost.
 
 What reaches a run directory, and what each accepts:
   etils.epath   config.json, tokenizer files, metrics.jsonl, orbax's own metadata: local
@@ -29,6 +30,8 @@ import time
 import urllib.parse
 import urllib.request
 
+import shutil
+
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,12 +54,14 @@ def _fake_gcs_server() -> str:
 
 
 @pytest.fixture
-def gcs(tmp_path):
-  """fake-gcs-server on localhost, in memory, with one empty bucket; yields its URL."""
+def gcs(tmp_path, corpus):  # noqa: F811
+  """fake-gcs-server on localhost, in memory, with one bucket holding the corpus under corpus/;
+  yields its URL."""
   pytest.importorskip("gcsfs", reason="gs:// workdirs need gcsfs (the gcs and test extras)")
   import portpicker
   binary = _fake_gcs_server()
-  (tmp_path / "gcs" / BUCKET).mkdir(parents=True)  # -data: each folder becomes a bucket
+  # -data: each folder becomes a bucket, each file in it an object.
+  shutil.copytree(corpus, tmp_path / "gcs" / BUCKET / "corpus")
   port = portpicker.pick_unused_port()
   url = f"http://127.0.0.1:{port}"
   server = subprocess.Popen(
@@ -89,7 +94,7 @@ def read_object(url: str, name: str) -> str:
     return r.read().decode()
 
 
-def test_train_resume_evaluate_generate_convert_on_gcs(gcs, corpus, tmp_path):  # noqa: F811
+def test_train_resume_evaluate_generate_convert_on_gcs(gcs, tmp_path):
   e = env()
   e.update(STORAGE_EMULATOR_HOST=gcs, TENSORSTORE_GCS_HTTP_URL=gcs, PYTHONPATH=ROOT,
            # No credentials and no probes beyond localhost: tensorstore takes this token,
@@ -105,7 +110,8 @@ def test_train_resume_evaluate_generate_convert_on_gcs(gcs, corpus, tmp_path):  
            JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
   cwd = tmp_path / "cwd"
   cwd.mkdir()
-  result = subprocess.run([sys.executable, os.path.abspath(__file__), f"{corpus}/*.py"],
+  corpus_glob = f"gs://{BUCKET}/corpus/*.py"  # nothing local: the cwd below stays empty
+  result = subprocess.run([sys.executable, os.path.abspath(__file__), corpus_glob],
                           capture_output=True, text=True, timeout=600, env=e, cwd=cwd)
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
   assert os.listdir(cwd) == []  # nothing was written to a local path
@@ -121,7 +127,8 @@ def test_train_resume_evaluate_generate_convert_on_gcs(gcs, corpus, tmp_path):  
   assert {"2", "3"} <= steps and "1" not in steps  # checkpoint.keep=2
   rows = [json.loads(line) for line in read_object(gcs, "run/metrics.jsonl").splitlines()]
   assert [r["step"] for r in rows] == [1, 2, 3]  # the resumed run kept the first run's rows
-  assert json.loads(read_object(gcs, "run/config.json"))["workdir"] == RUN
+  saved = json.loads(read_object(gcs, "run/config.json"))
+  assert saved["workdir"] == RUN and saved["data"]["corpus"] == corpus_glob
 
   assert out["eval"]["tokens"] > 0 and 0 < out["eval"]["loss"] < 20
   assert len(out["generated"]) == 4

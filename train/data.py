@@ -26,16 +26,19 @@ continues with the batches that would have come next.
 import functools
 import glob
 import hashlib
+import io
 import json
 import os
 import sysconfig
 import types
 from collections.abc import Callable, Sequence
 
+from etils import epath
 import grain
 import numpy as np
 import tokenizers
 
+from infer.files import is_remote
 from train import streams as streams_lib
 
 # The document separator (GPT-2 convention), also used as BOS. Defined here,
@@ -71,7 +74,7 @@ def list_files(data_cfg) -> tuple[list[str], list[str]]:
   N MB" of train is a fair sample of the corpus.
   """
   first_glob = os.path.expanduser(data_cfg.corpus.split(",")[0])
-  if data_cfg.make and not glob.glob(first_glob):
+  if data_cfg.make and not _glob(first_glob):
     _make_data(data_cfg.make, os.path.dirname(first_glob))
   if data_cfg.val_corpus:
     return (match_files(data_cfg.corpus),
@@ -124,18 +127,39 @@ def _corpus_files(corpus: str, key: str = "data.corpus") -> dict[str, str]:
     if not pattern:
       continue
     pattern = os.path.expanduser(pattern)
-    root = _glob_root(pattern)
-    matched = [p for p in glob.glob(pattern, recursive=True)
-               if os.path.isfile(p)]
+    matched = _glob(pattern)
     if not matched:
       raise DataError(
           f"{key}: the glob {pattern!r} matches no files (corpus is "
-          f"{STDLIB!r} or comma-separated globs; '**' recurses).")
-    for p in matched:
-      files.setdefault(os.path.abspath(p), os.path.relpath(p, root))
+          f"{STDLIB!r} or comma-separated globs; '**' recurses; gs://bucket/... reads GCS).")
+    for path, rel in matched.items():
+      files.setdefault(path, rel)
   if not files:
     raise DataError(f"{key}={corpus!r} names no glob.")
   return files
+
+
+def _glob(pattern: str) -> dict[str, str]:
+  """The files a glob matches, each mapped to its path relative to the glob's root: local
+  paths made absolute; remote ones (gs://bucket/dir/*.jsonl) listed through etils.epath."""
+  root = _glob_root(pattern)
+  if not is_remote(pattern):
+    return {os.path.abspath(p): os.path.relpath(p, root)
+            for p in glob.glob(pattern, recursive=True) if os.path.isfile(p)}
+  rest = pattern[len(root):].lstrip("/")
+  base = epath.Path(root)
+  matched = base.glob(rest) if rest else [base]
+  return {os.fspath(p): os.fspath(p)[len(root):].lstrip("/")
+          for p in matched if p.is_file()}
+
+
+def open_text(path: str, newline: str | None = None):
+  """A file of the corpus opened for reading as UTF-8 text (bad bytes replaced), local or
+  remote (gs://...)."""
+  if is_remote(path):
+    return io.TextIOWrapper(epath.Path(path).open("rb"), encoding="utf-8", errors="replace",
+                            newline=newline)
+  return open(path, encoding="utf-8", errors="replace", newline=newline)
 
 
 def _glob_root(pattern: str) -> str:
@@ -172,10 +196,10 @@ def read_documents(path: str, data_cfg,
   if fmt == "text":
     # newline="" keeps the bytes as they are (\r\n included): we train on the
     # data, not on our rewrite of it.
-    with open(path, encoding="utf-8", errors="replace", newline="") as f:
+    with open_text(path, newline="") as f:
       return [f.read()]
   if fmt == "jsonl":
-    with open(path, encoding="utf-8", errors="replace") as f:
+    with open_text(path) as f:
       return [_jsonl_text(line, path, lineno, data_cfg.text_field)
               for lineno, line in enumerate(f, 1)
               if (lines is None or lines(lineno - 1)) and line.strip()]

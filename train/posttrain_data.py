@@ -36,7 +36,7 @@ import tokenizers
 
 from infer import chat
 from train import streams as streams_lib
-from train.data import EOS, DataError
+from train.data import EOS, DataError, open_text
 
 KINDS = ("sft", "pairs", "prompts")
 TRUNCATIONS = ("keep_end", "drop")
@@ -62,7 +62,7 @@ def read_rows(path: str, kind: str, data_cfg, counts: dict | None = None,
   if kind not in KINDS:
     raise DataError(f"kind={kind!r} is not one of {KINDS}.")
   rows = []
-  with open(path, encoding="utf-8", errors="replace") as f:
+  with open_text(path) as f:
     for lineno, line in enumerate(f, 1):
       if (lines is not None and not lines(lineno - 1)) or not line.strip():
         continue

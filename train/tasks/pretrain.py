@@ -8,6 +8,7 @@ loss_mask 1 on completion tokens only.
 
 import functools
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
