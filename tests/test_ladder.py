@@ -70,11 +70,11 @@ def test_dpo_rung(in_ladder, precompute):
   assert math.isfinite(last["loss"]) and "rewards/margins" in last and "val_score" in last
 
 
-ROLLOUT_SLEEP_S = 2.0
+ROLLOUT_SLEEP_S = 4.0
 
 
 def slow_reward(prompt: str, completion: str) -> float:
-  """The arithmetic checker, slowed so that scoring a rollout of 8 rows takes 2 s more."""
+  """The arithmetic checker, slowed so that scoring a rollout of 8 rows takes 4 s more."""
   import time
   from train.examples import arithmetic
   time.sleep(ROLLOUT_SLEEP_S / 8)
@@ -91,9 +91,12 @@ def test_rl_rungs(in_ladder, task):
   assert math.isfinite(last["loss"]) and 0 <= last["score"] <= 1
   assert "kl" in last and "val_score" in last
   # The rollout is off the train step's clock: were it on, step 2's tokens_per_s could not
-  # exceed 8 rows x 64 tokens / 2 s. Rollouts report their own rate (<= 16 tokens a row).
+  # exceed 8 rows x 64 tokens / 4 s (a bound with room for a slow step on a busy machine; the
+  # arithmetic of the exclusion is tests/test_mfu.py's, with a fake clock). Rollouts report
+  # their own time and rate (<= 16 tokens a row).
   assert [line["step"] for line in lines if "tokens_per_s" in line] == [2]  # 1 compiles
-  assert last["tokens_per_s"] > 2 * 8 * 64 / ROLLOUT_SLEEP_S and "mfu" in last
+  assert last["rollout_s"] >= ROLLOUT_SLEEP_S
+  assert last["tokens_per_s"] > 8 * 64 / ROLLOUT_SLEEP_S and "mfu" in last
   assert 0 < last["rollout_tokens_per_s"] < 8 * 16 / ROLLOUT_SLEEP_S
   # Sampler and trainer agree on the log-probs of the sampled tokens.
   assert last["logprob_gap"] < 1e-3

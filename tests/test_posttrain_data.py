@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from infer.chat import render_chat
+from train import data
 from train import posttrain_data as pt
 from train import streams
 from train.data import DataError
@@ -412,7 +413,8 @@ def test_hosts_read_only_their_rows_and_together_give_the_one_process_batches(
   def counting_open(path, *args, **kwargs):
     opened.append(path)
     return open(path, *args, **kwargs)
-  monkeypatch.setattr(pt, "open", counting_open, raising=False)
+  # Post-training rows are read through train/data.py's open_text.
+  monkeypatch.setattr(data, "open", counting_open, raising=False)
   cfg = _cfg(seq_len=32, pack=kind == "sft")
 
   def hosts_batches(hosts, n, **kwargs):

@@ -182,8 +182,9 @@ class Rollouts:
                     "completion_len": float(rows["mask"].sum(1).mean()),
                     "stopped": float(stopped.mean()), "kl_coef": self.kl_coef,
                     "logprob_gap": float(gap.max()),
-                    # Sampled tokens per second of the whole rollout (sampling, scoring and
-                    # the log-probs and advantages the step needs).
+                    # Seconds of the whole rollout (sampling, scoring and the log-probs and
+                    # advantages the step needs), off the train step's clock, and its rate.
+                    "rollout_s": seconds,
                     "rollout_tokens_per_s": sum(len(c) for c in completions) / seconds,
                     **{k: float(v) for k, v in metrics.items()}}
     if r.kl_target > 0:  # Ziegler et al. 2019, adaptive KL controller
