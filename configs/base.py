@@ -33,7 +33,7 @@ def get_config() -> ml_collections.ConfigDict:
   m.dtype = "float32"  # Compute dtype: float32 or bfloat16.
   m.scan_layers = True  # nn.scan over layers: one compiled block, params stacked on a "layers" axis.
   m.remat = "none"  # Rematerialisation per block: none, full, dots (save matmul outputs), dots_no_batch.
-  m.attention_impl = "auto"  # auto (Pallas on GPU/TPU, XLA on CPU), xla, or pallas.
+  m.attention_impl = "auto"  # auto (Pallas where pallas_kernels/paths.py covers the chip and shape, else XLA), xla, or pallas.
   m.init_std = 0.02  # Std of the normal init of weight matrices.
   m.value_head = False  # A scalar head instead of the LM head (reward models); values [B, T].
 

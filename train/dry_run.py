@@ -87,7 +87,9 @@ def plan(cfg, target: str = ""):
     # The compiler's own peak where it reports one (TPU, GPU); else the sum of its buffers.
     peak = int(getattr(mem, "peak_memory_in_bytes", 0) or planned)
     temp = int(mem.temp_size_in_bytes)
+    # XLA:GPU's compiled cost analysis has no FLOP count (it reports 0): None, not a zero.
     xla_flops = float(cost.get("flops", 0.0)) if cost else 0.0
+    xla_flops = xla_flops or None
   else:
     peak, temp, xla_flops = int(float(refused.group(1)) * GIB), None, None
     hbm = int(float(refused.group(2)) * GIB)
