@@ -36,6 +36,14 @@ def get_config() -> ml_collections.ConfigDict:
   m.attention_impl = "auto"  # auto (Pallas where pallas_kernels/paths.py covers the chip and shape, else XLA), xla, or pallas.
   m.init_std = 0.02  # Std of the normal init of weight matrices.
   m.value_head = False  # A scalar head instead of the LM head (reward models); values [B, T].
+  m.n_experts = 0  # Mixture-of-experts feed-forward with this many experts (E, model/moe.py); 0 keeps the dense MLP.
+  m.n_experts_per_token = 2  # Experts each token is routed to (k).
+  m.moe_d_ff = 0  # Each expert's SwiGLU hidden width; 0 means d_ff.
+  m.router = "mixtral"  # mixtral (softmax over the top-k logits) or qwen3_moe (top-k of the softmax over all experts).
+  m.norm_topk_prob = True  # qwen3_moe router: renormalise the top-k probabilities to sum to 1.
+  m.capacity_factor = 0.0  # 0: dropless; else each expert keeps at most ceil(factor * tokens * k / E) assignments.
+  m.router_aux_loss_coef = 0.001  # Weight of the load-balancing loss E * sum_i f_i P_i (1 when balanced; HF's form is k times this).
+  m.router_z_loss_coef = 0.0  # Weight of the router z-loss mean(logsumexp(router logits)^2); ST-MoE uses 0.001.
 
   c.data = d = ml_collections.ConfigDict()
   d.corpus = "stdlib"  # "stdlib" (the running Python's standard library sources) or a glob of files.

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 _REMAT = ("none", "full", "dots", "dots_no_batch")
 _ATTENTION = ("auto", "xla", "pallas")
+_ROUTERS = ("mixtral", "qwen3_moe")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +34,15 @@ class ModelConfig:
   attention_impl: str = "auto"
   init_std: float = 0.02
   value_head: bool = False  # a scalar head instead of the LM head: values [B, T] (reward, critic)
+  # Mixture of experts (model/moe.py); n_experts = 0 keeps the dense MLP.
+  n_experts: int = 0  # E
+  n_experts_per_token: int = 2  # k
+  moe_d_ff: int = 0  # each expert's SwiGLU width; 0: d_ff
+  router: str = "mixtral"  # mixtral: softmax over the top-k logits; qwen3_moe: top-k of the softmax
+  norm_topk_prob: bool = True  # qwen3_moe: renormalise the k probabilities to sum to 1
+  capacity_factor: float = 0.0  # 0: dropless; else an expert keeps ceil(factor * M * k / E)
+  router_aux_loss_coef: float = 0.001  # load-balancing loss weight (HF's default; HF's loss is k x)
+  router_z_loss_coef: float = 0.0  # weight of the router z-loss (ST-MoE uses 0.001)
 
   def __post_init__(self):
     if self.head_dim == 0:
@@ -46,9 +56,16 @@ class ModelConfig:
                        f"model.n_kv_heads={self.n_kv_heads}")
     for key, value, allowed in (("param_dtype", self.param_dtype, _DTYPES),
                                 ("dtype", self.dtype, _DTYPES), ("remat", self.remat, _REMAT),
-                                ("attention_impl", self.attention_impl, _ATTENTION)):
+                                ("attention_impl", self.attention_impl, _ATTENTION),
+                                ("router", self.router, _ROUTERS)):
       if value not in allowed:
         raise ValueError(f"model.{key}={value!r} is not one of {sorted(allowed)}")
+    if self.n_experts < 0 or self.capacity_factor < 0:
+      raise ValueError(f"model.n_experts={self.n_experts} and model.capacity_factor="
+                       f"{self.capacity_factor} must be >= 0")
+    if self.n_experts and not 1 <= self.n_experts_per_token <= self.n_experts:
+      raise ValueError(f"model.n_experts_per_token={self.n_experts_per_token} must be in "
+                       f"[1, model.n_experts={self.n_experts}]")
 
   @classmethod
   def from_config(cls, cfg) -> "ModelConfig":

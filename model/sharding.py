@@ -35,6 +35,9 @@ RULES = (
     ("mlp", "tensor"),
     ("layers", None),
     ("norm", None),
+    # The expert dim of MoE weights (model/moe.py) is replicated: the mesh has no "expert"
+    # axis, and expert parallelism needs one (plus an all-to-all of the routed tokens).
+    ("expert", None),
 )
 
 

@@ -1,0 +1,133 @@
+"""Mixture-of-experts feed-forward: a router sends each token to k of E SwiGLU experts.
+
+A drop-in for `layers.MLP` (Mixtral, Qwen3-MoE) that also returns router statistics for the
+auxiliary losses. Letters beyond model/__init__.py's: E experts, k experts per token (lower
+case: K is the kv heads), M = B*T tokens, A = M*k (token, expert) assignments.
+
+Dropless by default (MegaBlocks, Gale et al. 2023): the assignments are sorted by expert, so
+each expert's rows are contiguous, and one `jax.lax.ragged_dot` per weight multiplies every
+group by its own expert. No token is dropped and no padding to a capacity is computed.
+"""
+
+import math
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from model.config import ModelConfig
+from model.layers import _param
+from model.sharding import constrain
+
+
+class MoEAux(NamedTuple):
+  """Router statistics of one forward, over the unmasked tokens."""
+  load_balancing_loss: jax.Array  # f32[]: E * sum_i f_i P_i; 1 when perfectly balanced
+  z_loss: jax.Array  # f32[]: mean of logsumexp(router logits)^2
+  expert_load: jax.Array  # f32[E]: f_i, the fraction of the M*k assignments routed to expert i
+  dropped: jax.Array  # int32[]: assignments over their expert's capacity (0 when dropless)
+
+  def loss(self, cfg: ModelConfig) -> jax.Array:
+    """What to add to the training loss."""
+    return (cfg.router_aux_loss_coef * self.load_balancing_loss
+            + cfg.router_z_loss_coef * self.z_loss)
+
+
+def route(logits_ME, cfg: ModelConfig):
+  """(weights f32[M, k], experts int32[M, k]) from f32 router logits [M, E]."""
+  k = cfg.n_experts_per_token
+  # Mixtral's softmax over the k largest logits equals qwen3_moe with norm_topk_prob.
+  if cfg.router == "mixtral":
+    top_Mk, experts_Mk = jax.lax.top_k(logits_ME, k)
+    return jax.nn.softmax(top_Mk, axis=-1), experts_Mk
+  # qwen3_moe: the k largest of the softmax over all experts, optionally renormalised.
+  top_Mk, experts_Mk = jax.lax.top_k(jax.nn.softmax(logits_ME, axis=-1), k)
+  if cfg.norm_topk_prob:
+    top_Mk = top_Mk / jnp.sum(top_Mk, axis=-1, keepdims=True)
+  return top_Mk, experts_Mk
+
+
+def router_stats(logits_ME, experts_A, valid_M, dropped) -> MoEAux:
+  """Load-balancing loss (Switch Transformer, Fedus et al. 2021, eq. 4) and router z-loss
+  (ST-MoE, Zoph et al. 2022, eq. 5), averaged over the valid tokens only.
+
+  HF Mixtral and Qwen3-MoE divide the counts by tokens, not assignments: their loss is k
+  times this one (and pools f and P over layers before the product)."""
+  e = logits_ME.shape[-1]
+  k = experts_A.shape[0] // logits_ME.shape[0]
+  valid_M = valid_M.astype(jnp.float32)
+  n = jnp.maximum(jnp.sum(valid_M), 1.0)
+  # f_i counts the choices (no gradient); P_i carries the gradient to the router.
+  f_E = jnp.bincount(experts_A, weights=jnp.repeat(valid_M, k), length=e) / (n * k)
+  p_E = jnp.einsum("M,ME->E", valid_M, jax.nn.softmax(logits_ME, axis=-1)) / n
+  z_M = jax.nn.logsumexp(logits_ME, axis=-1)
+  return MoEAux(load_balancing_loss=e * jnp.sum(f_E * p_E),
+                z_loss=jnp.sum(valid_M * z_M * z_M) / n,
+                expert_load=f_E, dropped=dropped)
+
+
+class MoE(nn.Module):
+  """y, aux = MoE(cfg).apply(params, x [B, T, D], token_mask=None): y [B, T, D], aux MoEAux.
+
+  token_mask: bool[B, T] (False: padding). Masked tokens count in no statistic, take no
+  expert capacity, and their output is 0.
+  """
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTD, token_mask=None):
+    cfg = self.cfg
+    d, e, k, dt = cfg.d_model, cfg.n_experts, cfg.n_experts_per_token, cfg.compute_dtype
+    f = cfg.moe_d_ff or cfg.d_ff
+    if e < 1:
+      raise ValueError(f"MoE needs model.n_experts >= 1, got {e}")
+    init = nn.initializers.normal(cfg.init_std)
+    out_init = nn.initializers.normal(cfg.init_std / math.sqrt(2 * cfg.n_layers))
+    w_router = _param(self, "router", init, (d, e), ("embed", None), cfg.weight_dtype)
+    w_gate = _param(self, "gate", init, (e, d, f), ("expert", "embed", "mlp"), cfg.weight_dtype)
+    w_up = _param(self, "up", init, (e, d, f), ("expert", "embed", "mlp"), cfg.weight_dtype)
+    w_down = _param(self, "down", out_init, (e, f, d), ("expert", "mlp", "embed"),
+                    cfg.weight_dtype)
+
+    b, t, _ = x_BTD.shape
+    m = b * t
+    valid_M = (jnp.ones((b, t), bool) if token_mask is None
+               else token_mask.astype(bool)).reshape(m)
+    # The router runs in f32 under bf16 compute too: rounding would flip top-k choices.
+    logits_BTE = jnp.einsum("BTD,DE->BTE", x_BTD.astype(jnp.float32),
+                            w_router.astype(jnp.float32))
+    logits_ME = constrain(logits_BTE, ("batch", "length", None)).reshape(m, e)
+    weights_Mk, experts_Mk = route(logits_ME, cfg)
+
+    # Assignment a = token * k + j is the token's j-th choice. Sort by expert; within an
+    # expert, valid tokens first and in token order (capacity keeps the earliest).
+    experts_A = experts_Mk.reshape(m * k)
+    valid_A = jnp.repeat(valid_M, k)
+    order_A = jnp.argsort(experts_A * 2 + ~valid_A, stable=True)
+    unsort_A = jnp.argsort(order_A)
+    group_sizes_E = jnp.bincount(experts_A, length=e).astype(jnp.int32)
+
+    # The sorted assignment axis is left to the partitioner: it mixes tokens of every batch
+    # row, and only expert parallelism (an all-to-all) would shard it sensibly.
+    x_AD = x_BTD.reshape(m, d).astype(dt)[order_A // k]
+    gate_AF = jax.lax.ragged_dot(x_AD, w_gate.astype(dt), group_sizes_E)
+    up_AF = jax.lax.ragged_dot(x_AD, w_up.astype(dt), group_sizes_E)
+    out_AD = jax.lax.ragged_dot(nn.silu(gate_AF) * up_AF, w_down.astype(dt), group_sizes_E)
+    out_MkD = out_AD[unsort_A].reshape(m, k, d)
+
+    keep_A = valid_A
+    if cfg.capacity_factor > 0:
+      # Switch Transformer's capacity: an expert's assignments past C contribute nothing.
+      # (The ragged matmuls still compute them; a capacity only bounds an expert-parallel
+      # all-to-all's buffers, which this layer does not do yet.)
+      capacity = math.ceil(cfg.capacity_factor * m * k / e)
+      starts_E = jnp.cumsum(group_sizes_E) - group_sizes_E
+      rank_A = (jnp.arange(m * k) - starts_E[experts_A[order_A]])[unsort_A]
+      keep_A = valid_A & (rank_A < capacity)
+    dropped = jnp.sum(valid_A & ~keep_A).astype(jnp.int32)
+
+    weights_Mk = jnp.where(keep_A.reshape(m, k), weights_Mk, 0.0).astype(dt)
+    y_MD = jnp.einsum("MkD,Mk->MD", out_MkD, weights_Mk)
+    y_BTD = constrain(y_MD.reshape(b, t, d), ("batch", "length", "act_embed"))
+    return y_BTD, router_stats(logits_ME, experts_A, valid_M, dropped)
