@@ -50,6 +50,10 @@ class Transformer(nn.Module):
                cache: KVCache | PagedKVCache | None = None,
                *, return_hidden: bool = False, empty_cache: bool = False, logits_at=None):
     cfg = self.cfg
+    if cfg.n_experts:
+      # model/moe.py's layer is built and tested on its own; the block does not call it yet.
+      raise ValueError(f"model.n_experts={cfg.n_experts}: the decoder block has no "
+                       "mixture-of-experts feed-forward yet; set model.n_experts=0")
     embedding = _param(self, "embedding", nn.initializers.normal(cfg.init_std),
                        (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.weight_dtype)
     x = jnp.take(embedding, tokens, axis=0).astype(cfg.compute_dtype)

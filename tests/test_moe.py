@@ -200,3 +200,13 @@ def test_config_keys_and_checks():
     ModelConfig(n_experts=4, router="switch")
   with pytest.raises(ValueError, match="model.n_experts_per_token"):
     ModelConfig(n_experts=4, n_experts_per_token=5)
+
+
+def test_the_decoder_refuses_experts_until_its_block_has_them():
+  """n_experts > 0 must not silently train the dense model."""
+  from model import Transformer
+  cfg = ModelConfig(vocab_size=32, d_model=16, n_layers=1, n_heads=2, n_kv_heads=2, d_ff=32,
+                    n_experts=4)
+  tokens = jnp.zeros((1, 4), jnp.int32)
+  with pytest.raises(ValueError, match="model.n_experts=4"):
+    Transformer(cfg).init(jax.random.key(0), tokens, tokens)
