@@ -45,8 +45,8 @@ def _attend(q, k, v, mask, scale, *, rows_see_a_key=False):
   return o.reshape(b, t, n, h).astype(q.dtype)
 
 
-def attention(q, k, v, *, segment_ids=None, causal=True, sliding_window=None, scale=None, impl="auto",
-              block_q=XLA_BLOCK_Q):
+def attention(q, k, v, *, segment_ids=None, causal=True, sliding_window=None, scale=None,
+              impl="auto", block_q=XLA_BLOCK_Q):
   """Self-attention over one sequence. q [B,T,Hq,D], k/v [B,T,Hkv,D], segment_ids int32[B,T].
 
   Key j is visible to query i iff (not causal or j <= i), i - j < sliding_window (if set) and
