@@ -31,11 +31,24 @@ def get_config() -> ml_collections.ConfigDict:
   m.tie_embeddings = True  # Output head reuses the embedding matrix.
   m.param_dtype = "float32"  # Master weights (f32 keeps the optimizer exact).
   m.dtype = "float32"  # Compute dtype: float32 or bfloat16.
-  m.scan_layers = True  # nn.scan over layers: one compiled block, params stacked on a "layers" axis.
+  m.scan_layers = True  # lax.scan over layers: one compiled block (per local/global period), params stacked on a "layers" axis.
   m.remat = "none"  # Rematerialisation per block: none, full, dots (save matmul outputs), dots_no_batch.
   m.attention_impl = "auto"  # auto (Pallas where pallas_kernels/paths.py covers the chip and shape, else XLA), xla, or pallas.
   m.init_std = 0.02  # Std of the normal init of weight matrices.
   m.value_head = False  # A scalar head instead of the LM head (reward models); values [B, T].
+  # Family options (configs/mistral_7b.py, qwen3_0p6b.py, gemma3_1b.py, ...); the defaults are Llama's.
+  m.qkv_bias = False  # Qwen2: a bias on the q, k and v projections.
+  m.qk_norm = False  # Qwen3, Gemma 3: RMSNorm over each head of q and k, before RoPE.
+  m.mlp_activation = "silu"  # silu (SwiGLU: Llama, Mistral, Qwen) or gelu_tanh (GeGLU: Gemma).
+  m.norm_plus_one = False  # Gemma: RMSNorm scales by (1 + w), with w initialised at 0.
+  m.post_norms = False  # Gemma 2/3: also RMSNorm the attention and MLP outputs before the residual add.
+  m.embed_scale = False  # Gemma: the embeddings are multiplied by sqrt(d_model).
+  m.sliding_window = 0  # Local layers attend to the last sliding_window keys (Mistral: 4096); 0: every layer global.
+  m.global_every = 0  # With a window, layer i is global iff (i + 1) % global_every == 0 (Gemma 2: 2, Gemma 3: 6); 0: all layers local.
+  m.rope_local_theta = 0.0  # RoPE base of the local layers (Gemma 3: 10000); 0 means rope_theta.
+  m.attn_scale = 0.0  # Attention scores scale; 0 means head_dim ** -0.5 (Gemma: query_pre_attn_scalar ** -0.5).
+  m.attn_softcap = 0.0  # Gemma 2: attention scores s -> c * tanh(s / c); 0: none.
+  m.final_softcap = 0.0  # Gemma 2: logits z -> c * tanh(z / c); 0: none.
   m.n_experts = 0  # Mixture-of-experts feed-forward with this many experts (E, model/moe.py); 0 keeps the dense MLP.
   m.n_experts_per_token = 2  # Experts each token is routed to (k).
   m.moe_d_ff = 0  # Each expert's SwiGLU hidden width; 0 means d_ff.

@@ -31,10 +31,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from infer import sampling as sampling_lib
-from infer.decode import unstack_layers
+from infer import step
 from infer.pages import NULL_PAGE, OutOfPages, PageAllocator, chain_hash
 from infer.sampling import Features, SamplingBatch, SamplingParams
-from model import ModelConfig, Transformer
+from model import ModelConfig, fused
 from model.kv_cache import PagedKVCache
 
 
@@ -104,17 +104,13 @@ def _device_step(params, k_pages, v_pages, copy_src, copy_dst, groups: tuple[_Gr
   # Copy-on-write first: no row writes a shared page, so sources are still intact.
   k_pages = tuple(k.at[:, copy_dst].set(k[:, copy_src]) for k in k_pages)
   v_pages = tuple(v.at[:, copy_dst].set(v[:, copy_src]) for v in v_pages)
-  model = Transformer(cfg)
   out = []
   for g in groups:  # rows of different groups own different pages: order does not matter
-    r, t = g.tokens.shape
     cache = PagedKVCache(k_pages=k_pages, v_pages=v_pages, page_indices=g.table,
                          lengths=g.start)
-    pos = g.start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
-    real = (jnp.arange(t)[None, :] < g.n_real[:, None]).astype(jnp.int32)
     # Only each row's last real token is sampled: the head runs there alone ([R, V]).
-    last, cache = model.apply({"params": params}, g.tokens, pos, segment_ids=real, cache=cache,
-                              logits_at=jnp.maximum(g.n_real - 1, 0))
+    last, cache = step.forward(cfg, params, g.tokens, cache, n_real_B=g.n_real,
+                               logits_at=jnp.maximum(g.n_real - 1, 0))
     k_pages, v_pages = cache.k_pages, cache.v_pages
     keys = sampling_lib.token_keys(sampling_lib.row_keys(g.seeds), g.counter)
     out.append(sampling_lib.sample_rows(keys, last, g.sampling, features, g.seen))
@@ -140,8 +136,10 @@ class Engine:
 
   def __init__(self, cfg: ModelConfig, params, config: EngineConfig = EngineConfig(), *,
                eos_ids: Sequence[int] = ()):
-    # Unrolled layers, one page pool per layer: each step updates the pools in place.
-    self.cfg, self.params = unstack_layers(cfg, params)
+    # The inference layout (model/fused.py), its layers one by one with one page pool per
+    # layer: each step updates the pools in place. [in, out] matrices: a step carries many rows.
+    self.cfg = dataclasses.replace(cfg, scan_layers=False, remat="none")
+    self.params = fused.prepare(cfg, params, layout="in_out")
     self.config = config
     self.eos_ids = frozenset(int(e) for e in eos_ids)
     self.max_seq_len = config.max_seq_len or cfg.max_seq_len

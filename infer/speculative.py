@@ -31,8 +31,9 @@ import jax
 import jax.numpy as jnp
 
 from infer import sampling as sampling_lib
-from infer.decode import DecodeState, commit, emit, init_cache, prefill as prefill_model
+from infer import step
 from infer.sampling import Features, SamplingBatch
+from infer.step import DecodeState, commit, emit, init_cache
 from model import ModelConfig, fused
 
 _SALT_DRAFT, _SALT_ACCEPT = 1, 1000
@@ -49,12 +50,13 @@ class EarlyExit:
   n_layers: int  # the target's first n layers draft; generate_with_stats builds the ModelDraft
 
 
-def early_exit_draft(cfg: ModelConfig, params: fused.FusedParams, n_layers: int) -> ModelDraft:
+def early_exit_draft(cfg: ModelConfig, params, n_layers: int) -> ModelDraft:
   """The first `n_layers` of the (prepared) target as a draft model: no weight is copied."""
   if not 1 <= n_layers < cfg.n_layers:
     raise ValueError(f"an early-exit draft needs 1 <= n_layers < {cfg.n_layers} (the target's "
                      f"layers), got {n_layers}")
-  return ModelDraft(dataclasses.replace(cfg, n_layers=n_layers), params.first_layers(n_layers))
+  return ModelDraft(dataclasses.replace(cfg, n_layers=n_layers),
+                    fused.first_layers(params, n_layers))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,10 +194,8 @@ def _draft_model_propose(draft: ModelDraft, draft_params, s: DecodeState, k: int
   feed_n = jnp.clip(ctx - cache.lengths, 1, 2)  # 2 after a fully accepted proposal
   idx = jnp.clip(cache.lengths[:, None] + jnp.arange(2)[None, :], 0, s.tokens.shape[1] - 1)
   feed = jnp.take_along_axis(s.tokens, idx, axis=1)
-  pos = cache.lengths[:, None] + jnp.arange(2)[None, :]
-  real = (jnp.arange(2)[None, :] < feed_n[:, None]).astype(jnp.int32)
-  logits, cache = fused.forward(draft.cfg, draft_params, feed, pos, segment_ids=real,
-                                cache=cache, logits_at=feed_n - 1)
+  logits, cache = step.forward(draft.cfg, draft_params, feed, cache, n_real_B=feed_n,
+                               logits_at=feed_n - 1)
 
   def draw(i, logits_BV, seen):
     q = sampling_lib.process_logits(logits_BV, s.sampling, features, seen)
@@ -207,14 +207,13 @@ def _draft_model_propose(draft: ModelDraft, draft_params, s: DecodeState, k: int
 
   x, q, seen = draw(0, logits, s.seen)
 
-  def step(carry, i):
+  def propose(carry, i):
     x, cache, seen = carry
-    logits, cache = fused.forward(draft.cfg, draft_params, x[:, None], cache.lengths[:, None],
-                                  cache=cache)
+    logits, cache = step.forward(draft.cfg, draft_params, x[:, None], cache)
     x2, q2, seen = draw(i, logits[:, 0], seen)
     return (x2, cache, seen), (x2, q2)
 
-  (_, cache, _), (xs, qs) = jax.lax.scan(step, (x, cache, seen), jnp.arange(1, k))
+  (_, cache, _), (xs, qs) = jax.lax.scan(propose, (x, cache, seen), jnp.arange(1, k))
   drafts = jnp.concatenate([x[:, None], jnp.moveaxis(xs, 0, 1)], axis=1)  # [B,k]
   q_logits = jnp.concatenate([q[:, None], jnp.moveaxis(qs, 0, 1)], axis=1)  # [B,k,V]
   return drafts, q_logits, cache
@@ -224,13 +223,12 @@ def _draft_model_propose(draft: ModelDraft, draft_params, s: DecodeState, k: int
                                              "stream", "draft_cfg"))
 def _prefill(params, draft_params, prompts_BT, prompt_lens_B, max_new_B, keys_B, sampling,
              eos_ids, sink_id, *, cfg, features, cache_len, cache_dtype, stream, draft_cfg):
-  from infer.decode import _prefill_step  # the plain prefill, then the draft's own
-  s = _prefill_step(params, prompts_BT, prompt_lens_B, max_new_B, keys_B, sampling, eos_ids,
-                    sink_id, cfg=cfg, features=features, cache_len=cache_len,
-                    cache_dtype=cache_dtype, stream=stream)
+  s = step.prefill_state(params, prompts_BT, prompt_lens_B, max_new_B, keys_B, sampling,
+                         eos_ids, sink_id, cfg=cfg, features=features, cache_len=cache_len,
+                         cache_dtype=cache_dtype, stream=stream)
   if draft_cfg is not None:
     cache = init_cache(draft_cfg, prompts_BT.shape[0], cache_len, cache_dtype)
-    _, cache = prefill_model(draft_cfg, draft_params, prompts_BT, prompt_lens_B, cache)
+    _, cache = step.prefill(draft_cfg, draft_params, prompts_BT, prompt_lens_B, cache)
     s = s.replace(draft_cache=cache)
   return s
 
@@ -265,8 +263,7 @@ def _decode_loop(params, draft_params, s: DecodeState, eos_ids, sink_id, *, cfg:
     # The target scores the pending token and all k drafts in one forward.
     m = s.cache.lengths
     feed = jnp.concatenate([s.last_tokens()[:, None], drafts], axis=1)
-    pos = m[:, None] + jnp.arange(k + 1)[None, :]
-    logits, cache = fused.forward(cfg, params, feed, pos, cache=s.cache)
+    logits, cache = step.forward(cfg, params, feed, s.cache)
     p_logits = _process(logits, s.sampling, features, _with_drafts_seen(s.seen, drafts))
     keys = sampling_lib.token_keys(s.keys, s.num_generated, _SALT_ACCEPT)
     n, nxt = speculative_accept(keys, p_logits, drafts, q_logits, count, greedy,

@@ -1,4 +1,4 @@
-"""A Llama-family decoder as pure Flax (linen) modules.
+"""One decoder for the Llama, Mistral, Qwen, Gemma and mixture-of-experts families.
 
 Dimension letters, used in einsums, shape comments and names (`x_BTD`):
   B batch          T query length      S key length      D model width
@@ -9,6 +9,6 @@ Dimension letters, used in einsums, shape comments and names (`x_BTD`):
 from model.config import ModelConfig
 from model.head import TokenScores, token_scores
 from model.kv_cache import KVCache
-from model.transformer import Transformer
+from model.transformer import Transformer, forward
 
-__all__ = ["ModelConfig", "KVCache", "TokenScores", "Transformer", "token_scores"]
+__all__ = ["ModelConfig", "KVCache", "TokenScores", "Transformer", "forward", "token_scores"]

@@ -8,6 +8,7 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.floa
 _REMAT = ("none", "full", "dots", "dots_no_batch")
 _ATTENTION = ("auto", "xla", "pallas")
 _ROUTERS = ("mixtral", "qwen3_moe")
+_ACTIVATIONS = ("silu", "gelu_tanh")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +35,20 @@ class ModelConfig:
   attention_impl: str = "auto"
   init_std: float = 0.02
   value_head: bool = False  # a scalar head instead of the LM head: values [B, T] (reward, critic)
+  # Family options (Mistral, Qwen2/3, Gemma 2/3); the defaults are Llama's.
+  qkv_bias: bool = False  # Qwen2: a bias on the q, k and v projections
+  qk_norm: bool = False  # Qwen3, Gemma 3: RMSNorm over each head of q and k, before RoPE
+  mlp_activation: str = "silu"  # silu (SwiGLU) or gelu_tanh (Gemma's GeGLU)
+  norm_plus_one: bool = False  # Gemma: RMSNorm scales by (1 + w), w initialised at 0
+  post_norms: bool = False  # Gemma 2/3: also norm the attention and MLP outputs
+  embed_scale: bool = False  # Gemma: embeddings times sqrt(d_model)
+  sliding_window: int = 0  # local layers see the last `sliding_window` keys; 0: all global
+  global_every: int = 0  # with a window: layer i is global iff (i + 1) % global_every == 0;
+  #                        0: every layer is local (Mistral). Gemma 2: 2, Gemma 3: 6.
+  rope_local_theta: float = 0.0  # RoPE base of the local layers (Gemma 3); 0: rope_theta
+  attn_scale: float = 0.0  # scores scale; 0: head_dim ** -0.5 (Gemma: query_pre_attn_scalar)
+  attn_softcap: float = 0.0  # Gemma 2: scores -> c * tanh(scores / c); 0: none
+  final_softcap: float = 0.0  # Gemma 2: logits -> c * tanh(logits / c); 0: none
   # Mixture of experts (model/moe.py); n_experts = 0 keeps the dense MLP.
   n_experts: int = 0  # E
   n_experts_per_token: int = 2  # k
@@ -57,7 +72,8 @@ class ModelConfig:
     for key, value, allowed in (("param_dtype", self.param_dtype, _DTYPES),
                                 ("dtype", self.dtype, _DTYPES), ("remat", self.remat, _REMAT),
                                 ("attention_impl", self.attention_impl, _ATTENTION),
-                                ("router", self.router, _ROUTERS)):
+                                ("router", self.router, _ROUTERS),
+                                ("mlp_activation", self.mlp_activation, _ACTIVATIONS)):
       if value not in allowed:
         raise ValueError(f"model.{key}={value!r} is not one of {sorted(allowed)}")
     if self.n_experts < 0 or self.capacity_factor < 0:
@@ -66,6 +82,10 @@ class ModelConfig:
     if self.n_experts and not 1 <= self.n_experts_per_token <= self.n_experts:
       raise ValueError(f"model.n_experts_per_token={self.n_experts_per_token} must be in "
                        f"[1, model.n_experts={self.n_experts}]")
+
+    for key in ("sliding_window", "global_every", "attn_softcap", "final_softcap"):
+      if getattr(self, key) < 0:
+        raise ValueError(f"model.{key}={getattr(self, key)} must be >= 0")
 
   @classmethod
   def from_config(cls, cfg) -> "ModelConfig":
@@ -84,6 +104,17 @@ class ModelConfig:
   @property
   def weight_dtype(self):
     return _DTYPES[self.param_dtype]
+
+  def is_local(self, layer: int) -> bool:
+    """Whether layer `layer` attends through the sliding window (static per layer)."""
+    if not self.sliding_window:
+      return False
+    return not self.global_every or (layer + 1) % self.global_every != 0
+
+  @property
+  def layer_period(self) -> int:
+    """Layers in one repeat of the local/global pattern (what one scan step runs)."""
+    return self.global_every if self.sliding_window and self.global_every else 1
 
   @property
   def group_size(self) -> int:

@@ -1,51 +1,51 @@
-"""The decoder's parts: RMSNorm, RoPE, grouped-query attention, SwiGLU MLP, and the block.
+"""The decoder block, once, as pure functions of its weights: what training, prefill,
+decoding, speculative verification, the paged engine and sharded inference all run.
 
-Parameters are stored in `param_dtype` (f32 master weights) and cast to the compute dtype
-where they are used. Every parameter and activation carries logical axis names; the rules in
-`model/sharding.py` map them onto the mesh.
+A block is pre-norm attention then a feed-forward (SwiGLU/GeGLU MLP, or a mixture of experts:
+model/moe.py), each added to the residual stream. The families are options of the config
+(model/config.py): q/k/v biases (Qwen2), per-head q/k norms (Qwen3, Gemma 3), GeGLU and
+(1 + w) norms and post-norms (Gemma), local layers with their own window and RoPE base
+(Mistral, Gemma 2/3), attention soft-capping (Gemma 2).
+
+A weight is whatever the parameter tree holds at its place:
+  the module's array   q [D, N, H], k/v [D, K, H], o [N, H, D], gate/up [D, F], down [F, D],
+                       applied by einsum (training, and any tree from `Transformer.init`);
+  a fused.Packed       the inference layout of model/fused.py: q, k and v as one "qkv"
+                       matrix, gate and up as one "gate_up", [out, in] or [in, out].
+The block asks which it holds and runs the same math either way. Parameters are stored in
+`param_dtype` and cast to the compute dtype where they are used; activations carry logical
+axis names (`constrain`) that the rules in model/sharding.py map onto the mesh.
 """
 
 import functools
 import math
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
-
 from jax.sharding import PartitionSpec as P
 
-from model import kv_cache, sharding
+from model import kv_cache, moe, sharding
 from model.config import ModelConfig
+from model.fused import Packed
 from model.sharding import constrain
 from pallas_kernels.attention import attention, attention_path, cached_attention
 
 
-def _param(module, name, init, shape, axes, dtype):
-  return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
-
-
 def rms_norm(x, scale, cfg: ModelConfig):
-  """RMSNorm over the last axis; shared by the module and model/fused.py."""
+  """RMSNorm over the last axis, times `scale` (times 1 + scale with cfg.norm_plus_one)."""
   # Normalise in f32 even under bf16 compute: the mean of squares loses precision otherwise.
   x32 = x.astype(jnp.float32)
   y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + cfg.norm_eps)
-  return (y * scale.astype(jnp.float32)).astype(cfg.compute_dtype)
+  scale = scale.astype(jnp.float32)
+  return (y * (1.0 + scale if cfg.norm_plus_one else scale)).astype(cfg.compute_dtype)
 
 
-class RMSNorm(nn.Module):
-  cfg: ModelConfig
-
-  @nn.compact
-  def __call__(self, x):
-    scale = _param(self, "scale", nn.initializers.ones, (x.shape[-1],), ("norm",),
-                   self.cfg.weight_dtype)
-    return rms_norm(x, scale, self.cfg)
-
-
-def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
-  """Inverse frequencies [H/2], with Llama-3.1 frequency scaling when rope_scaling_factor > 0."""
+def rope_inv_freq(cfg: ModelConfig, theta: float | None = None) -> jax.Array:
+  """Inverse frequencies [H/2] for base `theta` (default cfg.rope_theta), with Llama-3.1
+  frequency scaling when rope_scaling_factor > 0."""
   h = cfg.head_dim
-  inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
+  theta = cfg.rope_theta if theta is None else theta
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
   if cfg.rope_scaling_factor <= 0:
     return inv_freq
   # Llama 3.1: keep high frequencies, divide low ones by the factor, interpolate in between.
@@ -60,10 +60,20 @@ def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
                    jnp.where(wavelen > low_wavelen, inv_freq / factor, mid))
 
 
-def rope_table(positions_BT, cfg: ModelConfig):
-  """(sin, cos), each f32[B, T, 1, H/2]: computed once per forward, shared by every layer."""
-  angles = positions_BT[:, :, None, None].astype(jnp.float32) * rope_inv_freq(cfg)
+def rope_table(positions_BT, cfg: ModelConfig, theta: float | None = None):
+  """(sin, cos), each f32[B, T, 1, H/2]: computed once per forward, shared by the layers."""
+  inv_freq = rope_inv_freq(cfg, theta)
+  angles = positions_BT[:, :, None, None].astype(jnp.float32) * inv_freq[None, None, None, :]
   return jnp.sin(angles), jnp.cos(angles)
+
+
+def rope_tables(positions_BT, cfg: ModelConfig) -> dict:
+  """{"global": table, "local": table}: the local layers' own base where it differs."""
+  tables = {"global": rope_table(positions_BT, cfg)}
+  local = cfg.rope_local_theta
+  tables["local"] = (rope_table(positions_BT, cfg, local)
+                     if local and local != cfg.rope_theta else tables["global"])
+  return tables
 
 
 def apply_rope(x_BTNH, rope):
@@ -74,7 +84,17 @@ def apply_rope(x_BTNH, rope):
   return out.astype(x_BTNH.dtype)
 
 
-def self_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids, cfg: ModelConfig):
+def attention_options(cfg: ModelConfig, local: bool) -> dict:
+  """The kernels' keyword options of one layer: its window, the scores' scale and cap."""
+  opts = {"scale": cfg.attn_scale or None}
+  if local and cfg.sliding_window:
+    opts["sliding_window"] = cfg.sliding_window
+  if cfg.attn_softcap:
+    opts["softcap"] = cfg.attn_softcap
+  return opts
+
+
+def self_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids, cfg: ModelConfig, local=False):
   """Causal attention within packed segments, through the kernels' one entry point.
 
   A pallas_call is opaque to XLA's partitioner, which would gather its inputs onto every
@@ -85,7 +105,8 @@ def self_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids, cfg: ModelConfig):
   """
   if segment_ids is None:
     segment_ids = jnp.ones(q_BTNH.shape[:2], jnp.int32)
-  fn = functools.partial(attention, causal=True, impl=cfg.attention_impl)
+  fn = functools.partial(attention, causal=True, impl=cfg.attention_impl,
+                         **attention_options(cfg, local))
   mesh = sharding.current_mesh()
   if mesh is None or attention_path(
       mesh.devices.flat[0].platform, head_dim=q_BTNH.shape[-1], dtype=q_BTNH.dtype,
@@ -98,97 +119,122 @@ def self_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids, cfg: ModelConfig):
                        out_specs=qkv_spec, check_vma=False)(q_BTNH, k_BTKH, v_BTKH, segment_ids)
 
 
-class Attention(nn.Module):
-  cfg: ModelConfig
+def cache_attention(q_BTNH, k_BTKH, v_BTKH, layer_kv, start, segment_ids, cfg: ModelConfig,
+                    local=False):
+  """Writes the new K/V into one layer's cache and attends: (out [B, T, N, H], new layer_kv).
 
-  @nn.compact
-  def __call__(self, x_BTD, rope, segment_ids, start, layer_kv):
-    cfg = self.cfg
-    d, n, k, h = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    init = nn.initializers.normal(cfg.init_std)
-    out_init = nn.initializers.normal(cfg.init_std / math.sqrt(2 * cfg.n_layers))
-    wq = _param(self, "q", init, (d, n, h), ("embed", "heads", "head_dim"), cfg.weight_dtype)
-    wk = _param(self, "k", init, (d, k, h), ("embed", "kv_heads", "head_dim"), cfg.weight_dtype)
-    wv = _param(self, "v", init, (d, k, h), ("embed", "kv_heads", "head_dim"), cfg.weight_dtype)
-    wo = _param(self, "o", out_init, (n, h, d), ("heads", "head_dim", "embed"), cfg.weight_dtype)
-    dt = cfg.compute_dtype
-
-    q = jnp.einsum("BTD,DNH->BTNH", x_BTD, wq.astype(dt))
-    key = jnp.einsum("BTD,DKH->BTKH", x_BTD, wk.astype(dt))
-    val = jnp.einsum("BTD,DKH->BTKH", x_BTD, wv.astype(dt))
-    q = constrain(apply_rope(q, rope), ("batch", "length", "act_heads", None))
-    key = constrain(apply_rope(key, rope), ("batch", "length", "act_kv_heads", None))
-    val = constrain(val, ("batch", "length", "act_kv_heads", None))
-
-    if layer_kv is None:
-      out = self_attention(q, key, val, segment_ids, cfg)
-      new_kv = None
-    elif isinstance(start, kv_cache.PageTable):  # paged cache: layer_kv is this layer's pool
-      # Imported here: the paged kernel is optional for everything but the paged path.
-      from pallas_kernels.paged_attention import paged_attention
-      k_pages = kv_cache.write_pages(layer_kv[0], key, start)
-      v_pages = kv_cache.write_pages(layer_kv[1], val, start)
-      out = paged_attention(q, k_pages, v_pages, start.lengths + q.shape[1], start.page_indices,
-                            impl=cfg.attention_impl)
-      new_kv = (k_pages, v_pages)
-    else:  # contiguous cache; start: int32[B] or kv_cache.EmptyCache()
-      out, new_kv = contiguous_cache_attention(q, key, val, layer_kv, start, segment_ids, cfg)
-    out = constrain(out, ("batch", "length", "act_heads", None))
-    y = jnp.einsum("BTNH,NHD->BTD", out, wo.astype(dt))
-    return constrain(y, ("batch", "length", "act_embed")), new_kv
-
-
-def contiguous_cache_attention(q_BTNH, k_BTKH, v_BTKH, layer_kv, start, segment_ids,
-                               cfg: ModelConfig):
-  """Writes the new K/V into one layer's contiguous cache, layer_kv = (k, v), each
-  [B, S, K, H], and attends: (out [B, T, N, H], (k, v)). Shared by `Attention` and
-  model/fused.py.
-
-  start: int32[B], the tokens each row already holds: the new ones (at slots start[b] + t)
-  attend to the cache. Or kv_cache.EmptyCache() (prefill): they attend only to each other
-  through `self_attention` (flash attention on TPU/GPU), so no [B, K, G, T, S] scores are
-  formed; segment_ids (0 = right padding) keep the padding from being attended to.
+  start: a kv_cache.PageTable (layer_kv: this layer's page pools, [K, pages, P, H] each);
+  int32[B], the tokens each row of a contiguous cache (layer_kv = (k, v), [B, S, K, H] each)
+  already holds: the new ones go to slots start[b] + t and attend to the cache; or
+  kv_cache.EmptyCache() (prefill): they attend only to each other through `self_attention`
+  (flash attention on TPU/GPU), so no [B, K, G, T, S] scores are formed; segment_ids
+  (0 = right padding) keep the padding from being attended to.
   """
+  opts = attention_options(cfg, local)
+  if isinstance(start, kv_cache.PageTable):
+    # Imported here: the paged kernel is optional for everything but the paged path.
+    from pallas_kernels.paged_attention import paged_attention
+    k_pages = kv_cache.write_pages(layer_kv[0], k_BTKH, start)
+    v_pages = kv_cache.write_pages(layer_kv[1], v_BTKH, start)
+    out = paged_attention(q_BTNH, k_pages, v_pages, start.lengths + q_BTNH.shape[1],
+                          start.page_indices, impl=cfg.attention_impl, **opts)
+    return out, (k_pages, v_pages)
   k_cache, v_cache = layer_kv
   if isinstance(start, kv_cache.EmptyCache):
     t = q_BTNH.shape[1]
     k_cache = k_cache.at[:, :t].set(k_BTKH.astype(k_cache.dtype))
     v_cache = v_cache.at[:, :t].set(v_BTKH.astype(v_cache.dtype))
-    return self_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids, cfg), (k_cache, v_cache)
+    out = self_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids, cfg, local)
+    return out, (k_cache, v_cache)
   k_cache = kv_cache.write(k_cache, k_BTKH, start)
   v_cache = kv_cache.write(v_cache, v_BTKH, start)
   out = cached_attention(q_BTNH, k_cache, v_cache, start + q_BTNH.shape[1],
-                         impl=cfg.attention_impl)
+                         impl=cfg.attention_impl, **opts)
   return out, (k_cache, v_cache)
 
 
-class MLP(nn.Module):
-  cfg: ModelConfig
+def attention_layer(cfg: ModelConfig, w, x_BTD, rope, segment_ids, start, layer_kv, local):
+  """Attention of one block. w: {"q", "k", "v", "o"} or {"qkv", "o"} (Packed), plus
+  "q_bias"/"k_bias"/"v_bias" [N|K, H] and "q_norm"/"k_norm" {"scale": [H]} per the config.
+  Returns (y [B, T, D], the layer's new K/V or None without a cache)."""
+  b, t, _ = x_BTD.shape
+  n, k, h, dt = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.compute_dtype
+  if "qkv" in w:  # one product for q, k and v
+    qkv = w["qkv"](x_BTD, dt)  # [B, T, (N+2K)H]
+    q = qkv[..., :n * h].reshape(b, t, n, h)
+    key = qkv[..., n * h:(n + k) * h].reshape(b, t, k, h)
+    val = qkv[..., (n + k) * h:].reshape(b, t, k, h)
+  else:
+    q = jnp.einsum("BTD,DNH->BTNH", x_BTD, w["q"].astype(dt))
+    key = jnp.einsum("BTD,DKH->BTKH", x_BTD, w["k"].astype(dt))
+    val = jnp.einsum("BTD,DKH->BTKH", x_BTD, w["v"].astype(dt))
+  if cfg.qkv_bias:
+    q, key, val = (y + w[f"{name}_bias"].astype(dt)
+                   for y, name in ((q, "q"), (key, "k"), (val, "v")))
+  if cfg.qk_norm:
+    q = rms_norm(q, w["q_norm"]["scale"], cfg)
+    key = rms_norm(key, w["k_norm"]["scale"], cfg)
+  q = constrain(apply_rope(q, rope), ("batch", "length", "act_heads", None))
+  key = constrain(apply_rope(key, rope), ("batch", "length", "act_kv_heads", None))
+  val = constrain(val, ("batch", "length", "act_kv_heads", None))
 
-  @nn.compact
-  def __call__(self, x_BTD):
-    cfg = self.cfg
-    init = nn.initializers.normal(cfg.init_std)
-    out_init = nn.initializers.normal(cfg.init_std / math.sqrt(2 * cfg.n_layers))
-    d, f, dt = cfg.d_model, cfg.d_ff, cfg.compute_dtype
-    w_gate = _param(self, "gate", init, (d, f), ("embed", "mlp"), cfg.weight_dtype)
-    w_up = _param(self, "up", init, (d, f), ("embed", "mlp"), cfg.weight_dtype)
-    w_down = _param(self, "down", out_init, (f, d), ("mlp", "embed"), cfg.weight_dtype)
-    gate = jnp.einsum("BTD,DF->BTF", x_BTD, w_gate.astype(dt))
-    up = jnp.einsum("BTD,DF->BTF", x_BTD, w_up.astype(dt))
-    hidden = constrain(nn.silu(gate) * up, ("batch", "length", "act_mlp"))
-    y = jnp.einsum("BTF,FD->BTD", hidden, w_down.astype(dt))
-    return constrain(y, ("batch", "length", "act_embed"))
+  if layer_kv is None:
+    out, new_kv = self_attention(q, key, val, segment_ids, cfg, local), None
+  else:
+    out, new_kv = cache_attention(q, key, val, layer_kv, start, segment_ids, cfg, local)
+  out = constrain(out, ("batch", "length", "act_heads", None))
+  if isinstance(w["o"], Packed):
+    y = w["o"](out.reshape(b, t, n * h), dt)
+  else:
+    y = jnp.einsum("BTNH,NHD->BTD", out, w["o"].astype(dt))
+  return constrain(y, ("batch", "length", "act_embed")), new_kv
 
 
-class Block(nn.Module):
-  """Pre-norm residual block. Scanned over layers, so it returns (carry, per-layer output)."""
-  cfg: ModelConfig
+def activation(cfg: ModelConfig, x):
+  if cfg.mlp_activation == "gelu_tanh":  # Gemma's GeGLU: PyTorch's gelu(approximate="tanh")
+    return jax.nn.gelu(x, approximate=True)
+  return jax.nn.silu(x)
 
-  @nn.compact
-  def __call__(self, x_BTD, rope, segment_ids, start, layer_kv):
-    h, new_kv = Attention(self.cfg, name="attn")(
-        RMSNorm(self.cfg, name="attn_norm")(x_BTD), rope, segment_ids, start, layer_kv)
-    x_BTD = x_BTD + h
-    x_BTD = x_BTD + MLP(self.cfg, name="mlp")(RMSNorm(self.cfg, name="mlp_norm")(x_BTD))
-    return constrain(x_BTD, ("batch", "length", "act_embed")), new_kv
+
+def mlp(cfg: ModelConfig, w, x_BTD):
+  """The gated MLP: down(act(gate(x)) * up(x)). w: {"gate", "up", "down"} or
+  {"gate_up", "down"} (Packed)."""
+  dt = cfg.compute_dtype
+  if "gate_up" in w:
+    gate_up = w["gate_up"](x_BTD, dt)  # [B, T, 2F]
+    f = gate_up.shape[-1] // 2
+    gate, up = gate_up[..., :f], gate_up[..., f:]
+  else:
+    gate = jnp.einsum("BTD,DF->BTF", x_BTD, w["gate"].astype(dt))
+    up = jnp.einsum("BTD,DF->BTF", x_BTD, w["up"].astype(dt))
+  hidden = constrain(activation(cfg, gate) * up, ("batch", "length", "act_mlp"))
+  if isinstance(w["down"], Packed):
+    y = w["down"](hidden, dt)
+  else:
+    y = jnp.einsum("BTF,FD->BTD", hidden, w["down"].astype(dt))
+  return constrain(y, ("batch", "length", "act_embed"))
+
+
+def block(cfg: ModelConfig, w, x_BTD, rope, segment_ids, start, layer_kv, *, local: bool,
+          token_mask=None):
+  """One decoder block: (x [B, T, D], new layer K/V or None, moe.MoEAux or None).
+
+  w: the layer's weights {"attn_norm", "attn", "mlp_norm", "mlp" | "moe"} (+ "post_attn_norm",
+  "post_mlp_norm" with cfg.post_norms). rope: this layer's (sin, cos). segment_ids: int32[B, T]
+  for tokens attending to each other, or None. start/layer_kv: as `cache_attention`, None
+  without a cache. local (static): the layer attends through cfg.sliding_window.
+  token_mask: bool[B, T], False at padding (the experts' statistics skip it).
+  """
+  h, new_kv = attention_layer(cfg, w["attn"], rms_norm(x_BTD, w["attn_norm"]["scale"], cfg),
+                              rope, segment_ids, start, layer_kv, local)
+  if cfg.post_norms:
+    h = rms_norm(h, w["post_attn_norm"]["scale"], cfg)
+  x_BTD = x_BTD + h
+  h = rms_norm(x_BTD, w["mlp_norm"]["scale"], cfg)
+  if cfg.n_experts:
+    h, aux = moe.moe(cfg, w["moe"], h, token_mask)
+  else:
+    h, aux = mlp(cfg, w["mlp"], h), None
+  if cfg.post_norms:
+    h = rms_norm(h, w["post_mlp_norm"]["scale"], cfg)
+  return constrain(x_BTD + h, ("batch", "length", "act_embed")), new_kv, aux

@@ -1,7 +1,7 @@
 """Mixture-of-experts feed-forward: a router sends each token to k of E SwiGLU experts.
 
-A drop-in for `layers.MLP` (Mixtral, Qwen3-MoE) that also returns router statistics for the
-auxiliary losses. Letters beyond model/__init__.py's: E experts, k experts per token (lower
+The feed-forward of an MoE block (model/layers.py; Mixtral, Qwen3-MoE), which also returns
+router statistics for the auxiliary losses. Letters beyond model/__init__.py's: E experts, k experts per token (lower
 case: K is the kv heads), M = B*T tokens, A = M*k (token, expert) assignments.
 
 Dropless by default (MegaBlocks, Gale et al. 2023): the assignments are sorted by expert, so
@@ -12,12 +12,10 @@ group by its own expert. No token is dropped and no padding to a capacity is com
 import math
 from typing import NamedTuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from model.config import ModelConfig
-from model.layers import _param
 from model.sharding import constrain
 
 
@@ -67,67 +65,55 @@ def router_stats(logits_ME, experts_A, valid_M, dropped) -> MoEAux:
                 expert_load=f_E, dropped=dropped)
 
 
-class MoE(nn.Module):
-  """y, aux = MoE(cfg).apply(params, x [B, T, D], token_mask=None): y [B, T, D], aux MoEAux.
+def moe(cfg: ModelConfig, w, x_BTD, token_mask=None):
+  """y [B, T, D], aux MoEAux: the mixture-of-experts feed-forward of one block.
 
+  w: {"router" [D, E], "gate" [E, D, F], "up" [E, D, F], "down" [E, F, D]}.
   token_mask: bool[B, T] (False: padding). Masked tokens count in no statistic, take no
   expert capacity, and their output is 0.
   """
-  cfg: ModelConfig
+  d, e, k, dt = cfg.d_model, cfg.n_experts, cfg.n_experts_per_token, cfg.compute_dtype
+  w_gate, w_up, w_down = w["gate"], w["up"], w["down"]
+  if e < 1:
+    raise ValueError(f"MoE needs model.n_experts >= 1, got {e}")
+  b, t, _ = x_BTD.shape
+  m = b * t
+  valid_M = (jnp.ones((b, t), bool) if token_mask is None
+             else token_mask.astype(bool)).reshape(m)
+  # The router runs in f32 under bf16 compute too: rounding would flip top-k choices.
+  logits_BTE = jnp.einsum("BTD,DE->BTE", x_BTD.astype(jnp.float32),
+                          w["router"].astype(jnp.float32))
+  logits_ME = constrain(logits_BTE, ("batch", "length", None)).reshape(m, e)
+  weights_Mk, experts_Mk = route(logits_ME, cfg)
 
-  @nn.compact
-  def __call__(self, x_BTD, token_mask=None):
-    cfg = self.cfg
-    d, e, k, dt = cfg.d_model, cfg.n_experts, cfg.n_experts_per_token, cfg.compute_dtype
-    f = cfg.moe_d_ff or cfg.d_ff
-    if e < 1:
-      raise ValueError(f"MoE needs model.n_experts >= 1, got {e}")
-    init = nn.initializers.normal(cfg.init_std)
-    out_init = nn.initializers.normal(cfg.init_std / math.sqrt(2 * cfg.n_layers))
-    w_router = _param(self, "router", init, (d, e), ("embed", None), cfg.weight_dtype)
-    w_gate = _param(self, "gate", init, (e, d, f), ("expert", "embed", "mlp"), cfg.weight_dtype)
-    w_up = _param(self, "up", init, (e, d, f), ("expert", "embed", "mlp"), cfg.weight_dtype)
-    w_down = _param(self, "down", out_init, (e, f, d), ("expert", "mlp", "embed"),
-                    cfg.weight_dtype)
+  # Assignment a = token * k + j is the token's j-th choice. Sort by expert; within an
+  # expert, valid tokens first and in token order (capacity keeps the earliest).
+  experts_A = experts_Mk.reshape(m * k)
+  valid_A = jnp.repeat(valid_M, k)
+  order_A = jnp.argsort(experts_A * 2 + ~valid_A, stable=True)
+  unsort_A = jnp.argsort(order_A)
+  group_sizes_E = jnp.bincount(experts_A, length=e).astype(jnp.int32)
 
-    b, t, _ = x_BTD.shape
-    m = b * t
-    valid_M = (jnp.ones((b, t), bool) if token_mask is None
-               else token_mask.astype(bool)).reshape(m)
-    # The router runs in f32 under bf16 compute too: rounding would flip top-k choices.
-    logits_BTE = jnp.einsum("BTD,DE->BTE", x_BTD.astype(jnp.float32),
-                            w_router.astype(jnp.float32))
-    logits_ME = constrain(logits_BTE, ("batch", "length", None)).reshape(m, e)
-    weights_Mk, experts_Mk = route(logits_ME, cfg)
+  # The sorted assignment axis is left to the partitioner: it mixes tokens of every batch
+  # row, and only expert parallelism (an all-to-all) would shard it sensibly.
+  x_AD = x_BTD.reshape(m, d).astype(dt)[order_A // k]
+  gate_AF = jax.lax.ragged_dot(x_AD, w_gate.astype(dt), group_sizes_E)
+  up_AF = jax.lax.ragged_dot(x_AD, w_up.astype(dt), group_sizes_E)
+  out_AD = jax.lax.ragged_dot(jax.nn.silu(gate_AF) * up_AF, w_down.astype(dt), group_sizes_E)
+  out_MkD = out_AD[unsort_A].reshape(m, k, d)
 
-    # Assignment a = token * k + j is the token's j-th choice. Sort by expert; within an
-    # expert, valid tokens first and in token order (capacity keeps the earliest).
-    experts_A = experts_Mk.reshape(m * k)
-    valid_A = jnp.repeat(valid_M, k)
-    order_A = jnp.argsort(experts_A * 2 + ~valid_A, stable=True)
-    unsort_A = jnp.argsort(order_A)
-    group_sizes_E = jnp.bincount(experts_A, length=e).astype(jnp.int32)
+  keep_A = valid_A
+  if cfg.capacity_factor > 0:
+    # Switch Transformer's capacity: an expert's assignments past C contribute nothing.
+    # (The ragged matmuls still compute them; a capacity only bounds an expert-parallel
+    # all-to-all's buffers, which this layer does not do yet.)
+    capacity = math.ceil(cfg.capacity_factor * m * k / e)
+    starts_E = jnp.cumsum(group_sizes_E) - group_sizes_E
+    rank_A = (jnp.arange(m * k) - starts_E[experts_A[order_A]])[unsort_A]
+    keep_A = valid_A & (rank_A < capacity)
+  dropped = jnp.sum(valid_A & ~keep_A).astype(jnp.int32)
 
-    # The sorted assignment axis is left to the partitioner: it mixes tokens of every batch
-    # row, and only expert parallelism (an all-to-all) would shard it sensibly.
-    x_AD = x_BTD.reshape(m, d).astype(dt)[order_A // k]
-    gate_AF = jax.lax.ragged_dot(x_AD, w_gate.astype(dt), group_sizes_E)
-    up_AF = jax.lax.ragged_dot(x_AD, w_up.astype(dt), group_sizes_E)
-    out_AD = jax.lax.ragged_dot(nn.silu(gate_AF) * up_AF, w_down.astype(dt), group_sizes_E)
-    out_MkD = out_AD[unsort_A].reshape(m, k, d)
-
-    keep_A = valid_A
-    if cfg.capacity_factor > 0:
-      # Switch Transformer's capacity: an expert's assignments past C contribute nothing.
-      # (The ragged matmuls still compute them; a capacity only bounds an expert-parallel
-      # all-to-all's buffers, which this layer does not do yet.)
-      capacity = math.ceil(cfg.capacity_factor * m * k / e)
-      starts_E = jnp.cumsum(group_sizes_E) - group_sizes_E
-      rank_A = (jnp.arange(m * k) - starts_E[experts_A[order_A]])[unsort_A]
-      keep_A = valid_A & (rank_A < capacity)
-    dropped = jnp.sum(valid_A & ~keep_A).astype(jnp.int32)
-
-    weights_Mk = jnp.where(keep_A.reshape(m, k), weights_Mk, 0.0).astype(dt)
-    y_MD = jnp.einsum("MkD,Mk->MD", out_MkD, weights_Mk)
-    y_BTD = constrain(y_MD.reshape(b, t, d), ("batch", "length", "act_embed"))
-    return y_BTD, router_stats(logits_ME, experts_A, valid_M, dropped)
+  weights_Mk = jnp.where(keep_A.reshape(m, k), weights_Mk, 0.0).astype(dt)
+  y_MD = jnp.einsum("MkD,Mk->MD", out_MkD, weights_Mk)
+  y_BTD = constrain(y_MD.reshape(b, t, d), ("batch", "length", "act_embed"))
+  return y_BTD, router_stats(logits_ME, experts_A, valid_M, dropped)

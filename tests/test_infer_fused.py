@@ -1,5 +1,5 @@
-"""model/fused.py against the module it re-lays out, and the early-exit draft against plain
-greedy decoding."""
+"""The forward on model/fused.py's inference layout against the module's weights (the same
+block, other storage), and the early-exit draft against plain greedy decoding."""
 
 import dataclasses
 import functools
@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 
 from infer import speculative
-from infer.decode import generate, generate_with_stats, init_cache, unstack_layers
+from infer.decode import generate, generate_with_stats
 from infer.sampling import Features, SamplingParams
-from model import ModelConfig, Transformer, fused
+from infer.step import init_cache
+from model import ModelConfig, Transformer, forward, fused
 
 CFG = ModelConfig(vocab_size=64, d_model=48, n_layers=3, n_heads=6, n_kv_heads=2, d_ff=96,
                   max_seq_len=128, init_std=0.3)
@@ -35,11 +36,11 @@ def _prefill_then_decode(cfg, fp, tokens_BT, split: int):
   cfg = dataclasses.replace(cfg, scan_layers=False)
   cache = init_cache(cfg, b, t)
   pos = jnp.broadcast_to(jnp.arange(t), (b, t))
-  logits, cache = fused.forward(cfg, fp, tokens_BT[:, :split], pos[:, :split], cache=cache,
-                                empty_cache=True)
+  logits, cache, _ = forward(cfg, fp, tokens_BT[:, :split], pos[:, :split], cache=cache,
+                             empty_cache=True)
   out = [logits]
   for i in range(split, t):
-    logits, cache = fused.forward(cfg, fp, tokens_BT[:, i:i + 1], pos[:, i:i + 1], cache=cache)
+    logits, cache, _ = forward(cfg, fp, tokens_BT[:, i:i + 1], pos[:, i:i + 1], cache=cache)
     out.append(logits)
   return jnp.concatenate(out, axis=1), cache
 
@@ -65,7 +66,8 @@ def test_prefill_into_an_empty_cache_reads_each_rows_last_token():
   """Ragged, right-padded prompts: the fused forward and the module, each attending over the
   prompt alone with the head at each row's last real token only, give the full forward's
   logits there and write what the path through the cache writes."""
-  cfg, params = unstack_layers(CFG, _init(CFG))
+  cfg = dataclasses.replace(CFG, scan_layers=False)
+  params = _init(cfg)
   lens = np.array([9, 4])
   real = (np.arange(9)[None, :] < lens[:, None]).astype(np.int32)
   tokens = np.asarray(jax.random.randint(jax.random.PRNGKey(4), (2, 9), 0, cfg.vocab_size)) * real
@@ -78,7 +80,7 @@ def test_prefill_into_an_empty_cache_reads_each_rows_last_token():
   got_module, cache_module = jax.jit(module, static_argnums=0)(True, lens - 1)
   _, cache_through = jax.jit(module, static_argnums=0)(False, None)  # attending via the cache
   fp = fused.prepare(cfg, params, layout="in_out")
-  got_fused, cache_fused = jax.jit(lambda fp: fused.forward(
+  got_fused, cache_fused, _ = jax.jit(lambda fp: forward(
       cfg, fp, tokens, pos, segment_ids=real, cache=init_cache(cfg, 2, 16), empty_cache=True,
       logits_at=lens - 1))(fp)
   for got, cache in ((got_module, cache_module), (got_fused, cache_fused)):
@@ -93,8 +95,10 @@ def test_prefill_into_an_empty_cache_reads_each_rows_last_token():
 def test_layouts_are_transposes_of_each_other():
   params = _init(CFG)
   rows, cols = fused.prepare(CFG, params), fused.prepare(CFG, params, layout="in_out")
-  assert cols.layout == "in_out" and cols.head.shape == (CFG.d_model, CFG.vocab_size)
-  assert cols.layers[0].qkv.shape == rows.layers[0].qkv.shape[::-1]
+  assert fused.layout_of(cols) == "in_out"
+  assert cols["head"].w.shape == (CFG.d_model, CFG.vocab_size)
+  qkv = lambda p: p["layers"][0]["attn"]["qkv"].w
+  assert qkv(cols).shape == qkv(rows).shape[::-1]
   again = fused.prepare(CFG, rows, layout="in_out")  # a prepared model changes layout
   for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(cols)):
     np.testing.assert_array_equal(a, b)
@@ -107,14 +111,14 @@ def test_fused_layout_is_prepared_once_and_padding_is_not_counted():
   fp = fused.prepare(CFG, params)
   assert fused.prepare(CFG, fp) is fp
   n, k, h = CFG.n_heads, CFG.n_kv_heads, CFG.head_dim
-  assert fp.layers[0].qkv.shape == ((n + 2 * k) * h, CFG.d_model)
-  assert fp.layers[0].gate_up.shape == (2 * CFG.d_ff, CFG.d_model)
-  assert fp.head is fp.embedding  # tied: one array, not a copy
+  assert fp["layers"][0]["attn"]["qkv"].w.shape == ((n + 2 * k) * h, CFG.d_model)
+  assert fp["layers"][0]["mlp"]["gate_up"].w.shape == (2 * CFG.d_ff, CFG.d_model)
+  assert fp["head"].w is fp["embedding"]  # tied: one array, not a copy
   cfg = dataclasses.replace(CFG, scan_layers=False)
   tokens = jnp.array([[3, 4, 5, 0], [6, 7, 0, 0]])
   real = jnp.array([[1, 1, 1, 0], [1, 1, 0, 0]])
-  _, cache = fused.forward(cfg, fp, tokens, jnp.broadcast_to(jnp.arange(4), (2, 4)),
-                           segment_ids=real, cache=init_cache(cfg, 2, 8))
+  _, cache, _ = forward(cfg, fp, tokens, jnp.broadcast_to(jnp.arange(4), (2, 4)),
+                        segment_ids=real, cache=init_cache(cfg, 2, 8))
   assert cache.lengths.tolist() == [3, 2]
 
 
@@ -124,7 +128,7 @@ def test_bf16_weights_match_the_module_with_bf16_params():
   tokens = jax.random.randint(jax.random.PRNGKey(2), (1, 9), 0, cfg.vocab_size)
   want, _ = Transformer(cfg).apply({"params": params}, tokens, jnp.arange(9)[None])
   fp = fused.prepare(cfg, params)
-  assert fp.layers[0].qkv.dtype == jnp.bfloat16
+  assert fp["layers"][0]["attn"]["qkv"].w.dtype == jnp.bfloat16
   got, _ = _prefill_then_decode(cfg, fp, tokens, split=4)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 

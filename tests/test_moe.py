@@ -11,7 +11,8 @@ import pytest
 from configs import base
 from model import sharding
 from model.config import ModelConfig
-from model.moe import MoE
+from model.moe import moe
+from model.transformer import _init_tree, layer_specs
 
 D, F, B, T = 16, 32, 2, 5
 
@@ -33,7 +34,7 @@ def make(e=4, k=2, seed=0, **kw):
 
 
 def apply(cfg, params, x, mask=None):
-  return MoE(cfg).apply({"params": params}, jnp.asarray(x), mask)
+  return moe(cfg, params, jnp.asarray(x), mask)
 
 
 def softmax(z):
@@ -145,7 +146,7 @@ def test_router_gets_gradients_from_output_and_aux_losses():
   params = jax.tree.map(jnp.asarray, params)
 
   def loss(params, aux_only):
-    y, aux = MoE(cfg).apply({"params": params}, jnp.asarray(x))
+    y, aux = moe(cfg, params, jnp.asarray(x))
     return aux.loss(cfg) + (0.0 if aux_only else jnp.mean(y ** 2))
 
   for aux_only in (False, True):
@@ -167,13 +168,13 @@ def test_router_gets_gradients_from_output_and_aux_losses():
 def test_jit_and_bf16():
   cfg, params, x = make(e=8, router="qwen3_moe")
   x = np.asarray(jnp.asarray(x).astype(jnp.bfloat16).astype(jnp.float32))  # same routing input
-  run = jax.jit(lambda p, x: MoE(cfg).apply({"params": p}, x))
+  run = jax.jit(lambda p, x: moe(cfg, p, x))
   y, aux = run(params, x)
   y_ref, *_ = reference(cfg, params, x)
   np.testing.assert_allclose(y, y_ref, atol=1e-5, rtol=1e-5)
 
   cfg16 = dataclasses.replace(cfg, dtype="bfloat16")
-  y16, aux16 = jax.jit(lambda p, x: MoE(cfg16).apply({"params": p}, x))(
+  y16, aux16 = jax.jit(lambda p, x: moe(cfg16, p, x))(
       params, jnp.asarray(x, jnp.bfloat16))
   assert y16.dtype == jnp.bfloat16 and np.all(np.isfinite(np.asarray(y16, np.float32)))
   np.testing.assert_allclose(np.asarray(y16, np.float32), y_ref, atol=0.05 * np.abs(y_ref).max())
@@ -183,11 +184,12 @@ def test_jit_and_bf16():
 def test_under_a_mesh_the_expert_axis_is_replicated():
   cfg, params, x = make(e=4)
   mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
-  boxed = jax.eval_shape(lambda: MoE(cfg).init(jax.random.key(0), jnp.asarray(x)))["params"]
+  boxed = jax.eval_shape(lambda: _init_tree(layer_specs(cfg)["moe"], jax.random.key(0),
+                                            jnp.float32))
   specs = {n: s.spec for n, s in sharding.shardings_for(boxed, mesh).items()}
   assert specs == {"router": jax.P("fsdp"), "gate": jax.P(None, "fsdp", "tensor"),
                    "up": jax.P(None, "fsdp", "tensor"), "down": jax.P(None, "tensor", "fsdp")}
-  y, _ = jax.jit(sharding.in_mesh(lambda p, x: MoE(cfg).apply({"params": p}, x), mesh))(
+  y, _ = jax.jit(sharding.in_mesh(lambda p, x: moe(cfg, p, x), mesh))(
       params, x)
   np.testing.assert_allclose(y, reference(cfg, params, x)[0], atol=1e-5, rtol=1e-5)
 
@@ -202,11 +204,28 @@ def test_config_keys_and_checks():
     ModelConfig(n_experts=4, n_experts_per_token=5)
 
 
-def test_the_decoder_refuses_experts_until_its_block_has_them():
-  """n_experts > 0 must not silently train the dense model."""
+def test_the_decoder_runs_its_experts_and_sows_their_statistics():
+  """n_experts > 0 puts the MoE in every block: its output changes the logits, and the
+  router statistics come out as intermediates (averaged over layers)."""
+  with jax.numpy_rank_promotion("allow"):  # the decoder broadcasts its scales
+    _decoder_with_experts()
+
+
+def _decoder_with_experts():
   from model import Transformer
-  cfg = ModelConfig(vocab_size=32, d_model=16, n_layers=1, n_heads=2, n_kv_heads=2, d_ff=32,
-                    n_experts=4)
-  tokens = jnp.zeros((1, 4), jnp.int32)
-  with pytest.raises(ValueError, match="model.n_experts=4"):
-    Transformer(cfg).init(jax.random.key(0), tokens, tokens)
+  cfg = ModelConfig(vocab_size=32, d_model=16, n_layers=2, n_heads=2, n_kv_heads=2, d_ff=32,
+                    n_experts=4, capacity_factor=0.5)
+  tokens = jnp.arange(8)[None] % 32
+  params = Transformer(cfg).init(jax.random.key(0), tokens, tokens)["params"]
+  assert "moe" in params["layers"] and "mlp" not in params["layers"]
+  params = jax.tree.map(lambda x: x.value if hasattr(x, "value") else x, params,
+                        is_leaf=lambda x: hasattr(x, "value"))
+  (logits, _), state = Transformer(cfg).apply({"params": params}, tokens, tokens,
+                                              mutable=["intermediates"])
+  aux = state["intermediates"]["moe"][0]
+  assert aux.expert_load.shape == (4,) and aux.dropped > 0
+  np.testing.assert_allclose(float(jnp.sum(aux.expert_load)), 1.0, rtol=1e-6)
+  zeroed = jax.tree.map(lambda x: x, params)
+  zeroed["layers"]["moe"]["down"] = jnp.zeros_like(params["layers"]["moe"]["down"])
+  other, _ = Transformer(cfg).apply({"params": zeroed}, tokens, tokens)
+  assert not np.allclose(logits, other)
