@@ -2,17 +2,28 @@
 
     cfg, params, tokenizer, extra = load_gguf("SmolLM2-135M-Instruct.Q4_1.gguf")
 
-Tensors are renamed to their HF Llama names and go through infer/hf.py's mapping, after
-two GGUF-specific steps:
+Architectures (`general.architecture`): llama (and Mixtral, which llama.cpp writes as llama
+with experts; Mistral too, whose sliding window llama.cpp's llama ignores, as we do), qwen2,
+qwen3, qwen3moe, gemma2 and gemma3 (text). Each is read as the HF family with its options
+(infer/hf.py FAMILIES), with what llama.cpp assumes where the file says nothing (Gemma's
+local/global pattern, local RoPE base and attention scale).
+
+Tensors are renamed to their HF names and go through infer/hf.py's mapping, after
+GGUF-specific steps:
   * dequantization (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K..Q6_K) with the
     `gguf` package's reference numpy code;
-  * undoing llama.cpp's Q/K row permutation. llama.cpp rotates adjacent pairs (x[2i],
-    x[2i+1]) in RoPE, HF (and we) rotate halves (x[i], x[i + H/2]), so convert_hf_to_gguf
-    interleaves each head's rows; we put them back.
+  * undoing llama.cpp's Q/K row permutation (its llama architecture only). llama.cpp rotates
+    adjacent pairs (x[2i], x[2i+1]) in RoPE there, HF (and we) rotate halves (x[i],
+    x[i + H/2]), so convert_hf_to_gguf interleaves each head's rows; we put them back. Its
+    qwen and gemma architectures rotate halves like HF and are stored as they are;
+  * Gemma: convert_hf_to_gguf stores each norm's 1 + w (llama.cpp multiplies by the weight
+    itself); we subtract the 1 again;
+  * experts: one [E, F, D] tensor per layer and weight, split into HF's per-expert tensors.
 The tokenizer ("gpt2"-type byte-level BPE) is rebuilt from the vocab, merges, token types
 and the `tokenizer.ggml.pre` pre-tokenizer name, with control tokens as special tokens.
 """
 
+import dataclasses
 import math
 import os
 import re
@@ -20,10 +31,34 @@ import re
 import numpy as np
 
 from infer.files import ConversionError
-from infer.hf import ArraySource, hf_shapes, layer_name, params_from_source
+from infer.hf import (FAMILIES, ArraySource, hf_shapes, layer_name, layer_tensors,
+                      params_from_source)
 from model import ModelConfig
 
-_ARCHITECTURES = ("llama",)
+
+@dataclasses.dataclass(frozen=True)
+class _Arch:
+  """How llama.cpp stores and runs one `general.architecture`."""
+  family: str  # the HF architecture (infer/hf.py FAMILIES) whose options it has
+  permute_qk: bool = False  # q/k rows interleaved for llama.cpp's pairwise RoPE
+  norm_shift: float = 0.0  # added to every norm weight by convert_hf_to_gguf (Gemma's 1 + w)
+  swa_period: int = 0  # llama.cpp's fixed local/global period (Gemma 2: 2, Gemma 3: 6)
+  swa_window: int = 0  # the window when the file names none
+  swa_theta: float = 0.0  # llama.cpp's fixed RoPE base of the local layers; 0: the global one
+  softcaps: tuple[float, float] = (0.0, 0.0)  # attention and final caps the file may override
+  big_layers: int = 0  # the block count of the size whose attention scale is (D/N)^-0.5
+
+
+_ARCHITECTURES = {
+    "llama": _Arch("LlamaForCausalLM", permute_qk=True),  # with experts: Mixtral
+    "qwen2": _Arch("Qwen2ForCausalLM"),
+    "qwen3": _Arch("Qwen3ForCausalLM"),
+    "qwen3moe": _Arch("Qwen3MoeForCausalLM"),
+    "gemma2": _Arch("Gemma2ForCausalLM", norm_shift=1.0, swa_period=2, swa_window=4096,
+                    softcaps=(50.0, 30.0), big_layers=46),
+    "gemma3": _Arch("Gemma3ForCausalLM", norm_shift=1.0, swa_period=6, swa_theta=10000.0,
+                    big_layers=62),
+}
 _SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K",
                     "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 # llama.cpp token types (llama_token_type / gguf.TokenType).
@@ -34,12 +69,24 @@ _GLOBAL_NAMES = {
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
 }
+# GGUF's per-layer names ("blk.{i}." + name; gguf-py's TENSOR_NAMES) -> our parameter
+# (infer/hf.py's layer_tensors then gives the family's HF name). ffn_norm is the norm before
+# the feed-forward in every family: HF Llama's post_attention_layernorm, Gemma's
+# pre_feedforward_layernorm; Gemma's post_attention_norm follows the attention.
 _LAYER_NAMES = {
-    "attn_q.weight": "self_attn.q_proj.weight", "attn_k.weight": "self_attn.k_proj.weight",
-    "attn_v.weight": "self_attn.v_proj.weight", "attn_output.weight": "self_attn.o_proj.weight",
-    "ffn_gate.weight": "mlp.gate_proj.weight", "ffn_up.weight": "mlp.up_proj.weight",
-    "ffn_down.weight": "mlp.down_proj.weight", "attn_norm.weight": "input_layernorm.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.weight": ("attn", "q"), "attn_k.weight": ("attn", "k"),
+    "attn_v.weight": ("attn", "v"), "attn_output.weight": ("attn", "o"),
+    "attn_q.bias": ("attn", "q_bias"), "attn_k.bias": ("attn", "k_bias"),
+    "attn_v.bias": ("attn", "v_bias"),
+    "attn_q_norm.weight": ("attn", "q_norm", "scale"),
+    "attn_k_norm.weight": ("attn", "k_norm", "scale"),
+    "attn_norm.weight": ("attn_norm", "scale"), "ffn_norm.weight": ("mlp_norm", "scale"),
+    "post_attention_norm.weight": ("post_attn_norm", "scale"),
+    "post_ffw_norm.weight": ("post_mlp_norm", "scale"),
+    "ffn_gate.weight": ("mlp", "gate"), "ffn_up.weight": ("mlp", "up"),
+    "ffn_down.weight": ("mlp", "down"),
+    "ffn_gate_inp.weight": ("moe", "router"), "ffn_gate_exps.weight": ("moe", "gate"),
+    "ffn_up_exps.weight": ("moe", "up"), "ffn_down_exps.weight": ("moe", "down"),
 }
 _ROPE_FREQS = "rope_freqs.weight"  # Llama-3.1 scaling as per-frequency divisors
 
@@ -56,13 +103,19 @@ _SPLIT_REGEX = {
 _IGNORE_MERGES = ("llama-bpe",)  # llama.cpp: a word already in the vocab is one token
 
 
-def hf_name(gguf_name: str) -> str:
-  """The HF Llama name of a GGUF tensor name."""
+def hf_name(gguf_name: str, cfg: ModelConfig) -> str | tuple[str, ...]:
+  """The HF name of a GGUF tensor of a model of `cfg` (a tuple of one per expert for the
+  experts' stacked tensors)."""
   if gguf_name in _GLOBAL_NAMES:
     return _GLOBAL_NAMES[gguf_name]
   m = re.fullmatch(r"blk\.(\d+)\.(.+)", gguf_name)
-  if m and m.group(2) in _LAYER_NAMES:
-    return layer_name(int(m.group(1)), _LAYER_NAMES[m.group(2)])
+  table = layer_tensors(cfg)
+  if m and _LAYER_NAMES.get(m.group(2)) in table:
+    suffix = table[_LAYER_NAMES[m.group(2)]][0]
+    layer = int(m.group(1))
+    if "{e}" in suffix:
+      return tuple(layer_name(layer, suffix.format(e=e)) for e in range(cfg.n_experts))
+    return layer_name(layer, suffix)
   raise KeyError(gguf_name)
 
 
@@ -173,6 +226,39 @@ def _llama3_scaling(divisors: np.ndarray, cfg: dict, original_len: int, path: st
   return scaling
 
 
+def _gemma_fields(fields, key, spec: _Arch, cfg: dict) -> dict:
+  """Gemma's window, local RoPE base, attention scale and soft-capping as llama.cpp reads
+  them: its fixed period and local base (Gemma 3) unless the file says otherwise, the scale
+  1/sqrt(head_dim) except for the 27B models' 1/sqrt(D/N) (query_pre_attn_scalar is not
+  stored), Gemma 2's caps 50 and 30 unless stored."""
+  out = {}
+  window = int(fields.get(key("attention.sliding_window"), spec.swa_window))
+  if window:
+    out.update(sliding_window=window, global_every=spec.swa_period,
+               rope_local_theta=_f32(fields.get(key("rope.freq_base_swa"),
+                                                spec.swa_theta or cfg["rope_theta"])))
+    pattern = fields.get(key("attention.sliding_window_pattern"))
+    if isinstance(pattern, list):  # per layer: is it local?
+      n = cfg["n_layers"]
+      every = next((g for g in range(n + 1) if [bool(p) for p in pattern] ==
+                    [not g or bool((i + 1) % g) for i in range(n)]), None)
+      if every is None:
+        raise ConversionError(f"{fields.path}: {key('attention.sliding_window_pattern')}="
+                              f"{pattern} is not local layers with every n-th one global")
+      out["global_every"] = every
+    elif pattern is not None:
+      out["global_every"] = int(pattern)
+  d, n = cfg["d_model"], cfg["n_heads"]
+  big = cfg["n_layers"] == spec.big_layers
+  out["attn_scale"] = (d // n if big else cfg["head_dim"]) ** -0.5
+  for name, field, default in zip(("attn_logit_softcapping", "final_logit_softcapping"),
+                                  ("attn_softcap", "final_softcap"), spec.softcaps):
+    value = fields.get(key(name), default)
+    if value:
+      out[field] = _f32(value)
+  return out
+
+
 def config_from_gguf(reader, path: str, **overrides) -> ModelConfig:
   """ModelConfig from GGUF metadata (`{arch}.*` keys) and which tensors exist."""
   fields = _Fields(reader, path)
@@ -180,6 +266,7 @@ def config_from_gguf(reader, path: str, **overrides) -> ModelConfig:
   if arch not in _ARCHITECTURES:
     raise ConversionError(f"{path}: unsupported architecture {arch!r} (supported: "
                           f"{list(_ARCHITECTURES)})")
+  spec = _ARCHITECTURES[arch]
   key = lambda k: f"{arch}.{k}"  # noqa: E731
   d, n = int(fields.need(key("embedding_length"))), int(fields.need(key("attention.head_count")))
   head_dim = int(fields.get(key("attention.key_length"), d // n))
@@ -190,20 +277,34 @@ def config_from_gguf(reader, path: str, **overrides) -> ModelConfig:
     raise ConversionError(f"{path}: {key('rope.dimension_count')} is not the head dim "
                           f"{head_dim}: partial rotary embeddings are not supported")
   scaling_type = fields.get(key("rope.scaling.type"), "none")
-  if scaling_type not in ("none", "llama3"):
+  if scaling_type not in ("none", "llama3") or (scaling_type == "llama3" and arch != "llama"):
     raise ConversionError(f"{path}: rope scaling {scaling_type!r} is not supported")
   tensors = {t.name: t for t in reader.tensors}
   tokens = fields.get("tokenizer.ggml.tokens")
   vocab = fields.get(key("vocab_size"))
   if vocab is None:
     vocab = len(tokens) if tokens else int(tensors["token_embd.weight"].shape[1])
+  n_experts = int(fields.get(key("expert_count"), 0))
+  family = "MixtralForCausalLM" if arch == "llama" and n_experts else spec.family
   cfg = dict(vocab_size=int(vocab), d_model=d, n_layers=int(fields.need(key("block_count"))),
              n_heads=n, n_kv_heads=int(fields.get(key("attention.head_count_kv"), n)),
-             head_dim=head_dim, d_ff=int(fields.need(key("feed_forward_length"))),
-             max_seq_len=int(fields.get(key("context_length"), 2048)),
+             head_dim=head_dim, max_seq_len=int(fields.get(key("context_length"), 2048)),
              rope_theta=_f32(fields.get(key("rope.freq_base"), 10000.0)),
              norm_eps=_f32(fields.get(key("attention.layer_norm_rms_epsilon"), 1e-5)),
-             tie_embeddings="output.weight" not in tensors)
+             tie_embeddings="output.weight" not in tensors, **FAMILIES[family].options)
+  if n_experts:
+    used = int(fields.need(key("expert_used_count")))
+    moe_d_ff = fields.get(key("expert_feed_forward_length"))
+    d_ff = fields.get(key("feed_forward_length"))
+    moe_d_ff = int(moe_d_ff or d_ff or 0)
+    cfg.update(n_experts=n_experts, n_experts_per_token=used, moe_d_ff=moe_d_ff,
+               d_ff=int(d_ff or moe_d_ff))
+    if arch == "qwen3moe":  # llama.cpp renormalises the k weights whatever the file says
+      cfg["norm_topk_prob"] = True
+  else:
+    cfg["d_ff"] = int(fields.need(key("feed_forward_length")))
+  if spec.swa_period:
+    cfg.update(_gemma_fields(fields, key, spec, cfg))
   if _ROPE_FREQS in tensors:
     from gguf.quants import dequantize
     t = tensors[_ROPE_FREQS]
@@ -218,37 +319,56 @@ def config_from_gguf(reader, path: str, **overrides) -> ModelConfig:
 
 
 def tensors_from_gguf(reader, path: str, cfg: ModelConfig) -> ArraySource:
-  """Every weight under its HF name, dequantized to float32 (Q/K rows un-permuted) when
-  first read. Types and shapes are checked here, before anything is dequantized."""
+  """Every weight under its HF name, dequantized to float32 when first read (Q/K rows
+  un-permuted, Gemma norms shifted back, experts split). Types and shapes are checked here,
+  before anything is dequantized."""
+  spec = _ARCHITECTURES[_Fields(reader, path).need("general.architecture")]
   expected = hf_shapes(cfg)
-  arrays, where, shapes = {}, {}, {}
+  arrays, where, shapes, parts = {}, {}, {}, {}
   for t in reader.tensors:
     if t.name == _ROPE_FREQS:
       continue  # read into the config
     try:
-      name = hf_name(t.name)
+      name = hf_name(t.name, cfg)
     except KeyError:
-      raise ConversionError(f"{path}: tensor {t.name!r} is not part of a Llama model") from None
-    where[name] = f"{path} (GGUF tensor {t.name!r})"
+      raise ConversionError(f"{path}: tensor {t.name!r} is not part of this model (a "
+                            f"{spec.family.removesuffix('ForCausalLM')} with n_experts="
+                            f"{cfg.n_experts})") from None
+    names = (name,) if isinstance(name, str) else name
+    site = f"{path} (GGUF tensor {t.name!r})"
     if t.tensor_type.name not in _SUPPORTED_TYPES:
-      raise ConversionError(f"{where[name]}: type {t.tensor_type.name} is not supported "
+      raise ConversionError(f"{site}: type {t.tensor_type.name} is not supported "
                             f"(supported: {', '.join(_SUPPORTED_TYPES)})")
     shape = tuple(int(x) for x in reversed(t.shape.tolist()))  # ggml lists dims inner first
-    if name in expected and shape != expected[name]:
+    want = expected.get(names[0])
+    if want is not None and isinstance(name, tuple):
+      want = (len(names),) + want
+    if want is not None and shape != want:
       raise ConversionError(
-          f"{where[name]}: shape {shape} does not match the metadata (d_model={cfg.d_model}, "
+          f"{site}: shape {shape} does not match the metadata (d_model={cfg.d_model}, "
           f"n_heads={cfg.n_heads}, n_kv_heads={cfg.n_kv_heads}, head_dim={cfg.head_dim}, "
-          f"d_ff={cfg.d_ff}, vocab_size={cfg.vocab_size}), which needs {expected[name]}")
-    heads = (cfg.n_heads if name.endswith("q_proj.weight") else
-             cfg.n_kv_heads if name.endswith("k_proj.weight") else None)
-    arrays[name] = lambda t=t, shape=shape, heads=heads: _dequantize(t, shape, heads)
-    shapes[name] = shape
-  return ArraySource(arrays, path, where, shapes)
+          f"d_ff={cfg.d_ff}, vocab_size={cfg.vocab_size}, n_experts={cfg.n_experts}), "
+          f"which needs {want}")
+    heads = None
+    if spec.permute_qk:
+      heads = (cfg.n_heads if t.name.endswith("attn_q.weight") else
+               cfg.n_kv_heads if t.name.endswith("attn_k.weight") else None)
+    shift = spec.norm_shift if t.name.endswith("norm.weight") else 0.0
+    make = lambda t=t, shape=shape, heads=heads, shift=shift: _dequantize(t, shape, heads, shift)
+    if isinstance(name, str):
+      arrays[name], shapes[name], where[name] = make, shape, site
+    else:  # the experts' stacked tensor, made once for all of them
+      arrays[t.name] = make
+      for e, part in enumerate(names):
+        parts[part], shapes[part], where[part] = (t.name, e), shape[1:], site
+  return ArraySource(arrays, path, where, shapes, parts)
 
 
-def _dequantize(tensor, shape, heads):
+def _dequantize(tensor, shape, heads, shift=0.0):
   from gguf.quants import dequantize
   w = np.asarray(dequantize(tensor.data, tensor.tensor_type), np.float32).reshape(shape)
+  if shift:
+    w = w - np.float32(shift)
   return w if heads is None else unpermute_qk(w, heads)
 
 
@@ -338,16 +458,18 @@ def tokenizer_from_gguf(reader, path: str, max_len: int | None = None):
 
 
 def load_gguf(path: str, mesh=None, **config_overrides):
-  """(cfg, params, tokenizer, extra) from a llama-architecture GGUF file.
+  """(cfg, params, tokenizer, extra) from a GGUF file of any architecture in _ARCHITECTURES.
 
   params: our float32 (cfg.param_dtype) parameter pytree placed on `mesh` (default: the
   first device). extra: chat_template, bos/eos/pad_token_id, eos_token_ids and the HF
   tokenizer_config dict. `config_overrides` are ModelConfig fields (scan_layers, ...)."""
   reader = read_gguf(path)
   cfg = config_from_gguf(reader, path, **config_overrides)
+  # The tokenizer first: an unsupported one (e.g. Gemma's SentencePiece) fails before the
+  # weights are read.
+  tokenizer, tokenizer_config = tokenizer_from_gguf(reader, path, cfg.max_seq_len)
   source = tensors_from_gguf(reader, path, cfg)
   params = params_from_source(cfg, source, mesh)
-  tokenizer, tokenizer_config = tokenizer_from_gguf(reader, path, cfg.max_seq_len)
   fields = _Fields(reader, path)
   ids = {f"{k}_token_id": fields.get(f"tokenizer.ggml.{g}_token_id")
          for k, g in (("bos", "bos"), ("eos", "eos"), ("pad", "padding"))}

@@ -1,9 +1,19 @@
-"""Hugging Face Llama checkpoints (config.json + safetensors) to and from our parameters.
+"""Hugging Face checkpoints (config.json + safetensors) to and from our parameters, for every
+family the model runs: Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3 (text), Mixtral and
+Qwen3-MoE (`FAMILIES`).
 
-An HF Llama stores each weight as `W[out, in]` (`y = x @ W.T`); we store the einsum layout
-(`q: [D, N, H]`, `o: [N, H, D]`, `gate: [D, F]`, ...), stacked on a leading L axis when the
-layers are scanned. Both use the same half-split RoPE, so q/k need no permutation here (GGUF
-does: see infer/gguf.py, which reads through this file's mapping).
+HF stores each weight as `W[out, in]` (`y = x @ W.T`); we store the einsum layout
+(`q: [D, N, H]`, `o: [N, H, D]`, `gate: [D, F]`, experts `[E, D, F]`, ...), stacked on a
+leading L axis when the layers are scanned. Both use the same half-split RoPE, so q/k need no
+permutation here (GGUF's llama architecture does: see infer/gguf.py, which reads through this
+file's mapping). Gemma's norms hold w and scale by (1 + w) in HF and in our model alike
+(model.norm_plus_one), so they too are copied as they are.
+
+Which tensors a model has follows from its ModelConfig alone (`layer_tensors`); which
+architecture it is, from the config.json keys on import and, on export, from the first family
+whose config.json reads back as the same model. Experts are written one tensor per expert, as
+save_pretrained writes them; transformers 5's fused expert tensors are read too
+(`FusedExperts`).
 
 Import builds each parameter with `jax.make_array_from_callback` straight into the target
 mesh's shardings: every device asks for its block, read from the memory-mapped safetensors
@@ -13,6 +23,7 @@ writes size-capped safetensors shards. Neither ever holds the whole model on the
 """
 
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -29,82 +40,186 @@ from infer.files import (ConversionError, atomic_directory, parse_size, read_tok
 from model import ModelConfig
 
 CONFIG, INDEX, SINGLE = "config.json", "model.safetensors.index.json", "model.safetensors"
-_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 _DTYPES = ("float32", "bfloat16", "float16")
+
+
+# ---------------------------------------------------------------------------------------
+# Families
+# ---------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+  """What an HF architecture's config.json implies beyond the Llama it shares the rest with."""
+  model_type: str
+  options: dict  # the ModelConfig fields the architecture fixes
+  pinned: dict  # config.json keys that must hold these values (absent or null is fine too)
+  window: int | None = None  # None: no sliding window; 0: every layer local (Mistral);
+  #                            n: local layers with every n-th global unless layer_types says
+  gemma_scores: bool = False  # query_pre_attn_scalar and the soft-capping keys
+  experts_key: str | None = None  # the key holding the expert count (MoE)
+
+
+_LLAMA_PINS = {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False}
+_QWEN_PINS = {"hidden_act": "silu", "attention_bias": False, "use_sliding_window": False}
+_GEMMA = dict(norm_plus_one=True, post_norms=True, embed_scale=True, mlp_activation="gelu_tanh")
+_GEMMA_PINS = {"hidden_activation": "gelu_pytorch_tanh", "attention_bias": False,
+               "use_bidirectional_attention": False}
+
+FAMILIES = {
+    "LlamaForCausalLM": Family("llama", {}, dict(_LLAMA_PINS, sliding_window=None)),
+    "MistralForCausalLM": Family("mistral", {}, {"hidden_act": "silu"}, window=0),
+    "Qwen2ForCausalLM": Family("qwen2", dict(qkv_bias=True), {"hidden_act": "silu",
+                                                              "use_sliding_window": False}),
+    "Qwen3ForCausalLM": Family("qwen3", dict(qk_norm=True), _QWEN_PINS),
+    "Gemma2ForCausalLM": Family("gemma2", _GEMMA, _GEMMA_PINS, window=2, gemma_scores=True),
+    "Gemma3ForCausalLM": Family("gemma3_text", dict(_GEMMA, qk_norm=True), _GEMMA_PINS,
+                                window=6, gemma_scores=True),
+    "MixtralForCausalLM": Family("mixtral", dict(router="mixtral"), {"hidden_act": "silu"},
+                                 window=0, experts_key="num_local_experts"),
+    "Qwen3MoeForCausalLM": Family("qwen3_moe", dict(qk_norm=True, router="qwen3_moe"),
+                                  dict(_QWEN_PINS, decoder_sparse_step=1, mlp_only_layers=[]),
+                                  experts_key="num_experts"),
+}
+_BY_MODEL_TYPE = {f.model_type: arch for arch, f in FAMILIES.items()}
 
 
 # ---------------------------------------------------------------------------------------
 # Names and layouts
 # ---------------------------------------------------------------------------------------
 
-# How our per-layer array A relates to the HF matrix W:
-#   same       A = W                              (norm scales, the embedding [V, D])
-#   t          A = W.T                            (mlp [D, F] / [F, D], lm_head [D, V])
-#   heads_in   A[D, X, H] = W.T.reshape(D, X, H)  (q, k, v: W is [X*H, D])
-#   heads_out  A[N, H, D] = W.T.reshape(N, H, D)  (o: W is [D, N*H])
-_LAYER = {
+# How our per-layer array A relates to the HF tensor W:
+#   same        A = W                              (norm scales, the embedding [V, D])
+#   t           A = W.T                            (mlp [D, F] / [F, D], router [D, E],
+#                                                   lm_head [D, V])
+#   heads_in    A[D, X, H] = W.T.reshape(D, X, H)  (q, k, v: W is [X*H, D])
+#   heads_out   A[N, H, D] = W.T.reshape(N, H, D)  (o: W is [D, N*H])
+#   heads_bias  A[X, H] = W.reshape(X, H)          (q/k/v biases: W is [X*H])
+# A name with "{e}" is one HF tensor per expert: our [E, ...] array holds them stacked.
+_ATTENTION = {
     ("attn", "q"): ("self_attn.q_proj.weight", "heads_in"),
     ("attn", "k"): ("self_attn.k_proj.weight", "heads_in"),
     ("attn", "v"): ("self_attn.v_proj.weight", "heads_in"),
     ("attn", "o"): ("self_attn.o_proj.weight", "heads_out"),
-    ("mlp", "gate"): ("mlp.gate_proj.weight", "t"),
-    ("mlp", "up"): ("mlp.up_proj.weight", "t"),
-    ("mlp", "down"): ("mlp.down_proj.weight", "t"),
-    ("attn_norm", "scale"): ("input_layernorm.weight", "same"),
-    ("mlp_norm", "scale"): ("post_attention_layernorm.weight", "same"),
+}
+_QKV_BIAS = {  # Qwen2
+    ("attn", "q_bias"): ("self_attn.q_proj.bias", "heads_bias"),
+    ("attn", "k_bias"): ("self_attn.k_proj.bias", "heads_bias"),
+    ("attn", "v_bias"): ("self_attn.v_proj.bias", "heads_bias"),
+}
+_QK_NORM = {  # Qwen3, Gemma 3
+    ("attn", "q_norm", "scale"): ("self_attn.q_norm.weight", "same"),
+    ("attn", "k_norm", "scale"): ("self_attn.k_norm.weight", "same"),
+}
+_NORMS = {
+    False: {("attn_norm", "scale"): ("input_layernorm.weight", "same"),
+            ("mlp_norm", "scale"): ("post_attention_layernorm.weight", "same")},
+    True: {  # Gemma 2/3's sandwich: HF's post_attention_layernorm norms the attention output
+        ("attn_norm", "scale"): ("input_layernorm.weight", "same"),
+        ("post_attn_norm", "scale"): ("post_attention_layernorm.weight", "same"),
+        ("mlp_norm", "scale"): ("pre_feedforward_layernorm.weight", "same"),
+        ("post_mlp_norm", "scale"): ("post_feedforward_layernorm.weight", "same")},
+}
+_FEED_FORWARD = {
+    "dense": {("mlp", "gate"): ("mlp.gate_proj.weight", "t"),
+              ("mlp", "up"): ("mlp.up_proj.weight", "t"),
+              ("mlp", "down"): ("mlp.down_proj.weight", "t")},
+    "mixtral": {("moe", "router"): ("block_sparse_moe.gate.weight", "t"),
+                ("moe", "gate"): ("block_sparse_moe.experts.{e}.w1.weight", "t"),
+                ("moe", "up"): ("block_sparse_moe.experts.{e}.w3.weight", "t"),
+                ("moe", "down"): ("block_sparse_moe.experts.{e}.w2.weight", "t")},
+    "qwen3_moe": {("moe", "router"): ("mlp.gate.weight", "t"),
+                  ("moe", "gate"): ("mlp.experts.{e}.gate_proj.weight", "t"),
+                  ("moe", "up"): ("mlp.experts.{e}.up_proj.weight", "t"),
+                  ("moe", "down"): ("mlp.experts.{e}.down_proj.weight", "t")},
 }
 _GLOBAL = {
     ("embedding",): ("model.embed_tokens.weight", "same"),
     ("final_norm", "scale"): ("model.norm.weight", "same"),
     ("lm_head",): ("lm_head.weight", "t"),
 }
-# Buffers some checkpoints carry that hold nothing a Llama needs.
+# Buffers some checkpoints carry that hold nothing the model needs.
 _IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
+
+
+@functools.lru_cache(maxsize=64)
+def layer_tensors(cfg: ModelConfig) -> dict[tuple[str, ...], tuple[str, str]]:
+  """{our per-layer path: (HF name after "model.layers.{i}.", layout)} for this config."""
+  table = dict(_ATTENTION)
+  if cfg.qkv_bias:
+    table.update(_QKV_BIAS)
+  if cfg.qk_norm:
+    table.update(_QK_NORM)
+  table.update(_FEED_FORWARD[cfg.router if cfg.n_experts else "dense"])
+  table.update(_NORMS[cfg.post_norms])
+  return table
 
 
 def layer_name(layer: int, suffix: str) -> str:
   return f"model.layers.{layer}.{suffix}"
 
 
+def _layer_names(cfg: ModelConfig, layer: int, suffix: str):
+  """One HF name, or a tuple of one per expert."""
+  if "{e}" in suffix:
+    return tuple(layer_name(layer, suffix.format(e=e)) for e in range(cfg.n_experts))
+  return layer_name(layer, suffix)
+
+
+def _hf_shape(kind: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+  return _to_hf(np.empty(shape, np.uint8), kind).shape
+
+
 def hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-  """Every HF tensor a Llama of `cfg` has, in HF's order, with its [out, in] shape."""
-  d, n, k, h, f = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff
-  per_layer = {
-      "self_attn.q_proj.weight": (n * h, d), "self_attn.k_proj.weight": (k * h, d),
-      "self_attn.v_proj.weight": (k * h, d), "self_attn.o_proj.weight": (d, n * h),
-      "mlp.gate_proj.weight": (f, d), "mlp.up_proj.weight": (f, d),
-      "mlp.down_proj.weight": (d, f), "input_layernorm.weight": (d,),
-      "post_attention_layernorm.weight": (d,),
-  }
-  shapes = {"model.embed_tokens.weight": (cfg.vocab_size, d)}
+  """Every HF tensor a model of `cfg` has, in HF's order, with its shape."""
+  from model.transformer import layer_specs  # deferred: keeps this module light to import
+  specs = traverse_util.flatten_dict(layer_specs(cfg))
+  per_layer = []
+  for path, (suffix, kind) in layer_tensors(cfg).items():
+    shape = specs[path][0]
+    if "{e}" in suffix:
+      per_layer += [(suffix.format(e=e), _hf_shape(kind, shape[1:]))
+                    for e in range(cfg.n_experts)]
+    else:
+      per_layer.append((suffix, _hf_shape(kind, shape)))
+  shapes = {"model.embed_tokens.weight": (cfg.vocab_size, cfg.d_model)}
   for layer in range(cfg.n_layers):
-    shapes.update({layer_name(layer, s): shape for s, shape in per_layer.items()})
-  shapes["model.norm.weight"] = (d,)
+    shapes.update({layer_name(layer, s): shape for s, shape in per_layer})
+  shapes["model.norm.weight"] = (cfg.d_model,)
   if not cfg.tie_embeddings:
-    shapes["lm_head.weight"] = (cfg.vocab_size, d)
+    shapes["lm_head.weight"] = (cfg.vocab_size, cfg.d_model)
   return shapes
 
 
 @dataclasses.dataclass(frozen=True)
 class _Leaf:
-  """Where one of our parameters lives in HF: names (one per layer if stacked) and layout."""
-  names: tuple[str, ...]
+  """Where one of our parameters lives in HF, and its layout. `names` is one HF name, or a
+  tuple per leading axis that HF splits into tensors (layers when stacked, then experts)."""
+  names: str | tuple
   kind: str
-  stacked: bool
 
 
 def _leaf(path: tuple[str, ...], cfg: ModelConfig) -> _Leaf:
   if path in _GLOBAL:
     name, kind = _GLOBAL[path]
-    return _Leaf((name,), kind, False)
+    return _Leaf(name, kind)
   head, rest = path[0], tuple(path[1:])
-  if rest in _LAYER:
-    suffix, kind = _LAYER[rest]
+  table = layer_tensors(cfg)
+  if rest in table:
+    suffix, kind = table[rest]
     if head == "layers":
-      return _Leaf(tuple(layer_name(i, suffix) for i in range(cfg.n_layers)), kind, True)
+      return _Leaf(tuple(_layer_names(cfg, i, suffix) for i in range(cfg.n_layers)), kind)
     if m := re.fullmatch(r"layers_(\d+)", head):
-      return _Leaf((layer_name(int(m.group(1)), suffix),), kind, False)
-  raise ConversionError(f"parameter {'/'.join(path)} has no Hugging Face Llama counterpart")
+      return _Leaf(_layer_names(cfg, int(m.group(1)), suffix), kind)
+  raise ConversionError(f"parameter {'/'.join(path)} has no Hugging Face counterpart")
+
+
+def _flat_names(names, at=()) -> Iterator[tuple[tuple[int, ...], str]]:
+  """(index into our leading axes, HF name) for each tensor of a leaf."""
+  if isinstance(names, str):
+    yield at, names
+  else:
+    for i, inner in enumerate(names):
+      yield from _flat_names(inner, at + (i,))
 
 
 def _to_hf(a: np.ndarray, kind: str) -> np.ndarray:
@@ -116,6 +231,8 @@ def _to_hf(a: np.ndarray, kind: str) -> np.ndarray:
     return a.reshape(a.shape[0], -1).T
   if kind == "heads_out":  # [N, H, D] -> [D, N*H]
     return a.reshape(-1, a.shape[-1]).T
+  if kind == "heads_bias":  # [X, H] -> [X*H]
+    return a.reshape(-1)
   raise AssertionError(kind)
 
 
@@ -134,7 +251,18 @@ def _read_ours(source, name: str, kind: str, cfg: ModelConfig, index: tuple[slic
     sn, sh, sd = index
     w = source.read(name, (sd, slice(sn.start * h, sn.stop * h)))
     return w.T.reshape(-1, h, w.shape[0])[:, sh, :]
+  if kind == "heads_bias":  # A[x, j] = W[x*H + j]
+    sx, sh = index
+    return source.read(name, (slice(sx.start * h, sx.stop * h),)).reshape(-1, h)[:, sh]
   raise AssertionError(kind)
+
+
+def _read_block(source, names, kind: str, cfg: ModelConfig, index: tuple[slice, ...]):
+  """Block `index` of a leaf whose leading axes are split over the HF tensors `names`."""
+  if isinstance(names, str):
+    return _read_ours(source, names, kind, cfg, index)
+  return np.stack([_read_block(source, names[i], kind, cfg, index[1:])
+                   for i in range(index[0].start, index[0].stop)])
 
 
 # ---------------------------------------------------------------------------------------
@@ -144,15 +272,20 @@ def _read_ours(source, name: str, kind: str, cfg: ModelConfig, index: tuple[slic
 class ArraySource:
   """HF-named tensors held in memory, or made on demand by a callable (infer/gguf.py
   dequantizes that way). Made tensors are kept until `release()`, which
-  params_from_source calls after each parameter: the host holds one parameter's tensors."""
+  params_from_source calls after each parameter: the host holds one parameter's tensors.
+
+  parts: {name: (whole, i)}: tensor `name` is `arrays[whole][i]` (GGUF stacks the experts
+  of a layer in one tensor, made once for all of them); wholes are not names themselves."""
 
   def __init__(self, arrays: dict, path: str, where: dict[str, str] | None = None,
-               shapes: dict[str, tuple[int, ...]] | None = None):
+               shapes: dict[str, tuple[int, ...]] | None = None,
+               parts: dict[str, tuple[str, int]] | None = None):
     self.arrays, self.path, self._where = arrays, path, where or {}
-    self._shapes, self._made = shapes or {}, {}
+    self._shapes, self._made, self._parts = shapes or {}, {}, parts or {}
+    self._wholes = {whole for whole, _ in self._parts.values()}
 
   def names(self):
-    return list(self.arrays)
+    return [n for n in self.arrays if n not in self._wholes] + list(self._parts)
 
   def shape(self, name):
     if name in self._shapes:
@@ -163,6 +296,9 @@ class ArraySource:
     return self._where.get(name, self.path)
 
   def _tensor(self, name):
+    if name in self._parts:
+      whole, i = self._parts[name]
+      return self._tensor(whole)[i]
     value = self.arrays[name]
     if not callable(value):
       return value
@@ -261,6 +397,69 @@ class SafetensorsSource:
     self._files.clear()
 
 
+# transformers 5 holds a layer's experts as two tensors (and saves them so with
+# save_pretrained(save_original_format=False)): gate_up_proj [E, 2F, D] (gate rows first) and
+# down_proj [E, D, F], the router as mlp.gate for Mixtral too.
+_FUSED = {("moe", "router"): ("mlp.gate.weight", None),
+          ("moe", "gate"): ("mlp.experts.gate_up_proj", 0),
+          ("moe", "up"): ("mlp.experts.gate_up_proj", 1),
+          ("moe", "down"): ("mlp.experts.down_proj", None)}
+
+
+class FusedExperts:
+  """A source whose experts are stored fused, seen under the per-expert names of the
+  family (what save_pretrained writes by default): each expert's [F, D] / [D, F] matrix is a
+  slice of the fused tensor, read as such."""
+
+  def __init__(self, source, cfg: ModelConfig):
+    self.source, self.path, self._map = source, source.path, {}
+    for layer in range(cfg.n_layers):
+      for path, (suffix, _) in _FEED_FORWARD[cfg.router].items():
+        fused, half = _FUSED[path]
+        names = _layer_names(cfg, layer, suffix)
+        for e, name in enumerate((names,) if isinstance(names, str) else names):
+          self._map[name] = (layer_name(layer, fused), None if isinstance(names, str) else e,
+                             half)
+    self._fused = {fused for fused, _, _ in self._map.values()}
+
+  @staticmethod
+  def applies(source) -> bool:
+    return any(n.endswith(".mlp.experts.gate_up_proj") for n in source.names())
+
+  def names(self):
+    present = set(self.source.names())
+    return [n for n in present - self._fused] + [
+        n for n, (fused, _, _) in self._map.items() if fused in present]
+
+  def shape(self, name):
+    if name not in self._map:
+      return self.source.shape(name)
+    fused, e, half = self._map[name]
+    shape = self.source.shape(fused)
+    if e is None:
+      return shape
+    rows, cols = shape[1:]
+    return (rows // 2, cols) if half is not None else (rows, cols)
+
+  def where(self, name) -> str:
+    return self.source.where(self._map.get(name, (name,))[0])
+
+  def read(self, name, index):
+    if name not in self._map:
+      return self.source.read(name, index)
+    fused, e, half = self._map[name]
+    if e is None:
+      return self.source.read(fused, index)
+    rows, cols = _norm(index, self.shape(name))
+    if half:  # the up half: rows F..2F of gate_up_proj
+      f = self.shape(name)[0]
+      rows = slice(rows.start + f, rows.stop + f)
+    return self.source.read(fused, (slice(e, e + 1), rows, cols))[0]
+
+  def close(self):
+    self.source.close()
+
+
 class ParamsSource:
   """Our own parameters seen as HF-named tensors, one layer at a time: lets any layout be
   rebuilt into another (scanned <-> unrolled layers, another mesh) by params_from_source."""
@@ -269,8 +468,8 @@ class ParamsSource:
     self.cfg, self.path, self._by_name = cfg, path, {}
     for key, value in traverse_util.flatten_dict(params).items():
       leaf = _leaf(key, cfg)
-      for layer, name in enumerate(leaf.names):
-        self._by_name[name] = (value, layer if leaf.stacked else None, leaf.kind)
+      for at, name in _flat_names(leaf.names):
+        self._by_name[name] = (value, at, leaf.kind)
     self._last = (None, None)
 
   def names(self):
@@ -281,15 +480,14 @@ class ParamsSource:
 
   def _tensor(self, name):
     if self._last[0] != name:  # consecutive reads of one tensor are the norm
-      value, layer, kind = self._by_name[name]
-      arr = np.asarray(jax.device_get(value if layer is None else value[layer]), np.float32)
+      value, at, kind = self._by_name[name]
+      arr = np.asarray(jax.device_get(value[at] if at else value), np.float32)
       self._last = (name, _to_hf(arr, kind))
     return self._last[1]
 
   def shape(self, name):
-    value, layer, kind = self._by_name[name]
-    shape = value.shape[1:] if layer is not None else value.shape
-    return _to_hf(np.empty(shape, np.uint8), kind).shape
+    value, at, kind = self._by_name[name]
+    return _hf_shape(kind, value.shape[len(at):])
 
   def read(self, name, index):
     return self._tensor(name)[tuple(index)]
@@ -303,7 +501,9 @@ def check_tensors(cfg: ModelConfig, source) -> None:
   expected = hf_shapes(cfg)
   names = set(source.names())
   dims = (f"vocab_size={cfg.vocab_size}, d_model={cfg.d_model}, n_heads={cfg.n_heads}, "
-          f"n_kv_heads={cfg.n_kv_heads}, head_dim={cfg.head_dim}, d_ff={cfg.d_ff}")
+          f"n_kv_heads={cfg.n_kv_heads}, head_dim={cfg.head_dim}, d_ff={cfg.d_ff}"
+          + (f", n_experts={cfg.n_experts}, moe_d_ff={cfg.moe_d_ff or cfg.d_ff}"
+             if cfg.n_experts else ""))
   for name, shape in expected.items():
     if name not in names:
       raise ConversionError(f"{source.path}: tensor {name!r} is missing (model.n_layers="
@@ -316,8 +516,8 @@ def check_tensors(cfg: ModelConfig, source) -> None:
                    if not _IGNORED.fullmatch(n) and not (n == "lm_head.weight"
                                                          and cfg.tie_embeddings))
   if unknown:
-    raise ConversionError(f"{source.where(unknown[0])}: tensors a Llama of this config does not "
-                          f"have: {unknown[:5]}{' ...' if len(unknown) > 5 else ''}")
+    raise ConversionError(f"{source.where(unknown[0])}: tensors a model of this config does "
+                          f"not have: {unknown[:5]}{' ...' if len(unknown) > 5 else ''}")
 
 
 def _norm(index, shape) -> tuple[slice, ...]:
@@ -342,12 +542,7 @@ def params_from_source(cfg: ModelConfig, source, mesh=None):
       index = _norm(index, spec.shape)
       key = tuple((s.start, s.stop) for s in index)
       if key not in cache:
-        if leaf.stacked:
-          layers = range(index[0].start, index[0].stop)
-          arr = np.stack([_read_ours(source, leaf.names[i], leaf.kind, cfg, index[1:])
-                          for i in layers])
-        else:
-          arr = _read_ours(source, leaf.names[0], leaf.kind, cfg, index)
+        arr = _read_block(source, leaf.names, leaf.kind, cfg, index)
         cache[key] = np.ascontiguousarray(arr.astype(spec.dtype))
       return cache[key]
 
@@ -382,38 +577,120 @@ def relayout(cfg: ModelConfig, params, new_cfg: ModelConfig, mesh=None):
 # config.json
 # ---------------------------------------------------------------------------------------
 
-def config_from_hf(hf: dict, path: str = CONFIG, **overrides) -> ModelConfig:
-  """ModelConfig from an HF LlamaForCausalLM config.json dict (transformers 4 or 5 style)."""
+def _architecture(hf: dict, path: str) -> str:
   archs = hf.get("architectures") or []
-  if not any(a in _ARCHITECTURES for a in archs) and hf.get("model_type") not in ("llama",
-                                                                                 "mistral"):
-    raise ConversionError(f"{path}: unsupported architecture {archs or hf.get('model_type')}; "
-                          f"supported: {list(_ARCHITECTURES)}")
-  for key, ok in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False),
-                  ("sliding_window", None)):
-    if hf.get(key, ok) != ok:
-      raise ConversionError(f"{path}: {key}={hf[key]!r} is not supported (a Llama has {ok!r})")
-  rope = dict(hf.get("rope_parameters") or {})  # transformers 5
-  rope.update(hf.get("rope_scaling") or {})  # transformers 4
-  theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
-  rope_type = rope.get("rope_type", rope.get("type", "default"))
-  scaling = {}
+  for arch in archs:
+    if arch in FAMILIES:
+      return arch
+  if not archs and hf.get("model_type") in _BY_MODEL_TYPE:
+    return _BY_MODEL_TYPE[hf["model_type"]]
+  raise ConversionError(f"{path}: unsupported architecture {archs or hf.get('model_type')}; "
+                        f"supported: {list(FAMILIES)}")
+
+
+def _rope(hf: dict, path: str) -> dict:
+  """rope_theta, rope_local_theta (per-layer-type RoPE, Gemma 3) and Llama-3.1 scaling."""
+  params = dict(hf.get("rope_parameters") or {})  # transformers 5
+  if "full_attention" in params or "sliding_attention" in params:  # per layer type
+    out = {}
+    for layer_type, key, default in (("full_attention", "rope_theta", "rope_theta"),
+                                     ("sliding_attention", "rope_local_theta",
+                                      "rope_local_base_freq")):
+      rope = params.get(layer_type) or {}
+      rope_type = rope.get("rope_type", rope.get("type", "default"))
+      if rope_type != "default":
+        raise ConversionError(f"{path}: rope scaling {rope_type!r} of the {layer_type} layers "
+                              "is not supported (only default RoPE per layer type)")
+      out[key] = float(rope.get("rope_theta", hf.get(default) or 10000.0))
+    return out
+  params.update(hf.get("rope_scaling") or {})  # transformers 4
+  theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+  out = {"rope_theta": float(theta)}
+  if hf.get("rope_local_base_freq"):  # transformers 4's Gemma 3
+    out["rope_local_theta"] = float(hf["rope_local_base_freq"])
+  rope_type = params.get("rope_type", params.get("type", "default"))
   if rope_type == "llama3":
-    scaling = dict(rope_scaling_factor=float(rope["factor"]),
-                   rope_low_freq_factor=float(rope["low_freq_factor"]),
-                   rope_high_freq_factor=float(rope["high_freq_factor"]),
-                   rope_original_max_len=int(rope["original_max_position_embeddings"]))
+    out.update(rope_scaling_factor=float(params["factor"]),
+               rope_low_freq_factor=float(params["low_freq_factor"]),
+               rope_high_freq_factor=float(params["high_freq_factor"]),
+               rope_original_max_len=int(params["original_max_position_embeddings"]))
   elif rope_type != "default":
     raise ConversionError(f"{path}: rope scaling {rope_type!r} is not supported "
                           "(only default and llama3)")
-  d, n = hf["hidden_size"], hf["num_attention_heads"]
+  return out
+
+
+def _window(hf: dict, family: Family, n_layers: int, path: str) -> dict:
+  """sliding_window and global_every from sliding_window and layer_types (or the older
+  sliding_window_pattern): layer i is global iff (i + 1) % global_every == 0."""
+  size = int(hf.get("sliding_window") or 0)
+  if family.window is None or not size:
+    return {}
+  if family.window == 0:  # Mistral, Mixtral: every layer
+    return dict(sliding_window=size)
+  period = int(hf.get("sliding_window_pattern") or hf.get("_sliding_window_pattern")
+               or family.window)
+  types = hf.get("layer_types") or ["sliding_attention" if (i + 1) % period else
+                                    "full_attention" for i in range(n_layers)]
+  if len(types) != n_layers or not set(types) <= {"sliding_attention", "full_attention"}:
+    raise ConversionError(f"{path}: layer_types={types} is not one of 'sliding_attention' or "
+                          f"'full_attention' for each of the {n_layers} layers")
+  local = [t == "sliding_attention" for t in types]
+  if not any(local):
+    return {}
+  first_global = local.index(False) + 1 if not all(local) else 0
+  for every in (period, first_global, 0):
+    if local == [not every or bool((i + 1) % every) for i in range(n_layers)]:
+      return dict(sliding_window=size, global_every=every)
+  raise ConversionError(f"{path}: layer_types={types} is not a supported pattern (local layers "
+                        "with every n-th layer global)")
+
+
+def _scores(hf: dict) -> dict:
+  """Gemma's attention scale (query_pre_attn_scalar ** -0.5) and soft-capping."""
+  out = {}
+  if hf.get("query_pre_attn_scalar"):
+    out["attn_scale"] = float(hf["query_pre_attn_scalar"]) ** -0.5
+  for key, field in (("attn_logit_softcapping", "attn_softcap"),
+                     ("final_logit_softcapping", "final_softcap")):
+    if hf.get(key):
+      out[field] = float(hf[key])
+  return out
+
+
+def _experts(hf: dict, family: Family) -> dict:
+  n = hf.get("num_local_experts") or hf.get("num_experts") or 0
+  out = dict(n_experts=int(n), n_experts_per_token=int(hf["num_experts_per_tok"]))
+  # Qwen3-MoE's intermediate_size is a dense MLP's (unused here); Mixtral's, each expert's.
+  out["moe_d_ff"] = int(hf.get("moe_intermediate_size") or hf["intermediate_size"])
+  if family.options.get("router") == "qwen3_moe":
+    out["norm_topk_prob"] = bool(hf.get("norm_topk_prob", False))  # transformers' default
+  return out
+
+
+def config_from_hf(hf: dict, path: str = CONFIG, **overrides) -> ModelConfig:
+  """ModelConfig from an HF config.json dict of any family in FAMILIES (transformers 4 or 5
+  style). Options the model does not have are errors that name the key."""
+  arch = _architecture(hf, path)
+  family = FAMILIES[arch]
+  for key, ok in family.pinned.items():
+    if hf.get(key) is not None and hf[key] != ok:
+      raise ConversionError(f"{path}: {key}={hf[key]!r} is not supported (a {arch} here has "
+                            f"{ok!r})")
+  d, n, n_layers = hf["hidden_size"], hf["num_attention_heads"], hf["num_hidden_layers"]
   fields = dict(
-      vocab_size=hf["vocab_size"], d_model=d, n_layers=hf["num_hidden_layers"], n_heads=n,
+      vocab_size=hf["vocab_size"], d_model=d, n_layers=n_layers, n_heads=n,
       n_kv_heads=hf.get("num_key_value_heads") or n, head_dim=hf.get("head_dim") or d // n,
       d_ff=hf["intermediate_size"], max_seq_len=hf.get("max_position_embeddings", 2048),
-      rope_theta=float(theta), norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+      norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
       tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-      init_std=float(hf.get("initializer_range", 0.02)), **scaling)
+      init_std=float(hf.get("initializer_range", 0.02)), **family.options)
+  fields.update(_rope(hf, path))
+  fields.update(_window(hf, family, n_layers, path))
+  if family.gemma_scores:
+    fields.update(_scores(hf))
+  if family.experts_key:
+    fields.update(_experts(hf, family))
   fields.update(overrides)
   try:
     return ModelConfig(**fields)
@@ -421,31 +698,113 @@ def config_from_hf(hf: dict, path: str = CONFIG, **overrides) -> ModelConfig:
     raise ConversionError(f"{path}: {e}") from None
 
 
+# Fields that change how a model runs or trains, not the function it computes.
+_NOT_ARCHITECTURE = ("param_dtype", "dtype", "scan_layers", "remat", "attention_impl",
+                     "init_std", "capacity_factor", "router_aux_loss_coef",
+                     "router_z_loss_coef")
+
+
+def canonical(cfg: ModelConfig) -> ModelConfig:
+  """`cfg` with every field that does not change the model's function set to one value (and
+  defaults resolved): two configs describe the same model iff their canonical forms agree."""
+  default = ModelConfig()
+  changes = {k: getattr(default, k) for k in _NOT_ARCHITECTURE}
+  local = [cfg.is_local(i) for i in range(cfg.n_layers)]
+  changes.update(attn_scale=cfg.attn_scale or cfg.head_dim ** -0.5,
+                 global_every=cfg.global_every if any(local) and not all(local) else 0,
+                 sliding_window=cfg.sliding_window if any(local) else 0,
+                 rope_local_theta=(cfg.rope_local_theta or cfg.rope_theta) if any(local)
+                 else 0.0)
+  if cfg.n_experts:  # the dense width is unused; Mixtral's router always renormalises
+    changes.update(moe_d_ff=cfg.moe_d_ff or cfg.d_ff, d_ff=default.d_ff)
+    if cfg.router == "mixtral":
+      changes["norm_topk_prob"] = default.norm_topk_prob
+  else:
+    changes.update({k: getattr(default, k) for k in ("n_experts_per_token", "moe_d_ff",
+                                                     "router", "norm_topk_prob")})
+  return dataclasses.replace(cfg, **changes)
+
+
+def _hf_config(arch: str, cfg: ModelConfig) -> dict:
+  """The config.json of `cfg` as architecture `arch` would hold it (transformers 4 and 5)."""
+  family = FAMILIES[arch]
+  hf = {"architectures": [arch], "model_type": family.model_type, "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model, "intermediate_size": cfg.d_ff,
+        "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
+        "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
+        "tie_word_embeddings": cfg.tie_embeddings, "attention_dropout": 0.0,
+        "initializer_range": cfg.init_std, "use_cache": True}
+  hf.update({k: v for k, v in family.pinned.items() if v is not None})
+  rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+  hf.update(rope_theta=cfg.rope_theta, rope_scaling=None)  # transformers 4
+  if cfg.rope_scaling_factor > 0:
+    hf["rope_scaling"] = {"rope_type": "llama3", "factor": cfg.rope_scaling_factor,
+                          "low_freq_factor": cfg.rope_low_freq_factor,
+                          "high_freq_factor": cfg.rope_high_freq_factor,
+                          "original_max_position_embeddings": cfg.rope_original_max_len}
+    rope.update(hf["rope_scaling"])
+  hf["rope_parameters"] = rope  # transformers 5
+  if family.window is not None:
+    hf["sliding_window"] = cfg.sliding_window or None
+  if family.window:  # Gemma: which layers are local
+    local_theta = cfg.rope_local_theta or cfg.rope_theta
+    hf["layer_types"] = ["sliding_attention" if cfg.is_local(i) else "full_attention"
+                         for i in range(cfg.n_layers)]
+    if cfg.global_every:
+      hf["sliding_window_pattern"] = cfg.global_every
+    if family.options.get("qk_norm"):  # Gemma 3: RoPE per layer type
+      hf["rope_local_base_freq"] = local_theta
+      hf["rope_parameters"] = {
+          "full_attention": rope,
+          "sliding_attention": {"rope_type": "default", "rope_theta": local_theta}}
+  if family.gemma_scores:
+    scalar = (cfg.attn_scale or cfg.head_dim ** -0.5) ** -2
+    hf.update(query_pre_attn_scalar=round(scalar) if abs(scalar - round(scalar)) < 1e-6
+              else scalar, attn_logit_softcapping=cfg.attn_softcap or None,
+              final_logit_softcapping=cfg.final_softcap or None)
+  if family.experts_key:
+    hf.update({family.experts_key: cfg.n_experts,
+               "num_experts_per_tok": cfg.n_experts_per_token, "output_router_logits": False})
+    if cfg.router == "qwen3_moe":
+      hf.update(moe_intermediate_size=cfg.moe_d_ff or cfg.d_ff,
+                norm_topk_prob=cfg.norm_topk_prob)
+    else:  # Mixtral's intermediate_size is each expert's
+      hf.update(intermediate_size=cfg.moe_d_ff or cfg.d_ff, router_jitter_noise=0.0)
+  return hf
+
+
+# The options that tell the families apart (named when none holds a model).
+_OPTIONS = ("qkv_bias", "qk_norm", "mlp_activation", "norm_plus_one", "post_norms",
+            "embed_scale", "sliding_window", "global_every", "rope_local_theta", "attn_scale",
+            "attn_softcap", "final_softcap", "n_experts", "router", "rope_scaling_factor")
+
+
+def architecture_of(cfg: ModelConfig) -> str:
+  """The first architecture in FAMILIES whose config.json reads back as the same model."""
+  want = canonical(cfg)
+  for arch, family in FAMILIES.items():
+    if any(getattr(cfg, k) != v for k, v in family.options.items()):
+      continue
+    try:
+      back = config_from_hf(_hf_config(arch, cfg))
+    except ConversionError:
+      continue
+    if canonical(dataclasses.replace(back, value_head=cfg.value_head)) == want:
+      return arch
+  options = {k: getattr(cfg, k) for k in _OPTIONS if getattr(cfg, k) != getattr(ModelConfig, k)}
+  raise ConversionError(f"no Hugging Face architecture holds this model's combination of "
+                        f"options {options}; supported: {list(FAMILIES)}")
+
+
 def config_to_hf(cfg: ModelConfig, *, dtype: str = "float32", bos_token_id=None,
                  eos_token_id=None, pad_token_id=None) -> dict:
-  """An HF LlamaForCausalLM config.json dict, readable by transformers 4 and 5."""
-  rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
-  scaling = None
-  if cfg.rope_scaling_factor > 0:
-    scaling = {"rope_type": "llama3", "factor": cfg.rope_scaling_factor,
-               "low_freq_factor": cfg.rope_low_freq_factor,
-               "high_freq_factor": cfg.rope_high_freq_factor,
-               "original_max_position_embeddings": cfg.rope_original_max_len}
-    rope.update(scaling)
-  return {
-      "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-      "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,
-      "intermediate_size": cfg.d_ff, "num_hidden_layers": cfg.n_layers,
-      "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads,
-      "head_dim": cfg.head_dim, "hidden_act": "silu",
-      "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
-      "rope_theta": cfg.rope_theta, "rope_scaling": scaling,  # transformers 4
-      "rope_parameters": rope,  # transformers 5
-      "tie_word_embeddings": cfg.tie_embeddings, "attention_bias": False,
-      "attention_dropout": 0.0, "mlp_bias": False, "initializer_range": cfg.init_std,
-      "torch_dtype": dtype, "use_cache": True, "bos_token_id": bos_token_id,
-      "eos_token_id": eos_token_id, "pad_token_id": pad_token_id,
-  }
+  """The HF config.json dict of `cfg` (architecture_of(cfg)), readable by transformers 4
+  and 5."""
+  hf = _hf_config(architecture_of(cfg), cfg)
+  hf.update(torch_dtype=dtype, dtype=dtype, bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+  return hf
 
 
 # ---------------------------------------------------------------------------------------
@@ -516,7 +875,8 @@ def save_hf(path: str, cfg: ModelConfig, params, *, tokenizer=None,
 
 
 def load_hf(path: str, mesh=None, **config_overrides) -> tuple[ModelConfig, Any, Any, dict]:
-  """(cfg, params on `mesh`, tokenizers.Tokenizer or None, extra) from an HF Llama dir.
+  """(cfg, params on `mesh`, tokenizers.Tokenizer or None, extra) from an HF checkpoint
+  directory of any family in FAMILIES.
 
   extra: chat_template, bos/eos/pad_token_id, eos_token_ids and the tokenizer_config dict.
   `config_overrides` are ModelConfig fields (param_dtype, scan_layers, ...)."""
@@ -530,6 +890,8 @@ def load_hf(path: str, mesh=None, **config_overrides) -> tuple[ModelConfig, Any,
       raise ConversionError(f"{config_path}: not JSON ({e})") from None
   cfg = config_from_hf(hf, config_path, **config_overrides)
   source = SafetensorsSource(path)
+  if cfg.n_experts and FusedExperts.applies(source):
+    source = FusedExperts(source, cfg)
   try:
     params = params_from_source(cfg, source, mesh)
   finally:

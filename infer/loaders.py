@@ -1,7 +1,7 @@
 """Everything generation needs from a model on disk, whatever its format.
 
   load_checkpoint(workdir)  a run directory of ours (infer/workdir.py)
-  load_hf(directory)        a Hugging Face Llama directory (infer/hf.py)
+  load_hf(directory)        a Hugging Face checkpoint directory (infer/hf.py)
   load_gguf(path)           a llama.cpp GGUF file (infer/gguf.py)
 
 Each returns a `LoadedModel`: config, params, tokenizer, EOS/BOS ids and the chat template.
