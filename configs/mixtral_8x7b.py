@@ -24,7 +24,7 @@ def get_config():
   m.tie_embeddings = False
   m.n_experts = 8
   m.n_experts_per_token = 2
-  m.router = 'mixtral'
+  m.router = "mixtral"
   m.router_aux_loss_coef = 0.01
   m.dtype = "bfloat16"
   m.remat = "full"

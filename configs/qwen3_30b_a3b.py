@@ -27,7 +27,7 @@ def get_config():
   m.qk_norm = True
   m.n_experts = 128
   m.n_experts_per_token = 8
-  m.router = 'qwen3_moe'
+  m.router = "qwen3_moe"
   m.norm_topk_prob = True
   m.router_aux_loss_coef = 0.001
   m.dtype = "bfloat16"
