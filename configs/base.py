@@ -66,7 +66,7 @@ def get_config() -> ml_collections.ConfigDict:
   d.text_field = "text"  # JSONL field holding the document text.
   d.val_fraction = 0.02  # Fraction of files held out for validation (chosen deterministically by path).
   d.seq_len = 256  # Tokens per packed training row (T).
-  d.tokenizer = ""  # Path to a tokenizer.json to use; empty trains a byte-level BPE on the train split.
+  d.tokenizer = ""  # Path to a tokenizer.json to use (its dir's tokenizer_config.json names EOS/BOS); empty trains a byte-level BPE on the train split.
   d.tokenizer_train_mb = 8.0  # Megabytes of training text the BPE tokenizer is learned from.
   d.streams = 0  # Independent data streams, each feeding its own rows of every batch (a host reads only its own); 0: one per row.
   d.shuffle_rows = 512  # Training rows shuffled together, shared out over the streams (a window spanning many files); 0 disables.

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from infer.files import document_ids
 from model import Transformer, head
 from train import data as data_lib
 from train.tasks import Feed, Objective
@@ -104,9 +105,15 @@ def feed(cfg, model_cfg, mesh, run) -> Feed:
   make = functools.partial(data_lib.make_iterator, cfg.data, run.tokenizer,
                            batch_size=cfg.train.batch_size, seq_len=cfg.data.seq_len,
                            seed=cfg.seed, process_index=jax.process_index(),
-                           process_count=jax.process_count())
+                           process_count=jax.process_count(),
+                           tokenizer_config=run.tokenizer_config)
   make(run.val_files, shuffle=False, repeat=True).close()  # its first batch checks the val files
-  eos = run.tokenizer.token_to_id(data_lib.EOS)
+  bos, eos = document_ids(run.tokenizer, run.tokenizer_config)
+
+  def sample_prompt(text):  # begun as a document is
+    ids = run.tokenizer.encode(text, add_special_tokens=False).ids
+    return ([] if bos is None else [bos]) + ids, (eos,)
+
   return Feed(train=make(run.train_files, shuffle=True, repeat=True),
               val=lambda: make(run.val_files, shuffle=False, repeat=True),
-              sample_prompt=lambda text: ([eos] + run.tokenizer.encode(text).ids, (eos,)))
+              sample_prompt=sample_prompt)
