@@ -35,7 +35,7 @@ def main():
   p.add_argument("--steps", type=int, default=10)
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   p.add_argument("--remat", default="none", choices=["none", "full", "dots", "dots_no_batch"])
-  p.add_argument("--scan", type=int, default=1, help="1: nn.scan over layers; 0: unrolled")
+  p.add_argument("--scan", type=int, default=1, help="1: lax.scan over layers; 0: unrolled")
   p.add_argument("--microbatches", type=int, default=1)
   p.add_argument("--attention_impl", default="auto", choices=["auto", "xla", "pallas"])
   args = p.parse_args()

@@ -57,6 +57,7 @@ def get_config() -> ml_collections.ConfigDict:
   m.capacity_factor = 0.0  # 0: dropless; else each expert keeps at most ceil(factor * tokens * k / E) assignments.
   m.router_aux_loss_coef = 0.001  # Weight of the load-balancing loss E * sum_i f_i P_i (1 when balanced; HF's form is k times this).
   m.router_z_loss_coef = 0.0  # Weight of the router z-loss mean(logsumexp(router logits)^2); ST-MoE uses 0.001.
+  m.moe_impl = "auto"  # ragged (dropless ragged_dot over tokens sorted by expert), dense (every expert on every token), auto (dense on CPU up to 16 experts).
 
   c.data = d = ml_collections.ConfigDict()
   d.corpus = "stdlib"  # "stdlib" (the running Python's standard library sources) or a glob of files.
@@ -66,7 +67,7 @@ def get_config() -> ml_collections.ConfigDict:
   d.text_field = "text"  # JSONL field holding the document text.
   d.val_fraction = 0.02  # Fraction of files held out for validation (chosen deterministically by path).
   d.seq_len = 256  # Tokens per packed training row (T).
-  d.tokenizer = ""  # Path to a tokenizer.json to use; empty trains a byte-level BPE on the train split.
+  d.tokenizer = ""  # Path to a tokenizer.json to use (its dir's tokenizer_config.json names EOS/BOS); empty trains a byte-level BPE on the train split.
   d.tokenizer_train_mb = 8.0  # Megabytes of training text the BPE tokenizer is learned from.
   d.streams = 0  # Independent data streams, each feeding its own rows of every batch (a host reads only its own); 0: one per row.
   d.shuffle_rows = 512  # Training rows shuffled together, shared out over the streams (a window spanning many files); 0 disables.

@@ -17,6 +17,8 @@ import tempfile
 from etils import epath
 
 TOKENIZER, TOKENIZER_CONFIG = "tokenizer.json", "tokenizer_config.json"
+# The document separator of the tokenizers we train (train/tokenizer.py), GPT-2's.
+ENDOFTEXT = "<|endoftext|>"
 # The URL schemes epath knows; orbax (tensorstore) checkpoints only local paths and gs://.
 REMOTE_SCHEMES = ("gs://", "s3://", "az://", "hf://")
 
@@ -65,17 +67,92 @@ def token_ids(tokenizer, tokenizer_config: dict) -> dict:
   """bos/eos/pad ids named by an HF tokenizer_config.json (strings or AddedToken dicts)."""
   out = {}
   for key in ("bos", "eos", "pad"):
-    token = tokenizer_config.get(f"{key}_token")
-    if isinstance(token, dict):
-      token = token.get("content")
+    token = _content(tokenizer_config.get(f"{key}_token"))
     out[f"{key}_token_id"] = (tokenizer.token_to_id(token)
                               if tokenizer is not None and token else None)
   return out
 
 
+def _content(token):
+  return token.get("content") if isinstance(token, dict) else token
+
+
+def document_ids(tokenizer, tokenizer_config: dict) -> tuple[int | None, int]:
+  """(bos, eos): the ids around each document in training, `[bos] text [eos]`, and before a
+  plain prompt; bos is None where the model family adds none.
+
+  eos: tokenizer_config's `eos_token` (an HF tokenizer_config.json's, or the GGUF's
+  `tokenizer.ggml.eos_token_id` that infer/gguf.py writes there). bos: `bos_token`, where
+  `add_bos_token` says so or, without that key, where the tokenizer's post-processor puts it
+  first (Llama 3, Mistral, Gemma add one; Qwen2/3 name none). A config that names no EOS is a
+  tokenizer we trained: its `<|endoftext|>` goes on both sides, as GPT-2 did.
+  Raises ValueError naming the key when no EOS can be found."""
+  eos_token = _content(tokenizer_config.get("eos_token"))
+  if not eos_token:
+    eos = tokenizer.token_to_id(ENDOFTEXT)
+    if eos is None:
+      raise ValueError(
+          f"no end-of-document token: tokenizer_config.json names no 'eos_token' (nor do "
+          f"generation_config.json or config.json an 'eos_token_id', or a GGUF "
+          f"'tokenizer.ggml.eos_token_id') and the tokenizer has no {ENDOFTEXT!r}")
+    return eos, eos
+  ids = token_ids(tokenizer, tokenizer_config)
+  if ids["eos_token_id"] is None:
+    raise ValueError(f"tokenizer_config.json's 'eos_token' {eos_token!r} is not a token of "
+                     "the tokenizer")
+  bos, add_bos = ids["bos_token_id"], tokenizer_config.get("add_bos_token")
+  if add_bos is None and bos is not None:  # what the tokenizer itself does
+    added = tokenizer.encode("a").ids
+    add_bos = added[:1] == [bos] and added != tokenizer.encode("a", add_special_tokens=False).ids
+  if add_bos and bos is None:
+    raise ValueError(f"tokenizer_config.json has 'add_bos_token' but its 'bos_token' "
+                     f"{tokenizer_config.get('bos_token')!r} is not a token of the tokenizer")
+  return (bos if add_bos else None), ids["eos_token_id"]
+
+
+def read_tokenizer_config(directory, tokenizer=None) -> dict:
+  """A directory's tokenizer_config.json ({} if absent), completed as the model's other files
+  say: the template of `chat_template.jinja` (where newer transformers save it), and bos_token
+  / eos_token, where it has no such key, from special_tokens_map.json or, as ids, from
+  generation_config.json, then config.json (of a list of EOS ids, the first). Ids become
+  token strings (of `tokenizer`, default the directory's tokenizer.json)."""
+  directory = as_path(directory)
+  config = _json(directory / TOKENIZER_CONFIG)
+  jinja = directory / "chat_template.jinja"
+  if jinja.is_file() and not config.get("chat_template"):
+    config["chat_template"] = jinja.read_text()
+  missing = [k for k in ("bos_token", "eos_token") if k not in config]
+  if not missing:
+    return config
+  special = _json(directory / "special_tokens_map.json")
+  ids = {**_json(directory / "config.json"), **_json(directory / "generation_config.json")}
+  for key in missing:
+    found = ids.get(f"{key}_id")
+    found = found[0] if isinstance(found, list) and found else found
+    if special.get(key):
+      config[key] = special[key]
+    elif isinstance(found, int):
+      if tokenizer is None and (directory / TOKENIZER).is_file():
+        tokenizer = read_tokenizer(directory / TOKENIZER)
+      token = tokenizer.id_to_token(found) if tokenizer is not None else None
+      if token is not None:
+        config[key] = token
+  return config
+
+
+def _json(path) -> dict:
+  if not path.is_file():
+    return {}
+  try:
+    value = json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise ConversionError(f"{path}: not JSON ({e})") from None
+  return value if isinstance(value, dict) else {}
+
+
 def read_tokenizer_files(directory: str):
-  """(tokenizers.Tokenizer or None, tokenizer_config dict) from HF-style files in a dir.
-  A `chat_template.jinja` (newer transformers save the template there) is folded in."""
+  """(tokenizers.Tokenizer or None, tokenizer_config dict, see read_tokenizer_config) from
+  HF-style files in a dir."""
   directory = as_path(directory)
   tokenizer = None
   path = directory / TOKENIZER
@@ -84,14 +161,7 @@ def read_tokenizer_files(directory: str):
       tokenizer = read_tokenizer(path)
     except Exception as e:  # tokenizers raises plain Exceptions
       raise ConversionError(f"{path}: unreadable tokenizer ({e})") from None
-  config = {}
-  path = directory / TOKENIZER_CONFIG
-  if path.is_file():
-    config = json.loads(path.read_text())
-  jinja = directory / "chat_template.jinja"
-  if jinja.is_file() and not config.get("chat_template"):
-    config["chat_template"] = jinja.read_text()
-  return tokenizer, config
+  return tokenizer, read_tokenizer_config(directory, tokenizer)
 
 
 def write_tokenizer_files(directory: str, tokenizer, tokenizer_config: dict | None) -> None:

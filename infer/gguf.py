@@ -19,8 +19,10 @@ GGUF-specific steps:
   * Gemma: convert_hf_to_gguf stores each norm's 1 + w (llama.cpp multiplies by the weight
     itself); we subtract the 1 again;
   * experts: one [E, F, D] tensor per layer and weight, split into HF's per-expert tensors.
-The tokenizer ("gpt2"-type byte-level BPE) is rebuilt from the vocab, merges, token types
-and the `tokenizer.ggml.pre` pre-tokenizer name, with control tokens as special tokens.
+The tokenizer is rebuilt as an HF `tokenizers` one that encodes as llama.cpp does, with control
+tokens as special tokens: a byte-level BPE ("gpt2") from the vocab, merges, token types and the
+`tokenizer.ggml.pre` pre-tokenizer name; a SentencePiece one ("llama": Llama 2, Mistral, Gemma)
+from the vocab, scores and token types.
 """
 
 import dataclasses
@@ -63,6 +65,8 @@ _SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"
                     "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 # llama.cpp token types (llama_token_type / gguf.TokenType).
 _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED = 1, 2, 3, 4
+_TOKENIZER_MODELS = ("gpt2", "llama")  # byte-level BPE, SentencePiece
+_SPACE = "\u2581"  # "▁": SentencePiece's visible space
 
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -392,7 +396,7 @@ def bpe_tokenizer(tokens: list[str], token_types: list[int] | None, merges: list
   """A byte-level BPE tokenizers.Tokenizer from llama.cpp's vocabulary description:
   tokens in GPT-2's byte-to-unicode spelling, llama.cpp token types, "a b" merges in rank
   order and the `tokenizer.ggml.pre` name that picks the pre-tokenizer."""
-  from tokenizers import AddedToken, Tokenizer, decoders, models, processors
+  from tokenizers import Tokenizer, decoders, models, processors
   token_types = token_types or [_NORMAL] * len(tokens)
   vocab = {}
   for i, token in enumerate(tokens):
@@ -403,8 +407,46 @@ def bpe_tokenizer(tokens: list[str], token_types: list[int] | None, merges: list
   tokenizer.pre_tokenizer = _pre_tokenizer(pre, path)
   tokenizer.decoder = decoders.ByteLevel()
   tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
-  # Control (and unknown) tokens are matched in text before BPE, as llama.cpp does with
-  # parse_special; user-defined tokens too, but they decode like text.
+  return _add_special_tokens(tokenizer, tokens, token_types, vocab, path)
+
+
+def spm_tokenizer(tokens: list[str], scores: list[float], token_types: list[int] | None,
+                  add_space_prefix: bool = True, path: str = "(tokenizer)"):
+  """A tokenizers.Tokenizer that encodes as llama.cpp's SentencePiece ("llama") tokenizer:
+  spaces become "▁" and one more is put before the text (add_space_prefix); then, over the
+  whole text, the adjacent pair whose concatenation is the best-scoring token is merged until
+  no pair is a token; a character left outside the vocabulary becomes the <0xXX> tokens of
+  its UTF-8 bytes. That is BPE (with byte fallback) whose merges are every way of cutting a
+  token in two, ranked by the token's score. Only normal tokens are merged into: text never
+  spells a control or byte token."""
+  from tokenizers import Tokenizer, decoders, models, normalizers
+  token_types = token_types or [_NORMAL] * len(tokens)
+  vocab = {}
+  for i, token in enumerate(tokens):
+    vocab.setdefault(token, i)
+  ranked = sorted((-scores[i], i, cut) for token, i in vocab.items() if token_types[i] == _NORMAL
+                  for cut in range(1, len(token))
+                  if token[:cut] in vocab and token[cut:] in vocab)
+  merges = [(tokens[i][:cut], tokens[i][cut:]) for _, i, cut in ranked]
+  unknown = next((t for t, k in zip(tokens, token_types) if k == _UNKNOWN), None)
+  tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=unknown,
+                                   byte_fallback=True, fuse_unk=True))
+  # llama.cpp prepends the space to every piece of text, after each special token too: a
+  # normalizer does that (a Metaspace pre-tokenizer would not before text that starts with one).
+  replace = normalizers.Replace(" ", _SPACE)
+  tokenizer.normalizer = (normalizers.Sequence([normalizers.Prepend(_SPACE), replace])
+                          if add_space_prefix else replace)
+  steps = [decoders.Replace(_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+  if add_space_prefix:  # the space put in front is no text
+    steps.append(decoders.Strip(" ", 1, 0))
+  tokenizer.decoder = decoders.Sequence(steps)
+  return _add_special_tokens(tokenizer, tokens, token_types, vocab, path)
+
+
+def _add_special_tokens(tokenizer, tokens, token_types, vocab, path):
+  """Control (and unknown) tokens are matched in text before the model, as llama.cpp does with
+  parse_special; user-defined tokens too, but they decode like text."""
+  from tokenizers import AddedToken
   special = [i for i, t in enumerate(token_types) if t in (_CONTROL, _UNKNOWN)]
   user = [i for i, t in enumerate(token_types) if t == _USER_DEFINED]
   tokenizer.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False)
@@ -421,18 +463,28 @@ def tokenizer_from_gguf(reader, path: str, max_len: int | None = None):
   from tokenizers import processors
   fields = _Fields(reader, path)
   kind = fields.get("tokenizer.ggml.model")
-  if kind != "gpt2":
-    raise ConversionError(f"{path}: tokenizer.ggml.model={kind!r} is not supported (only "
-                          "'gpt2', byte-level BPE)")
+  if kind not in _TOKENIZER_MODELS:
+    raise ConversionError(f"{path}: tokenizer.ggml.model={kind!r} is not supported (supported: "
+                          "'gpt2', byte-level BPE; 'llama', SentencePiece)")
   tokens = fields.need("tokenizer.ggml.tokens", scalar=False)
-  tokenizer = bpe_tokenizer(tokens, fields.get("tokenizer.ggml.token_type"),
-                            fields.get("tokenizer.ggml.merges") or [],
-                            fields.get("tokenizer.ggml.pre", "default"), path)
+  types = fields.get("tokenizer.ggml.token_type")
+  if kind == "gpt2":
+    tokenizer = bpe_tokenizer(tokens, types, fields.get("tokenizer.ggml.merges") or [],
+                              fields.get("tokenizer.ggml.pre", "default"), path)
+  else:
+    scores = fields.get("tokenizer.ggml.scores")
+    if scores is None or len(scores) != len(tokens):
+      raise ConversionError(f"{path}: tokenizer.ggml.model='llama' (SentencePiece) needs "
+                            f"'tokenizer.ggml.scores', one per token ({len(tokens)}); found "
+                            f"{'none' if scores is None else len(scores)}")
+    tokenizer = spm_tokenizer(tokens, scores, types,
+                              bool(fields.get("tokenizer.ggml.add_space_prefix", True)), path)
 
   ids = {k: fields.get(f"tokenizer.ggml.{k}_token_id")
          for k in ("bos", "eos", "unknown", "padding")}
+  # llama.cpp's defaults when the file does not say: a SentencePiece vocabulary adds BOS.
   config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
-            "add_bos_token": bool(fields.get("tokenizer.ggml.add_bos_token", False)),
+            "add_bos_token": bool(fields.get("tokenizer.ggml.add_bos_token", kind == "llama")),
             "add_eos_token": bool(fields.get("tokenizer.ggml.add_eos_token", False))}
   for key, hf_key in (("bos", "bos_token"), ("eos", "eos_token"), ("unknown", "unk_token"),
                       ("padding", "pad_token")):
@@ -444,7 +496,7 @@ def tokenizer_from_gguf(reader, path: str, max_len: int | None = None):
   if template:
     config["chat_template"] = template
 
-  post = [tokenizer.post_processor]
+  post = [tokenizer.post_processor] if tokenizer.post_processor else []
   bos = [config["bos_token"]] if config["add_bos_token"] and "bos_token" in config else []
   eos = [config["eos_token"]] if config["add_eos_token"] and "eos_token" in config else []
   if bos or eos:  # what llama.cpp's add_bos/add_eos do, as an HF post-processor
@@ -453,7 +505,8 @@ def tokenizer_from_gguf(reader, path: str, max_len: int | None = None):
     post.append(processors.TemplateProcessing(
         single=seq("A", 0), pair=f"{seq('A', 0)} {seq('B', 1)}",
         special_tokens=[(t, tokenizer.token_to_id(t)) for t in dict.fromkeys(bos + eos)]))
-  tokenizer.post_processor = processors.Sequence(post) if len(post) > 1 else post[0]
+  if post:
+    tokenizer.post_processor = processors.Sequence(post) if len(post) > 1 else post[0]
   return tokenizer, config
 
 

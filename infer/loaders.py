@@ -11,9 +11,8 @@ import dataclasses
 import importlib
 from typing import Any
 
+from infer.files import document_ids
 from model import ModelConfig
-
-_EOS = "<|endoftext|>"  # our trained tokenizers' document separator (train/data.py)
 
 
 @dataclasses.dataclass
@@ -44,22 +43,16 @@ class LoadedModel:
     return self.tokenizer.encode(rendered, add_special_tokens=False).ids
 
 
-def _token_id(tokenizer, token) -> int | None:
-  if isinstance(token, dict):
-    token = token.get("content")
-  return tokenizer.token_to_id(token) if token else None
-
-
 def load_checkpoint(workdir: str, step: int | None = None) -> LoadedModel:
   from infer import workdir as run_dir
   cfg = run_dir.load_model_config(workdir)
   tokenizer = run_dir.load_tokenizer(workdir)
   params = run_dir.load_params(workdir, cfg, step=step)
   config = run_dir.load_tokenizer_config(workdir)
-  eos = _token_id(tokenizer, config.get("eos_token")) or tokenizer.token_to_id(_EOS)
-  bos = _token_id(tokenizer, config.get("bos_token"))
-  if bos is None:
-    bos = eos  # training puts the separator before every document (train/loop.py's sample)
+  try:  # a prompt begins as training began each document
+    bos, eos = document_ids(tokenizer, config)
+  except ValueError:  # no EOS: generation runs to max_new_tokens
+    bos, eos = None, None
   return LoadedModel(cfg=cfg, params=params, tokenizer=tokenizer,
                      eos_ids=() if eos is None else (eos,), bos_id=bos,
                      chat_template=config.get("chat_template"), tokenizer_config=config,

@@ -51,7 +51,7 @@ class DecodeState:
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
-  """A contiguous cache with one [B, S, K, H] buffer per layer (a tuple: see unstack_layers)."""
+  """A contiguous cache with one [B, S, K, H] buffer per layer (a tuple: updated in place)."""
   dtype = cfg.compute_dtype if dtype is None else dtype
   shape = (batch, max_len, cfg.n_kv_heads, cfg.head_dim)
   layers = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers))

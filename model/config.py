@@ -58,6 +58,7 @@ class ModelConfig:
   capacity_factor: float = 0.0  # 0: dropless; else an expert keeps ceil(factor * M * k / E)
   router_aux_loss_coef: float = 0.001  # load-balancing loss weight (HF's default; HF's loss is k x)
   router_z_loss_coef: float = 0.0  # weight of the router z-loss (ST-MoE uses 0.001)
+  moe_impl: str = "auto"  # ragged (ragged_dot), dense (all experts, masked), auto: moe.expert_impl
 
   def __post_init__(self):
     if self.head_dim == 0:
@@ -73,7 +74,8 @@ class ModelConfig:
                                 ("dtype", self.dtype, _DTYPES), ("remat", self.remat, _REMAT),
                                 ("attention_impl", self.attention_impl, _ATTENTION),
                                 ("router", self.router, _ROUTERS),
-                                ("mlp_activation", self.mlp_activation, _ACTIVATIONS)):
+                                ("mlp_activation", self.mlp_activation, _ACTIVATIONS),
+                                ("moe_impl", self.moe_impl, ("auto", "ragged", "dense"))):
       if value not in allowed:
         raise ValueError(f"model.{key}={value!r} is not one of {sorted(allowed)}")
     if self.n_experts < 0 or self.capacity_factor < 0:

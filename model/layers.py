@@ -86,12 +86,8 @@ def apply_rope(x_BTNH, rope):
 
 def attention_options(cfg: ModelConfig, local: bool) -> dict:
   """The kernels' keyword options of one layer: its window, the scores' scale and cap."""
-  opts = {"scale": cfg.attn_scale or None}
-  if local and cfg.sliding_window:
-    opts["sliding_window"] = cfg.sliding_window
-  if cfg.attn_softcap:
-    opts["softcap"] = cfg.attn_softcap
-  return opts
+  return {"sliding_window": cfg.sliding_window if local and cfg.sliding_window else None,
+          "scale": cfg.attn_scale or None, "softcap": cfg.attn_softcap or None}
 
 
 def self_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids, cfg: ModelConfig, local=False):

@@ -8,6 +8,10 @@ Masking convention: masked scores are -inf. A row that has seen no visible key y
 max -inf; we subtract 0 instead (`_finite_or_zero`) so exp(-inf - (-inf)) never makes a NaN, and
 such a row ends with l = 0, acc = 0, output 0 and log-sum-exp +inf (so exp(s - lse) = 0 in the
 backward pass). This is how fully masked rows give 0 rather than NaN.
+
+Soft-capping (Gemma 2: Gemma Team 2024, Sec. 2) bends the scaled scores, s -> c tanh(s / c),
+before the mask and the softmax; the backward pass multiplies dS by the derivative 1 - tanh^2.
+With softcap None no cap op is traced, so programs without it are unchanged.
 """
 
 import jax.numpy as jnp
@@ -140,6 +144,17 @@ def dot(a, b, dims, precision=None):
   return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
 
 
+def capped_scores(s, softcap):
+  """Scaled scores s -> (softcap * tanh(s / softcap), tanh(s / softcap)); (s, None) uncapped.
+
+  The tanh is what the backward pass needs: d capped / d s = 1 - tanh^2.
+  """
+  if softcap is None:
+    return s, None
+  t = jnp.tanh(s * (1.0 / softcap))
+  return t * softcap, t
+
+
 def online_softmax_step(s, mask, m_prev, l_prev, acc_prev, v, precision=None, matmul=None):
   """One KV block of the inner loop of FlashAttention-2, Alg. 1 (online softmax).
 
@@ -173,35 +188,40 @@ def finish_softmax(m, l, acc, empty_lse=float("inf")):
   return o, lse
 
 
-def dq_step(q, do, k, v, lse_col, delta_col, mask, scale, precision=None):
+def dq_step(q, do, k, v, lse_col, delta_col, mask, scale, precision=None, softcap=None):
   """The dQ term dS K of one (query block, KV block) pair (FlashAttention-2, Alg. 2).
 
   lse_col, delta_col: [bq, 1] or lane-replicated [bq, 128]. Returns the unscaled dQ term; the
-  softmax scale is applied once when the block's accumulation ends.
+  softmax scale is applied once when the block's accumulation ends. With softcap, dS is taken
+  back through the cap: dS_raw = dS (1 - tanh^2).
   """
-  s = dot(q, k, NT_DIMS, precision) * scale
+  s, t = capped_scores(dot(q, k, NT_DIMS, precision) * scale, softcap)
   if mask is not None:
     s = jnp.where(mask, s, -jnp.inf)
   p = jnp.exp(s - widen(lse_col, s.shape[1]))  # P = exp(S - L), recomputed
   dp = dot(do, v, NT_DIMS, precision)
   ds = p * (dp - widen(delta_col, s.shape[1]))  # dS = P o (dP - D), D = rowsum(dO o O)
+  if t is not None:
+    ds = ds * (1.0 - t * t)
   return dot(ds.astype(k.dtype), k, NN_DIMS, precision)
 
 
-def dkv_step(q, do, k, v, lse_row, delta_row, mask_t, scale, precision=None):
+def dkv_step(q, do, k, v, lse_row, delta_row, mask_t, scale, precision=None, softcap=None):
   """dV and dK terms for one pair, computed transposed ([bk, bq]) so L and D are rows.
 
   FlashAttention-2, Alg. 2: dV += P^T dO; dP = dO V^T; dS = P o (dP - D); dK += dS^T Q. Working
   with S^T = K Q^T gives P^T and dS^T directly, with L and D broadcast along sublanes.
-  Returns (dk, dv) terms; dk is unscaled.
+  Returns (dk, dv) terms; dk is unscaled. softcap as in `dq_step`.
   """
-  st = dot(k, q, NT_DIMS, precision) * scale
+  st, tt = capped_scores(dot(k, q, NT_DIMS, precision) * scale, softcap)
   if mask_t is not None:
     st = jnp.where(mask_t, st, -jnp.inf)
   pt = jnp.exp(st - lse_row)
   dv = dot(pt.astype(do.dtype), do, NN_DIMS, precision)
   dpt = dot(v, do, NT_DIMS, precision)
   dst = pt * (dpt - delta_row)
+  if tt is not None:
+    dst = dst * (1.0 - tt * tt)
   dk = dot(dst.astype(q.dtype), q, NN_DIMS, precision)
   return dk, dv
 

@@ -62,8 +62,8 @@ def _mask(q_pos, k_pos, q_ids, k_ids, *, causal, window, kv_len, kv_pad):
 # ------------------------------------------------------------------------------------ forward
 
 
-def _fwd_kernel(q_ref, k_ref, v_ref, qseg_ref, kseg_ref, o_ref, lse_ref, *, scale, causal,
-                window, kv_len, kv_pad, bq, bk, nk, precision):
+def _fwd_kernel(q_ref, k_ref, v_ref, qseg_ref, kseg_ref, o_ref, lse_ref, *, scale, softcap,
+                causal, window, kv_len, kv_pad, bq, bk, nk, precision):
   """One query block of FlashAttention-2, Alg. 1: loop over the KV blocks it can see."""
   iq = pl.program_id(0)
   lo, hi = fc.kv_block_range(iq, bq=bq, bk=bk, nk=nk, causal=causal, window=window)
@@ -76,7 +76,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, qseg_ref, kseg_ref, o_ref, lse_ref, *, scal
   def body(ik, carry):
     start = pl.multiple_of(ik * bk, bk)
     k = k_ref[pl.ds(start, bk), :]
-    s = fc.dot(q, k, fc.NT_DIMS, precision) * scale
+    s, _ = fc.capped_scores(fc.dot(q, k, fc.NT_DIMS, precision) * scale, softcap)
     mask = None
     if use_mask:
       k_pos = ik * bk + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
@@ -92,7 +92,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, qseg_ref, kseg_ref, o_ref, lse_ref, *, scal
   lse_ref[...] = lse.reshape(bq)
 
 
-def forward(q, k, v, q_seg, kv_seg, *, causal, window, scale, blocks, interpret):
+def forward(q, k, v, q_seg, kv_seg, *, causal, window, scale, softcap, blocks, interpret):
   """q [B,T,Hq,D], k/v [B,S,Hkv,D], segment ids int32 [B,T]/[B,S] or None.
 
   Returns o [B,T,Hq,D] and the log-sum-exp L [B,Hq,T] in f32.
@@ -105,8 +105,8 @@ def forward(q, k, v, q_seg, kv_seg, *, causal, window, scale, blocks, interpret)
                          lambda i, b, h: (b, 0, fc.idiv(h, p.g), 0))
   seg_specs = [pl.BlockSpec((None, bq), lambda i, b, h: (b, i)),
                pl.BlockSpec((None, p.s_pad), lambda i, b, h: (b, 0))]
-  kernel = functools.partial(_fwd_kernel, scale=scale, causal=causal, window=window,
-                             kv_len=p.s, kv_pad=p.s_pad, bq=bq, bk=bk, nk=nk,
+  kernel = functools.partial(_fwd_kernel, scale=scale, softcap=softcap, causal=causal,
+                             window=window, kv_len=p.s, kv_pad=p.s_pad, bq=bq, bk=bk, nk=nk,
                              precision=p.precision)
   has_seg = q_seg is not None
   o, lse = pl.pallas_call(
@@ -129,7 +129,7 @@ def forward(q, k, v, q_seg, kv_seg, *, causal, window, scale, blocks, interpret)
 
 
 def _dq_kernel(q_ref, do_ref, k_ref, v_ref, lse_ref, delta_ref, qseg_ref, kseg_ref, dq_ref, *,
-               scale, causal, window, kv_len, kv_pad, bq, bk, nk, precision):
+               scale, softcap, causal, window, kv_len, kv_pad, bq, bk, nk, precision):
   """dQ for one query block (FlashAttention-2, Alg. 2), looping over its KV blocks."""
   iq = pl.program_id(0)
   lo, hi = fc.kv_block_range(iq, bq=bq, bk=bk, nk=nk, causal=causal, window=window)
@@ -149,14 +149,15 @@ def _dq_kernel(q_ref, do_ref, k_ref, v_ref, lse_ref, delta_ref, qseg_ref, kseg_r
       mask = _mask(q_pos, k_pos, q_ids, k_ids, causal=causal, window=window, kv_len=kv_len,
                    kv_pad=kv_pad)
     return dq + fc.dq_step(q, do, k_ref[pl.ds(start, bk), :], v_ref[pl.ds(start, bk), :], lse,
-                           delta, mask, scale, precision)
+                           delta, mask, scale, precision, softcap)
 
   dq = lax.fori_loop(lo, hi + 1, body, jnp.zeros(q.shape, jnp.float32))
   dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
 def _dkv_kernel(k_ref, v_ref, q_ref, do_ref, lse_ref, delta_ref, qseg_ref, kseg_ref, dk_ref,
-                dv_ref, *, scale, causal, window, kv_len, kv_pad, bq, bk, nq, group, precision):
+                dv_ref, *, scale, softcap, causal, window, kv_len, kv_pad, bq, bk, nq, group,
+                precision):
   """dK, dV for one KV block: loop over (query head of the group, query block) pairs.
 
   FlashAttention-2, Alg. 2 (outer loop over KV blocks), in the transposed form of `dkv_step`.
@@ -182,7 +183,7 @@ def _dkv_kernel(k_ref, v_ref, q_ref, do_ref, lse_ref, delta_ref, qseg_ref, kseg_
                    kv_pad=kv_pad)
     dk, dv = fc.dkv_step(q_ref[rows, g, :], do_ref[rows, g, :], k, v,
                          lse_ref[g, rows][None, :], delta_ref[g, rows][None, :], mask, scale,
-                         precision)
+                         precision, softcap)
     return carry[0] + dk, carry[1] + dv
 
   zeros = jnp.zeros(k.shape, jnp.float32)
@@ -191,7 +192,8 @@ def _dkv_kernel(k_ref, v_ref, q_ref, do_ref, lse_ref, delta_ref, qseg_ref, kseg_
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def backward(q, k, v, q_seg, kv_seg, o, lse, do, *, causal, window, scale, blocks, interpret):
+def backward(q, k, v, q_seg, kv_seg, o, lse, do, *, causal, window, scale, softcap, blocks,
+             interpret):
   """Gradients of forward(); o and lse as forward returned them. Returns dq, dk, dv."""
   p = _Plan(q, k, blocks)
   qs, ks, vs, dos = p.pad(q, p.t_pad), p.pad(k, p.s_pad), p.pad(v, p.s_pad), p.pad(do, p.t_pad)
@@ -201,8 +203,8 @@ def backward(q, k, v, q_seg, kv_seg, o, lse, do, *, causal, window, scale, block
   has_seg = q_seg is not None
   q_seg = fc.pad_axis(q_seg, 1, p.t_pad) if has_seg else None
   kv_seg = fc.pad_axis(kv_seg, 1, p.s_pad) if has_seg else None
-  common = dict(scale=scale, causal=causal, window=window, kv_len=p.s, kv_pad=p.s_pad,
-                precision=p.precision)
+  common = dict(scale=scale, softcap=softcap, causal=causal, window=window, kv_len=p.s,
+                kv_pad=p.s_pad, precision=p.precision)
 
   bq, bk = p.bq_dq, p.bk_dq
   q_spec = pl.BlockSpec((None, bq, None, p.d_pad), lambda i, b, h: (b, i, h, 0))

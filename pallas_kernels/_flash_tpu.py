@@ -63,7 +63,7 @@ def _params(*semantics):
 
 
 def _fwd_kernel(q_ref, k_ref, v_ref, qseg_ref, kseg_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc, *,
-                scale, causal, window, kv_len, kv_pad, bq, bk, nk):
+                scale, softcap, causal, window, kv_len, kv_pad, bq, bk, nk):
   """One (query block, KV step) of FlashAttention-2, Alg. 1; the KV loop is the grid's last axis."""
   iq, j = pl.program_id(2), pl.program_id(3)
   lo, hi = fc.kv_block_range(iq, bq=bq, bk=bk, nk=nk, causal=causal, window=window)
@@ -77,7 +77,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, qseg_ref, kseg_ref, o_ref, lse_ref, m_sc, l
 
   @pl.when(ik <= hi)  # blocks with no visible key are skipped, not computed
   def _step():
-    s = fc.dot(q_ref[...], k_ref[...], fc.NT_DIMS) * scale
+    s, _ = fc.capped_scores(fc.dot(q_ref[...], k_ref[...], fc.NT_DIMS) * scale, softcap)
     mask = None
     if fc.needs_mask(causal=causal, window=window, has_segments=qseg_ref is not None,
                      kv_len=kv_len, kv_pad=kv_pad):
@@ -108,7 +108,7 @@ def _segment_inputs(q_seg, kv_seg, p, bq, bk, kv_block):
            pl.BlockSpec((None, SUBLANES, bk), lambda b, h, i, j: (b, 0, kv_block(i, j)))])
 
 
-def forward(q, k, v, q_seg, kv_seg, *, causal, window, scale, blocks, interpret):
+def forward(q, k, v, q_seg, kv_seg, *, causal, window, scale, softcap, blocks, interpret):
   """q [B,T,Hq,D], k/v [B,S,Hkv,D], segment ids int32 [B,T]/[B,S] or None.
 
   Returns o [B,T,Hq,D] and the log-sum-exp L [B,Hq,T] in f32.
@@ -127,8 +127,8 @@ def forward(q, k, v, q_seg, kv_seg, *, causal, window, scale, blocks, interpret)
   seg_args, seg_specs = _segment_inputs(q_seg, kv_seg, p, bq, bk, kv_block)
   args += seg_args
   in_specs += seg_specs
-  kernel = functools.partial(_fwd_kernel, scale=scale, causal=causal, window=window,
-                             kv_len=p.s, kv_pad=p.s_pad, bq=bq, bk=bk, nk=nk)
+  kernel = functools.partial(_fwd_kernel, scale=scale, softcap=softcap, causal=causal,
+                             window=window, kv_len=p.s, kv_pad=p.s_pad, bq=bq, bk=bk, nk=nk)
   o, lse = pl.pallas_call(
       kernel,
       grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -153,7 +153,7 @@ def forward(q, k, v, q_seg, kv_seg, *, causal, window, scale, blocks, interpret)
 
 
 def _dq_kernel(q_ref, do_ref, k_ref, v_ref, lse_ref, delta_ref, qseg_ref, kseg_ref, dq_ref,
-               dq_sc, *, scale, causal, window, kv_len, kv_pad, bq, bk, nk):
+               dq_sc, *, scale, softcap, causal, window, kv_len, kv_pad, bq, bk, nk):
   """dQ for one query block, accumulated over the KV sweep (FlashAttention-2, Alg. 2)."""
   iq, j = pl.program_id(2), pl.program_id(3)
   lo, hi = fc.kv_block_range(iq, bq=bq, bk=bk, nk=nk, causal=causal, window=window)
@@ -179,7 +179,7 @@ def _dq_kernel(q_ref, do_ref, k_ref, v_ref, lse_ref, delta_ref, qseg_ref, kseg_r
     lse = jnp.expand_dims(lse_ref[0], -1)  # row [1, bq] -> column [bq, 1]
     delta = jnp.expand_dims(delta_ref[0], -1)
     dq_sc[...] += fc.dq_step(q_ref[...], do_ref[...], k_ref[...], v_ref[...], lse, delta, mask,
-                             scale)
+                             scale, softcap=softcap)
 
   @pl.when(j == pl.num_programs(3) - 1)
   def _finish():
@@ -187,8 +187,8 @@ def _dq_kernel(q_ref, do_ref, k_ref, v_ref, lse_ref, delta_ref, qseg_ref, kseg_r
 
 
 def _dkv_kernel(k_ref, v_ref, q_ref, do_ref, lse_ref, delta_ref, qseg_ref, kseg_ref, dk_ref,
-                dv_ref, dk_sc, dv_sc, *, scale, causal, window, kv_len, kv_pad, bq, bk, nq,
-                q_steps):
+                dv_ref, dk_sc, dv_sc, *, scale, softcap, causal, window, kv_len, kv_pad, bq, bk,
+                nq, q_steps):
   """dK, dV for one KV block, summed over the G query heads that share it and over query blocks.
 
   FlashAttention-2, Alg. 2 (outer loop over KV blocks, inner over query blocks): the last grid
@@ -217,7 +217,7 @@ def _dkv_kernel(k_ref, v_ref, q_ref, do_ref, lse_ref, delta_ref, qseg_ref, kseg_
       mask = fc.visible(q_pos, k_pos, q_ids, k_ids, causal=causal, window=window,
                         kv_len=kv_len, kv_pad=kv_pad)
     dk, dv = fc.dkv_step(q_ref[...], do_ref[...], k_ref[...], v_ref[...], lse_ref[...],
-                         delta_ref[...], mask, scale)
+                         delta_ref[...], mask, scale, softcap=softcap)
     dk_sc[...] += dk
     dv_sc[...] += dv
 
@@ -227,7 +227,8 @@ def _dkv_kernel(k_ref, v_ref, q_ref, do_ref, lse_ref, delta_ref, qseg_ref, kseg_
     dv_ref[...] = dv_sc[...].astype(dv_ref.dtype)
 
 
-def backward(q, k, v, q_seg, kv_seg, o, lse, do, *, causal, window, scale, blocks, interpret):
+def backward(q, k, v, q_seg, kv_seg, o, lse, do, *, causal, window, scale, softcap, blocks,
+             interpret):
   """Gradients of forward(); o and lse as forward returned them. Returns dq, dk, dv."""
   p = _Plan(q, k, blocks, interpret)
   qs, ks, vs = _to_bhtd(q, p.t_pad), _to_bhtd(k, p.s_pad), _to_bhtd(v, p.s_pad)
@@ -236,7 +237,8 @@ def backward(q, k, v, q_seg, kv_seg, o, lse, do, *, causal, window, scale, block
   # Padded query rows get L = +inf so their P is 0 (their dO is 0; inf * 0 would be NaN).
   lse_rows = fc.pad_axis(lse, 2, p.t_pad, jnp.inf)[:, :, None, :]
   delta_rows = jnp.swapaxes(fc.pad_axis(fc.softmax_delta(o, do), 1, p.t_pad), 1, 2)[:, :, None]
-  common = dict(scale=scale, causal=causal, window=window, kv_len=p.s, kv_pad=p.s_pad)
+  common = dict(scale=scale, softcap=softcap, causal=causal, window=window, kv_len=p.s,
+                kv_pad=p.s_pad)
 
   # dQ: grid (B, Hq, query blocks, KV steps), as in the forward.
   bq, bk = p.bq_dq, p.bk_dq

@@ -6,6 +6,8 @@ lowered for (`attention_path` says which, and why) and XLA elsewhere; "xla"; "pa
 (interpreted on CPU). Self-attention goes to the FlashAttention-2 kernel (`flash_attention.py`);
 attention over a contiguous cache stays in XLA (see `cached_attention`); a paged cache uses
 `paged_attention`.
+Every entry takes `softcap` (Gemma 2): scaled scores s become softcap * tanh(s / softcap) before
+the mask and the softmax; None (the default) traces no cap at all.
 """
 
 import functools
@@ -13,7 +15,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.flash_attention import flash_attention
+from pallas_kernels.flash_attention import flash_attention, soft_cap
 from pallas_kernels.paths import attention_path, check_impl, dispatch
 
 __all__ = ["attention", "attention_path", "cached_attention"]
@@ -21,7 +23,7 @@ __all__ = ["attention", "attention_path", "cached_attention"]
 XLA_BLOCK_Q = 64  # query block of the XLA path; the Pallas kernels have their own BlockSizes
 
 
-def _attend(q, k, v, mask, scale, *, rows_see_a_key=False):
+def _attend(q, k, v, mask, scale, *, softcap=None, rows_see_a_key=False):
   """Dense GQA attention. q [B,T,N,H], k/v [B,S,K,H], mask bool [B,T,S] -> [B,T,N,H].
 
   rows_see_a_key: the caller guarantees no fully masked row (self-attention, where every
@@ -32,6 +34,7 @@ def _attend(q, k, v, mask, scale, *, rows_see_a_key=False):
   g = n // kh
   q = q.reshape(b, t, kh, g, h)
   s = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32) * scale
+  s = soft_cap(s, softcap)
   s = jnp.where(mask[:, None, None], s, -jnp.inf)
   if rows_see_a_key:
     p = jax.nn.softmax(s, axis=-1)
@@ -46,20 +49,21 @@ def _attend(q, k, v, mask, scale, *, rows_see_a_key=False):
 
 
 def attention(q, k, v, *, segment_ids=None, causal=True, sliding_window=None, scale=None,
-              impl="auto", block_q=XLA_BLOCK_Q):
+              softcap=None, impl="auto", block_q=XLA_BLOCK_Q):
   """Self-attention over one sequence. q [B,T,Hq,D], k/v [B,T,Hkv,D], segment_ids int32[B,T].
 
   Key j is visible to query i iff (not causal or j <= i), i - j < sliding_window (if set) and
-  segment_ids agree. Fully masked rows output 0. The path is `attention_path(platform, ...)`'s
-  for the platform the program is lowered for.
+  segment_ids agree. Fully masked rows output 0. softcap: scores s -> softcap * tanh(s /
+  softcap) after scaling, before the mask (Gemma 2). The path is `attention_path(platform,
+  ...)`'s for the platform the program is lowered for.
   """
   xla = functools.partial(_blocked_attention, causal=causal, sliding_window=sliding_window,
-                          scale=scale, block_q=block_q)
+                          scale=scale, softcap=softcap, block_q=block_q)
 
   def kernel(variant, interpret):
     return lambda q, k, v, seg: flash_attention(
         q, k, v, segment_ids=seg, causal=causal, sliding_window=sliding_window, scale=scale,
-        impl="pallas", backend=variant, interpret=interpret)
+        softcap=softcap, impl="pallas", backend=variant, interpret=interpret)
 
   path_of = lambda platform: attention_path(platform, head_dim=q.shape[-1], dtype=q.dtype,
                                             kv_dtype=k.dtype, impl=impl)
@@ -67,7 +71,8 @@ def attention(q, k, v, *, segment_ids=None, causal=True, sliding_window=None, sc
                   path_of=path_of, kernel=kernel, xla=xla)
 
 
-def _blocked_attention(q, k, v, segment_ids, *, causal, sliding_window, scale, block_q):
+def _blocked_attention(q, k, v, segment_ids, *, causal, sliding_window, scale, block_q,
+                       softcap=None):
   """The XLA path: dense attention per block of queries, over only the keys the block can see.
 
   Causal (and windowed) blocks skip the keys that are masked for every query in the block, as
@@ -95,16 +100,18 @@ def _blocked_attention(q, k, v, segment_ids, *, causal, sliding_window, scale, b
     if segment_ids is not None:
       mask &= segment_ids[:, q0:q1, None] == segment_ids[:, None, k0:k1]
     # With T == S every query sees at least itself (its own position and segment).
-    outs.append(_attend(q[:, q0:q1], k[:, k0:k1], v[:, k0:k1], mask, scale,
+    outs.append(_attend(q[:, q0:q1], k[:, k0:k1], v[:, k0:k1], mask, scale, softcap=softcap,
                         rows_see_a_key=t == s))
   return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
 
 
-def cached_attention(q, k, v, lengths, *, sliding_window=None, scale=None, impl="auto"):
+def cached_attention(q, k, v, lengths, *, sliding_window=None, scale=None, softcap=None,
+                     impl="auto"):
   """New tokens against a contiguous cache that already holds them.
 
   q [B,Tq,Hq,D]; k/v [B,S,Hkv,D]; lengths int32[B] counts the tokens in the cache including
-  the Tq new ones, so query t of row b sits at slot lengths[b] - Tq + t; causal.
+  the Tq new ones, so query t of row b sits at slot lengths[b] - Tq + t; causal, and within
+  sliding_window of the query if set. softcap as in `attention`.
 
   Every `impl` runs XLA here: the query offsets depend on runtime lengths, and for decoding
   (Tq small) this is a memory-bound pass over the cache that XLA already does well. Serving
@@ -118,4 +125,4 @@ def cached_attention(q, k, v, lengths, *, sliding_window=None, scale=None, impl=
   mask = kj <= q_slot[:, :, None]
   if sliding_window is not None:
     mask &= q_slot[:, :, None] - kj < sliding_window
-  return _attend(q, k, v, mask, scale)
+  return _attend(q, k, v, mask, scale, softcap=softcap)

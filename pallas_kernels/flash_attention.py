@@ -1,11 +1,12 @@
 """FlashAttention-2 (Dao 2023, Alg. 1 forward, Alg. 2 backward) as Pallas kernels.
 
-  o = flash_attention(q, k, v, causal=True, segment_ids=None, sliding_window=None)
+  o = flash_attention(q, k, v, causal=True, segment_ids=None, sliding_window=None, softcap=None)
 
 q [B, T, Hq, D], k/v [B, S, Hkv, D], Hq % Hkv == 0 (GQA: query head h reads KV head h // G,
 G = Hq // Hkv, through the kernels' index maps; K/V are never repeated in memory). Key j is
 visible to query i iff (not causal or j <= i) and (sliding_window is None or i - j < window)
-and the two tokens share a segment id. Rows with no visible key output 0.
+and the two tokens share a segment id. Rows with no visible key output 0. softcap (Gemma 2)
+bends the scaled scores to softcap * tanh(s / softcap) before the mask and the softmax.
 
 The kernels pad T and S to whole blocks and mask the padding, so any length works; inputs may be
 bf16 or f32 (scores, softmax statistics and accumulators are f32). The backward pass is two
@@ -89,6 +90,11 @@ def _split_segment_ids(segment_ids, t, s):
   return q_seg.astype(jnp.int32), kv_seg.astype(jnp.int32)
 
 
+def soft_cap(logits, softcap):
+  """Gemma 2's attention logit soft-capping (Gemma Team 2024, Sec. 2): c tanh(s / c)."""
+  return logits if softcap is None else softcap * jnp.tanh(logits / softcap)
+
+
 def attention_mask(t, s, *, causal, sliding_window, q_seg=None, kv_seg=None):
   """bool [B or 1, T, S]: True where key j is visible to query i."""
   i = jnp.arange(t)[:, None]
@@ -105,7 +111,7 @@ def attention_mask(t, s, *, causal, sliding_window, q_seg=None, kv_seg=None):
 
 
 def flash_attention_reference(q, k, v, *, causal=True, segment_ids=None, sliding_window=None,
-                              scale=None):
+                              scale=None, softcap=None):
   """Plain-jnp attention with the semantics of `flash_attention`, computed in f32.
 
   GQA by reshaping q to [B, T, K, G, H]; nothing is repeated. Returns q.dtype.
@@ -118,6 +124,7 @@ def flash_attention_reference(q, k, v, *, causal=True, segment_ids=None, sliding
                         kv_seg=kv_seg)
   qg = q.astype(jnp.float32).reshape(b, t, kh, n // kh, h)
   logits = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k.astype(jnp.float32)) * scale
+  logits = soft_cap(logits, softcap)
   logits = jnp.where(mask[:, None, None], logits, -jnp.inf)
   m = jnp.max(logits, axis=-1, keepdims=True)
   p = jnp.exp(logits - jnp.where(jnp.isfinite(m), m, 0.0))  # fully masked rows: p = 0
@@ -135,6 +142,7 @@ class _Static:
   causal: bool
   window: int | None
   scale: float
+  softcap: float | None
   block_sizes: BlockSizes | None
   interpret: bool | pltpu.InterpretParams
   backend: str  # the kernel variant, "tpu" or "gpu"
@@ -145,7 +153,7 @@ def _run(cfg, name, q, *args):
   module = _flash_tpu if cfg.backend == "tpu" else _flash_gpu
   blocks = cfg.block_sizes or BlockSizes.get_default(cfg.backend, q.shape[-1], q.dtype)
   return getattr(module, name)(q, *args, causal=cfg.causal, window=cfg.window, scale=cfg.scale,
-                               blocks=blocks, interpret=cfg.interpret)
+                               softcap=cfg.softcap, blocks=blocks, interpret=cfg.interpret)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -166,16 +174,18 @@ def _flash_bwd(cfg, res, do):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-@functools.partial(jax.jit, static_argnames=("causal", "sliding_window", "scale", "impl",
-                                             "block_sizes", "interpret", "backend"))
+@functools.partial(jax.jit, static_argnames=("causal", "sliding_window", "scale", "softcap",
+                                             "impl", "block_sizes", "interpret", "backend"))
 def flash_attention(q, k, v, *, causal=True, segment_ids=None, sliding_window=None, scale=None,
-                    impl="auto", block_sizes=None, interpret=None, backend=None):
+                    softcap=None, impl="auto", block_sizes=None, interpret=None, backend=None):
   """FlashAttention-2 over q [B,T,Hq,D], k/v [B,S,Hkv,D] -> [B,T,Hq,D] in q.dtype.
 
   segment_ids: None, int [B, T] (requires T == S) or a pair ([B, T], [B, S]); tokens attend only
     within their segment (packed documents).
   sliding_window: key j is visible to query i only if i - j < sliding_window.
   scale: softmax scale, default D ** -0.5.
+  softcap: if set (> 0), scores s = scale * q.k become softcap * tanh(s / softcap) before the
+    mask and the softmax (Gemma 2's attention logit soft-capping); the gradients go through it.
   impl: "auto" (the kernel where `paths.attention_path` says it is compile-tested, else the
     XLA reference), "xla" or "pallas"; decided for the platform the program is lowered for.
   block_sizes: a `BlockSizes`; None takes `BlockSizes.get_default` of the backend.
@@ -196,22 +206,25 @@ def flash_attention(q, k, v, *, causal=True, segment_ids=None, sliding_window=No
     raise ValueError(f"query heads Hq={hq} must be a multiple of KV heads Hkv={k.shape[2]}")
   if sliding_window is not None and sliding_window < 1:
     raise ValueError(f"sliding_window must be >= 1 or None, got {sliding_window}")
+  if softcap is not None and not softcap > 0:
+    raise ValueError(f"softcap must be > 0 or None, got {softcap}")
   if backend is not None and backend not in BACKENDS:
     raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
   scale = float(d ** -0.5 if scale is None else scale)
+  softcap = None if softcap is None else float(softcap)
   q_seg, kv_seg = _split_segment_ids(segment_ids, t, k.shape[1])
   for name, seg, n in (("q", q_seg, t), ("kv", kv_seg, k.shape[1])):
     if seg is not None and seg.shape != (b, n):
       raise ValueError(f"{name} segment ids must be [B={b}, {n}], got {seg.shape}")
 
   def kernel(variant, interpret):
-    cfg = _Static(causal=bool(causal), window=sliding_window, scale=scale,
+    cfg = _Static(causal=bool(causal), window=sliding_window, scale=scale, softcap=softcap,
                   block_sizes=block_sizes, interpret=interpret, backend=variant)
     return lambda *args: _flash(*args, cfg)
 
   def xla(q, k, v, q_seg, kv_seg):
     return flash_attention_reference(q, k, v, causal=causal, sliding_window=sliding_window,
-                                     scale=scale,
+                                     scale=scale, softcap=softcap,
                                      segment_ids=None if q_seg is None else (q_seg, kv_seg))
 
   path_of = lambda platform: attention_path(platform, head_dim=d, dtype=q.dtype,

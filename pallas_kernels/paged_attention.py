@@ -1,22 +1,28 @@
 """PagedAttention (Kwon et al. 2023) for decoding: new tokens against a paged KV cache.
 
-  o = paged_attention(q, k_pages, v_pages, lengths, page_indices)
+  o = paged_attention(q, k_pages, v_pages, lengths, page_indices, sliding_window=None,
+                      softcap=None)
 
 q [B, Hq, D] (one new token per sequence) or [B, Tq, Hq, D] (several: speculative verification,
 chunked prefill); k_pages, v_pages [Hkv, num_pages, page_size, D] (the shared page pool);
 lengths int32[B], tokens in the cache including the Tq new ones; page_indices int32[B, P_seq],
 the page table: position p of sequence b lives in slot p % page_size of physical page
 page_indices[b, p // page_size]. Query t of row b sits at position lengths[b] - Tq + t and sees
-positions <= its own (causal among the new tokens).
+positions <= its own (causal among the new tokens) and, with a sliding_window (Mistral, Gemma 2),
+only the last sliding_window of them: key j is visible to query position i iff j <= i and
+i - j < sliding_window, as in `flash_attention`. softcap (Gemma 2) bends the scaled scores to
+softcap * tanh(s / softcap) before the mask and the softmax.
 
 A program handles a (sequence, KV head) pair and a block of the G * Tq query rows that read
 that head (row t * G + g: query head g of the group at new token t), so each page is read once
 per KV head and row block (GQA without repeating K/V). Decoding and speculative verification fit
 one row block; a prefill chunk of hundreds of tokens spans several, which bounds the
 accumulators a program holds (f32 [rows, D] in registers on GPU, in VMEM on TPU). Pages at or
-past the last position a row block can see are never read. Long contexts can be split over
-pages (flash-decoding, Dao et al. 2023): each split emits a partial output and its
-log-sum-exp, and `_combine` merges them.
+past the last position a row block can see are never read, nor, with a sliding window, pages
+wholly before the first one it can see: a block's sweep starts at its window's first page, so
+the TPU grid and the GPU loop are as long as the window, not the page table. Long contexts can
+be split over pages (flash-decoding, Dao et al. 2023): each split emits a partial output and
+its log-sum-exp, and `_combine` merges them.
 
 TPU (Mosaic): the page table and lengths are scalar-prefetched into SMEM
 (`pltpu.PrefetchScalarGridSpec`); each grid step reads `pages_per_compute_block` pages through
@@ -38,6 +44,7 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import _flash_common as fc
+from pallas_kernels.flash_attention import soft_cap
 from pallas_kernels.paths import attention_path, dispatch
 
 LANES = 128
@@ -66,8 +73,13 @@ def gather_pages(pages, page_indices):
   return x.reshape(hkv, b, pps * page_size, d).transpose(1, 2, 0, 3)
 
 
-def paged_attention_reference(q, k_pages, v_pages, lengths, page_indices, *, scale=None):
-  """Plain jnp: gather each sequence's pages, then dense causal attention in f32."""
+def paged_attention_reference(q, k_pages, v_pages, lengths, page_indices, *, scale=None,
+                              sliding_window=None, softcap=None):
+  """Plain jnp: gather each sequence's pages, then dense causal attention in f32.
+
+  Arguments as `paged_attention`'s; slots no query can see (past the length, or before the
+  first query's window) are zeroed first, so stale pages may hold anything, NaN included.
+  """
   q4, single = _as_4d(q)
   b, tq, hq, d = q4.shape
   hkv = k_pages.shape[0]
@@ -76,12 +88,18 @@ def paged_attention_reference(q, k_pages, v_pages, lengths, page_indices, *, sca
   v = gather_pages(v_pages, page_indices).astype(jnp.float32)
   s = k.shape[1]
   # Slots at or past the length hold stale data (maybe NaN): zero them so 0 * NaN never occurs.
-  valid = (jnp.arange(s)[None, :] < lengths[:, None])[:, :, None, None]
+  # So may slots before the earliest window, whose pages a server may have recycled.
+  valid = jnp.arange(s)[None, :] < lengths[:, None]
+  if sliding_window is not None:
+    valid &= jnp.arange(s)[None, :] > lengths[:, None] - tq - sliding_window
+  valid = valid[:, :, None, None]
   k, v = jnp.where(valid, k, 0.0), jnp.where(valid, v, 0.0)
   pos = lengths[:, None] - tq + jnp.arange(tq)[None, :]  # [B, Tq]
   mask = jnp.arange(s)[None, None, :] <= pos[:, :, None]  # [B, Tq, S]
+  if sliding_window is not None:
+    mask &= pos[:, :, None] - jnp.arange(s)[None, None, :] < sliding_window
   qg = q4.astype(jnp.float32).reshape(b, tq, hkv, hq // hkv, d)
-  logits = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k) * scale
+  logits = soft_cap(jnp.einsum("BTKGH,BSKH->BKGTS", qg, k) * scale, softcap)
   logits = jnp.where(mask[:, None, None], logits, -jnp.inf)
   m = jnp.max(logits, axis=-1, keepdims=True)
   p = jnp.exp(logits - jnp.where(jnp.isfinite(m), m, 0.0))
@@ -118,6 +136,25 @@ def _visible(length, block, *, rows_per_block, tq, g):
   return length - (tq - 1 - last_t)
 
 
+def _window_start(length, block, *, rows_per_block, tq, g, window):
+  """The first position row block `block` can see (0 without a window): its first token's
+  query position - window + 1; every earlier slot is masked for all of its rows."""
+  if window is None:
+    return 0
+  first_t = fc.idiv(block * rows_per_block, g)
+  return fc.imax(length - tq + first_t - window + 1, 0)
+
+
+def _window_pages(*, rows_per_block, tq, g, window, page_size, pps):
+  """The most pages one row block's positions can span: its window plus its tokens' spread
+  (a static bound, so the grid or loop is as long as the window rather than the page table)."""
+  if window is None:
+    return pps
+  tokens = min(tq, (rows_per_block - 1) // g + 2)  # a block of rows touches at most these
+  span = window + tokens - 1  # positions from the first token's window to the last token
+  return min(pps, -(-(span - 1) // page_size) + 1)  # + 1: the span need not start a page
+
+
 def _ungroup(o, b, tq, hq, d):
   hkv = o.shape[1]
   o = o[:, :, :(hq // hkv) * tq].reshape(b, hkv, tq, hq // hkv, d)
@@ -141,21 +178,39 @@ def _combine(o_part, lse_part):
 # ------------------------------------------------------------------------------------- TPU
 
 
-def logical_page(length, step, j, *, page_size, ppcb, pps):
+def logical_page(length, step, j, *, page_size, ppcb, pps, start=None):
   """The page (index into the row's page table) that input j reads at grid step `step`.
 
-  Steps past the length are clamped to the last step that holds tokens, and inputs past the
-  last valid page to that page, so the index map repeats the previous block and Mosaic issues no
-  new DMA; the kernel skips their compute. Only pages holding tokens are ever named (page 0 for
-  an empty sequence).
+  Steps count from the page holding position `start` (a sliding window's first visible
+  position; None: page 0). Steps past the length are clamped to the last step that holds
+  tokens, and inputs past the last valid page to that page, so the index map repeats the
+  previous block and Mosaic issues no new DMA; the kernel skips their compute. Only pages
+  holding tokens, and none wholly before `start`, are ever named (page 0 for an empty sequence).
   """
   n_valid = fc.imin(fc.imax(fc.idiv(length + page_size - 1, page_size), 1), pps)
-  step = fc.imin(step, fc.idiv(n_valid - 1, ppcb))
-  return fc.imin(step * ppcb + j, n_valid - 1)
+  if start is None:
+    step = fc.imin(step, fc.idiv(n_valid - 1, ppcb))
+    return fc.imin(step * ppcb + j, n_valid - 1)
+  first = fc.imin(fc.idiv(start, page_size), n_valid - 1)
+  step = fc.imin(step, fc.idiv(n_valid - 1 - first, ppcb))
+  return fc.imin(first + step * ppcb + j, n_valid - 1)
 
 
-def _tpu_kernel(lengths_ref, pages_ref, back_ref, q_ref, *refs, scale, page_size, ppcb, steps,
-                visible):
+def _sees(k_pos, q_pos, window):
+  """Key positions visible from query positions: causal, and within the window if any."""
+  mask = k_pos <= q_pos
+  return mask if window is None else mask & (q_pos - k_pos < window)
+
+
+def _readable(pos, length, start):
+  """Slots a row block may use: before the length and, with a window, from its first visible
+  position `start`. Others may hold stale data, maybe NaN (and 0 * NaN would spread)."""
+  ok = pos < length
+  return ok if start is None else ok & (pos >= start)
+
+
+def _tpu_kernel(lengths_ref, pages_ref, back_ref, q_ref, *refs, scale, softcap, window,
+                page_size, ppcb, steps, visible, window_start):
   """One step: `ppcb` pages of one (sequence, KV head, row block, split); FlashAttention-2 Alg. 1
   update."""
   k_refs, v_refs = refs[:ppcb], refs[ppcb:2 * ppcb]
@@ -163,6 +218,10 @@ def _tpu_kernel(lengths_ref, pages_ref, back_ref, q_ref, *refs, scale, page_size
   b, block, split, i = pl.program_id(0), pl.program_id(2), pl.program_id(3), pl.program_id(4)
   length = lengths_ref[b]
   first = (split * steps + i) * ppcb  # first logical page of this step
+  start = None
+  if window is not None:  # steps count from the window's first page (`logical_page`)
+    start = window_start(length, block)
+    first = first + fc.idiv(start, page_size)
 
   @pl.when(i == 0)
   def _init():
@@ -177,12 +236,13 @@ def _tpu_kernel(lengths_ref, pages_ref, back_ref, q_ref, *refs, scale, page_size
       return jnp.concatenate([r[...].astype(jnp.float32) for r in rs], axis=0)
 
     k, v = join(k_refs).astype(q_ref.dtype), join(v_refs)
-    s = fc.dot(q_ref[...], k, fc.NT_DIMS) * scale
+    s, _ = fc.capped_scores(fc.dot(q_ref[...], k, fc.NT_DIMS) * scale, softcap)
     k_pos = first * page_size + lax.broadcasted_iota(jnp.int32, s.shape, 1)
     q_pos = length - 1 - fc.widen(back_ref[...], s.shape[1])
     v_pos = first * page_size + lax.broadcasted_iota(jnp.int32, v.shape, 0)
-    v = jnp.where(v_pos < length, v, 0.0).astype(q_ref.dtype)  # stale slots may hold NaN
-    m, l, acc = fc.online_softmax_step(s, k_pos <= q_pos, m_sc[...], l_sc[...], acc_sc[...], v)
+    v = jnp.where(_readable(v_pos, length, start), v, 0.0).astype(q_ref.dtype)
+    m, l, acc = fc.online_softmax_step(s, _sees(k_pos, q_pos, window), m_sc[...], l_sc[...],
+                                       acc_sc[...], v)
     m_sc[...], l_sc[...], acc_sc[...] = m, l, acc
 
   @pl.when(i == steps - 1)
@@ -192,8 +252,8 @@ def _tpu_kernel(lengths_ref, pages_ref, back_ref, q_ref, *refs, scale, page_size
     lse_ref[...] = lse
 
 
-def _paged_tpu(q4, k_pages, v_pages, lengths, page_indices, *, scale, ppcb, num_splits,
-               max_rows, interpret):
+def _paged_tpu(q4, k_pages, v_pages, lengths, page_indices, *, scale, softcap, window, ppcb,
+               num_splits, max_rows, interpret):
   b, tq, hq, d = q4.shape
   hkv, _, page_size, _ = k_pages.shape
   pps = page_indices.shape[1]
@@ -205,23 +265,30 @@ def _paged_tpu(q4, k_pages, v_pages, lengths, page_indices, *, scale, ppcb, num_
   qs = _group_queries(q4, hkv, rows)
   back = jnp.broadcast_to(jnp.asarray(_rows_back(tq, g, rows))[:, None], (rows, LANES))
   visible = functools.partial(_visible, rows_per_block=block_rows, tq=tq, g=g)
-  ppcb = ppcb or max(1, min(pps, 256 // page_size))
-  total_steps = -(-pps // ppcb)
+  window_start = functools.partial(_window_start, rows_per_block=block_rows, tq=tq, g=g,
+                                   window=window)
+  span = _window_pages(rows_per_block=block_rows, tq=tq, g=g, window=window,
+                       page_size=page_size, pps=pps)
+  ppcb = ppcb or max(1, min(span, 256 // page_size))
+  total_steps = -(-span // ppcb)
   num_splits = num_splits or (min(2, total_steps) if b * hkv * n_blocks == 1 else 1)
   steps = -(-total_steps // num_splits)
 
   def page_index(j):
     def index_map(bi, h, block, split, i, lengths_ref, pages_ref):
-      page = logical_page(visible(lengths_ref[bi], block), split * steps + i, j,
-                          page_size=page_size, ppcb=ppcb, pps=pps)
+      length = lengths_ref[bi]
+      start = None if window is None else window_start(length, block)
+      page = logical_page(visible(length, block), split * steps + i, j, page_size=page_size,
+                          ppcb=ppcb, pps=pps, start=start)
       return h, pages_ref[bi * pps + page], 0, 0
     return index_map
 
   page_specs = [pl.BlockSpec((None, None, page_size, d), page_index(j)) for j in range(ppcb)]
   part_spec = lambda w: pl.BlockSpec((None, None, None, block_rows, w),
                                      lambda bi, h, block, split, i, *_: (bi, h, split, block, 0))
-  kernel = functools.partial(_tpu_kernel, scale=scale, page_size=page_size, ppcb=ppcb,
-                             steps=steps, visible=visible)
+  kernel = functools.partial(_tpu_kernel, scale=scale, softcap=softcap, window=window,
+                             page_size=page_size, ppcb=ppcb, steps=steps, visible=visible,
+                             window_start=window_start)
   o, lse = pl.pallas_call(
       kernel,
       grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -258,13 +325,18 @@ def _broadcast_dot(a, b, dims, precision=None):
 
 
 def _gpu_kernel(lengths_ref, pages_ref, back_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale,
-                page_size, pages_per_split, pps, precision, visible):
+                softcap, window, page_size, pages_per_split, pps, precision, visible,
+                window_start):
   """One (sequence, KV head, split, row block): loop over the split's pages its rows can see."""
   matmul = fc.dot if page_size >= GPU_MIN_ROWS else _broadcast_dot
   b, split, block = pl.program_id(0), pl.program_id(2), pl.program_id(3)
   length = lengths_ref[b]
   n_valid = jnp.minimum(lax.div(visible(length, block) + page_size - 1, page_size), pps)
   lo = split * pages_per_split
+  start = None
+  if window is not None:  # the splits share out the pages from the window's first one
+    start = window_start(length, block)
+    lo = lo + fc.idiv(start, page_size)
   hi = jnp.minimum(lo + pages_per_split, n_valid)  # pages no row sees are never read
   q = q_ref[...]
   q_pos = (length - 1 - back_ref[...])[:, None]
@@ -272,11 +344,11 @@ def _gpu_kernel(lengths_ref, pages_ref, back_ref, q_ref, k_ref, v_ref, o_ref, ls
   def body(lp, carry):
     page = pages_ref[lp]
     k, v = k_ref[page], v_ref[page]
-    s = matmul(q, k, fc.NT_DIMS, precision) * scale
+    s, _ = fc.capped_scores(matmul(q, k, fc.NT_DIMS, precision) * scale, softcap)
     k_pos = lp * page_size + lax.broadcasted_iota(jnp.int32, s.shape, 1)
     v_pos = lp * page_size + lax.broadcasted_iota(jnp.int32, v.shape, 0)
-    v = jnp.where(v_pos < length, v, jnp.zeros_like(v))  # stale slots may hold NaN
-    return fc.online_softmax_step(s, k_pos <= q_pos, *carry, v, precision, matmul)
+    v = jnp.where(_readable(v_pos, length, start), v, jnp.zeros_like(v))
+    return fc.online_softmax_step(s, _sees(k_pos, q_pos, window), *carry, v, precision, matmul)
 
   rows = q.shape[0]
   init = (jnp.full((rows, 1), -jnp.inf, jnp.float32), jnp.zeros((rows, 1), jnp.float32),
@@ -286,15 +358,16 @@ def _gpu_kernel(lengths_ref, pages_ref, back_ref, q_ref, k_ref, v_ref, o_ref, ls
   lse_ref[...] = lse.reshape(rows)
 
 
-def _paged_gpu(q4, k_pages, v_pages, lengths, page_indices, *, scale, num_splits, max_rows,
-               interpret):
+def _paged_gpu(q4, k_pages, v_pages, lengths, page_indices, *, scale, softcap, window,
+               num_splits, max_rows, interpret):
   b, tq, hq, d = q4.shape
   hkv, num_pages, page_size, _ = k_pages.shape
   pps = page_indices.shape[1]
   path = attention_path("cuda", head_dim=d, dtype=q4.dtype, page_size=page_size, impl="pallas")
   if path.impl == "xla":
     # Raising instead would break lowering for TPU: platform_dependent traces every branch.
-    return paged_attention_reference(q4, k_pages, v_pages, lengths, page_indices, scale=scale)
+    return paged_attention_reference(q4, k_pages, v_pages, lengths, page_indices, scale=scale,
+                                     sliding_window=window, softcap=softcap)
   g = hq // hkv
   block_rows = min(fc.next_pow2(max(g * tq, GPU_MIN_ROWS)),
                    max_rows or max(GPU_MIN_ROWS, GPU_ROW_ELEMENTS // d))
@@ -302,14 +375,19 @@ def _paged_gpu(q4, k_pages, v_pages, lengths, page_indices, *, scale, num_splits
   n_blocks = rows // block_rows
   qs = _group_queries(q4, hkv, rows)
   back = jnp.asarray(_rows_back(tq, g, rows))
+  span = _window_pages(rows_per_block=block_rows, tq=tq, g=g, window=window,
+                       page_size=page_size, pps=pps)
   # Flash-decoding split: enough programs to fill the GPU, but >= 8 pages per split.
-  num_splits = num_splits or int(np.clip(-(-256 // (b * hkv * n_blocks)), 1, -(-pps // 8)))
-  pages_per_split = -(-pps // num_splits)
+  num_splits = num_splits or int(np.clip(-(-256 // (b * hkv * n_blocks)), 1, -(-span // 8)))
+  pages_per_split = -(-span // num_splits)
   pool_spec = pl.BlockSpec((None, num_pages, page_size, d), lambda bi, h, s, r: (h, 0, 0, 0))
   kernel = functools.partial(
-      _gpu_kernel, scale=scale, page_size=page_size, pages_per_split=pages_per_split, pps=pps,
+      _gpu_kernel, scale=scale, softcap=softcap, window=window, page_size=page_size,
+      pages_per_split=pages_per_split, pps=pps,
       precision=lax.Precision.HIGHEST if q4.dtype == jnp.float32 else None,
-      visible=functools.partial(_visible, rows_per_block=block_rows, tq=tq, g=g))
+      visible=functools.partial(_visible, rows_per_block=block_rows, tq=tq, g=g),
+      window_start=functools.partial(_window_start, rows_per_block=block_rows, tq=tq, g=g,
+                                     window=window))
   o, lse = pl.pallas_call(
       kernel,
       grid=(b, hkv, num_splits, n_blocks),
@@ -333,16 +411,22 @@ def _paged_gpu(q4, k_pages, v_pages, lengths, page_indices, *, scale, num_splits
 # ---------------------------------------------------------------------------------- public
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "impl", "pages_per_compute_block",
-                                             "num_splits", "rows_per_block", "interpret",
-                                             "backend"))
-def paged_attention(q, k_pages, v_pages, lengths, page_indices, *, scale=None, impl="auto",
-                    pages_per_compute_block=None, num_splits=None, rows_per_block=None,
-                    interpret=None, backend=None):
+@functools.partial(jax.jit, static_argnames=("scale", "sliding_window", "softcap", "impl",
+                                             "pages_per_compute_block", "num_splits",
+                                             "rows_per_block", "interpret", "backend"))
+def paged_attention(q, k_pages, v_pages, lengths, page_indices, *, scale=None,
+                    sliding_window=None, softcap=None, impl="auto", pages_per_compute_block=None,
+                    num_splits=None, rows_per_block=None, interpret=None, backend=None):
   """Attention of new tokens over a paged KV cache. Returns q's shape and dtype.
 
   q [B, Hq, D] or [B, Tq, Hq, D]; k_pages, v_pages [Hkv, num_pages, page_size, D];
   lengths int32[B] (cache tokens including the new ones); page_indices int32[B, pages_per_seq].
+  scale: softmax scale, default D ** -0.5.
+  sliding_window: the query at position i sees key j only if i - j < sliding_window (and
+    j <= i). Pages wholly before every query's window are never read, so their table entries
+    may name recycled pages.
+  softcap: if set (> 0), scores s = scale * q.k become softcap * tanh(s / softcap) before the
+    mask and the softmax (Gemma 2).
   impl: "auto" (the kernel where `paths.attention_path` says it is compile-tested, else the XLA
     reference), "xla" or "pallas"; decided for the platform the program is lowered for.
   pages_per_compute_block: pages per TPU grid step (default: 256 tokens' worth).
@@ -371,18 +455,24 @@ def paged_attention(q, k_pages, v_pages, lengths, page_indices, *, scale=None, i
                                      or rows_per_block & (rows_per_block - 1)):
     raise ValueError(f"rows_per_block must be a power of two >= {GPU_MIN_ROWS} or None, got "
                      f"{rows_per_block}")
+  if sliding_window is not None and sliding_window < 1:
+    raise ValueError(f"sliding_window must be >= 1 or None, got {sliding_window}")
+  if softcap is not None and not softcap > 0:
+    raise ValueError(f"softcap must be > 0 or None, got {softcap}")
   scale = float(d ** -0.5 if scale is None else scale)
+  softcap = None if softcap is None else float(softcap)
   lengths, page_indices = lengths.astype(jnp.int32), page_indices.astype(jnp.int32)
+  statics = dict(scale=scale, softcap=softcap, window=sliding_window, num_splits=num_splits,
+                 max_rows=rows_per_block)
 
   def kernel(variant, interpret):
     if variant == "gpu":
-      return functools.partial(_paged_gpu, scale=scale, num_splits=num_splits,
-                               max_rows=rows_per_block, interpret=interpret)
-    return functools.partial(_paged_tpu, scale=scale, ppcb=pages_per_compute_block,
-                             num_splits=num_splits, max_rows=rows_per_block,
-                             interpret=interpret)
+      return functools.partial(_paged_gpu, interpret=interpret, **statics)
+    return functools.partial(_paged_tpu, ppcb=pages_per_compute_block, interpret=interpret,
+                             **statics)
 
-  xla = functools.partial(paged_attention_reference, scale=scale)
+  xla = functools.partial(paged_attention_reference, scale=scale, sliding_window=sliding_window,
+                          softcap=softcap)
   path_of = lambda platform: attention_path(platform, head_dim=d, dtype=q.dtype,
                                             kv_dtype=k_pages.dtype,
                                             page_size=k_pages.shape[2], impl=impl)

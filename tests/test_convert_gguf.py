@@ -273,8 +273,13 @@ def test_unsupported_architecture(tmp_path):
 
 
 def test_unsupported_tokenizer_model(tmp_path):
-  write_gguf(tmp_path / "m.gguf", tokenizer_model="llama")
-  with pytest.raises(ConversionError, match=r"tokenizer.ggml.model='llama' is not supported"):
+  write_gguf(tmp_path / "m.gguf", tokenizer_model="t5")
+  with pytest.raises(ConversionError, match=r"m\.gguf: tokenizer.ggml.model='t5' is not "
+                     r"supported \(supported: 'gpt2', byte-level BPE; 'llama', SentencePiece\)"):
+    load_gguf(str(tmp_path / "m.gguf"))
+  write_gguf(tmp_path / "m.gguf", tokenizer_model="llama")  # SentencePiece without scores
+  with pytest.raises(ConversionError, match=r"m\.gguf: tokenizer.ggml.model='llama' "
+                     r"\(SentencePiece\) needs 'tokenizer.ggml.scores'"):
     load_gguf(str(tmp_path / "m.gguf"))
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
 
+from attention_oracle import dense_attention, position_mask
 from pallas_kernels import _flash_common as fc
 from pallas_kernels.attention import attention, cached_attention
 from pallas_kernels.flash_attention import BlockSizes, flash_attention, flash_attention_reference
@@ -72,7 +73,7 @@ def _assert_close(got, want, tol, what):
 # ------------------------------------------------------------------------------- references
 
 
-def _numpy_attention(q, k, v, mask, scale):
+def _numpy_attention(q, k, v, mask, scale, softcap=None):
   """Loops, one query and head at a time. q [T,Hq,D], k/v [S,Hkv,D], mask [T,S]."""
   t, hq, d = q.shape
   g = hq // k.shape[1]
@@ -83,6 +84,8 @@ def _numpy_attention(q, k, v, mask, scale):
       if not keys:
         continue  # a fully masked row outputs 0
       logits = np.array([scale * np.dot(q[i, h], k[j, h // g]) for j in keys])
+      if softcap is not None:
+        logits = softcap * np.tanh(logits / softcap)
       w = np.exp(logits - logits.max())
       w /= w.sum()
       o[i, h] = sum(wj * v[j, h // g] for wj, j in zip(w, keys))
@@ -101,18 +104,27 @@ def test_reference_matches_hand_computed_2x3():
   full = np.ones((2, 3), bool)
   np.testing.assert_allclose(_numpy_attention(q, k, v, full, scale)[0, 0], expected, rtol=1e-12)
   args = [jnp.asarray(x[None], jnp.float32) for x in (q, k, v)]
+  # Capped at 0.3, query 0 head 0's logits 0.5 * (1, 0, 1) become 0.3 tanh(5/3) * (1, 0, 1).
+  w = np.array([np.exp(0.3 * np.tanh(5 / 3)), 1.0, np.exp(0.3 * np.tanh(5 / 3))])
+  np.testing.assert_allclose(_numpy_attention(q, k, v, full, scale, softcap=0.3)[0, 0],
+                             (w[:, None] * v[:, 0]).sum(0) / w.sum(), rtol=1e-12)
   cases = [
       (dict(causal=False), full),
       (dict(causal=True), np.tril(full)),
       (dict(causal=False, sliding_window=1), np.array([[1, 1, 1], [0, 1, 1]], bool)),
+      (dict(causal=True, softcap=0.3), np.tril(full)),
       # Query 1 is in segment 7 that no key has: a fully masked row, output 0.
       (dict(causal=False, segment_ids=(jnp.array([[0, 7]]), jnp.array([[0, 0, 1]]))),
        np.array([[1, 1, 0], [0, 0, 0]], bool)),
   ]
   for kwargs, mask in cases:
     got = flash_attention_reference(*args, scale=scale, **kwargs)[0]
-    np.testing.assert_allclose(got, _numpy_attention(q, k, v, mask, scale), atol=1e-6,
-                               err_msg=str(kwargs))
+    want = _numpy_attention(q, k, v, mask, scale, softcap=kwargs.get("softcap"))
+    np.testing.assert_allclose(got, want, atol=1e-6, err_msg=str(kwargs))
+    # The dense oracle of the soft-capping and sliding-window tests, on the same case.
+    oracle = dense_attention(*args, jnp.asarray(mask[None]), scale=scale,
+                             softcap=kwargs.get("softcap"))[0]
+    np.testing.assert_allclose(oracle, want, atol=1e-6, err_msg=str(kwargs))
   np.testing.assert_allclose(got[1], 0.0)
 
 
@@ -178,6 +190,47 @@ def test_kernel_matches_reference(case):
     _assert_close(got, want, TOL[dtype], name)
 
 
+# Gemma 2 and Mistral: soft-capping (forward and backward through tanh) and windows shorter than
+# the sequence, against the dense oracle (tests/attention_oracle.py) with an explicit mask. q is
+# scaled up so the scores (std ~4) reach the cap's bend.
+# (B, T, S, Hq, Hkv, D, causal, window, softcap, segments, dtype, block_sizes, backend)
+CAP_CASES = [
+    (1, 130, 130, 8, 2, 64, True, 40, 5.0, False, jnp.float32, B64, "tpu"),
+    (2, 70, 70, 6, 2, 64, True, None, 3.0, True, jnp.float32, None, "tpu"),
+    (1, 130, 130, 8, 2, 64, True, 40, 5.0, False, jnp.float32, B64, "gpu"),
+    (1, 33, 100, 4, 1, 128, False, 20, 2.0, False, jnp.bfloat16, None, "gpu"),
+]
+
+
+@pytest.mark.parametrize("case", CAP_CASES, ids=lambda c: (
+    f"{c[-1]}-T{c[1]}-S{c[2]}-H{c[3]}:{c[4]}-D{c[5]}-{'causal' if c[6] else 'full'}-w{c[7]}"
+    f"-cap{c[8]}-{'seg' if c[9] else 'noseg'}-{jnp.dtype(c[10]).name}"))
+def test_softcap_and_window_match_dense_oracle(case):
+  b, t, s, hq, hkv, d, causal, window, softcap, seg, dtype, blocks, backend = case
+  q, k, v, do = _inputs(b, t, s, hq, hkv, d, dtype, seed=6)
+  q = (4 * q).astype(dtype)
+  mask = position_mask(np.arange(t), np.arange(s), causal=causal, window=window)[None]
+  segment_ids = None
+  if seg:
+    segment_ids = _packed_segments(b, t, seed=7)
+    mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
+  kwargs = dict(causal=causal, sliding_window=window, softcap=softcap, segment_ids=segment_ids)
+  oracle = _value_and_grads(functools.partial(dense_attention, mask=mask, scale=d ** -0.5,
+                                              softcap=softcap))
+  want = oracle(q, k, v, do)
+  runs = {"kernel": _value_and_grads(functools.partial(
+              flash_attention, impl="pallas", interpret=INTERPRET[backend], block_sizes=blocks,
+              backend=backend, **kwargs)),
+          "xla": _value_and_grads(functools.partial(flash_attention, impl="xla", **kwargs))}
+  for run_name, run in runs.items():
+    for name, got, ref in zip(("o", "dq", "dk", "dv"), run(q, k, v, do), want):
+      assert got.dtype == dtype, name
+      _assert_close(got, ref, TOL[dtype], f"{run_name} {name}")
+  # The cap matters here: without it the output is far off.
+  uncapped = dense_attention(q, k, v, mask, scale=d ** -0.5)
+  assert np.max(np.abs(np.float32(want[0]) - uncapped)) > 0.1
+
+
 @pytest.mark.parametrize("backend", ["tpu", "gpu"])
 def test_fully_masked_rows_are_zero_with_finite_grads(backend):
   q, k, v, do = _inputs(1, 20, 20, 4, 2, 64, jnp.float32)
@@ -240,7 +293,7 @@ def test_block_ranges_skip_exactly_the_fully_masked_blocks():
 
 def test_attention_pallas_equals_xla():
   q, k, v, do = _inputs(2, 70, 70, 8, 2, 64, jnp.float32, seed=3)
-  kwargs = dict(segment_ids=_packed_segments(2, 70), sliding_window=24, causal=True)
+  kwargs = dict(segment_ids=_packed_segments(2, 70), sliding_window=24, causal=True, softcap=2.0)
   pallas = _value_and_grads(functools.partial(attention, impl="pallas", **kwargs))
   xla = _value_and_grads(functools.partial(attention, impl="xla", **kwargs))
   for name, a, b in zip(("o", "dq", "dk", "dv"), pallas(q, k, v, do), xla(q, k, v, do)):
@@ -274,3 +327,5 @@ def test_bad_shapes_are_reported():
     flash_attention(q, k, v, impl="pallas")
   with pytest.raises(ValueError, match="power of two"):
     BlockSizes(block_q=96)
+  with pytest.raises(ValueError, match="softcap"):
+    flash_attention(q, k[:, :, :3], v[:, :, :3], softcap=0.0)

@@ -79,8 +79,9 @@ def reference(cfg, params, x, mask=None):
 @pytest.mark.parametrize("router,norm", [("mixtral", True), ("mixtral", False),
                                          ("qwen3_moe", True), ("qwen3_moe", False)])
 @pytest.mark.parametrize("e", [4, 8])
-def test_output_matches_per_token_loop(router, norm, e):
-  cfg, params, x = make(e=e, router=router, norm_topk_prob=norm)
+@pytest.mark.parametrize("impl", ["ragged", "dense"])
+def test_output_matches_per_token_loop(router, norm, e, impl):
+  cfg, params, x = make(e=e, router=router, norm_topk_prob=norm, moe_impl=impl)
   y, aux = apply(cfg, params, x)
   y_ref, *_ = reference(cfg, params, x)
   np.testing.assert_allclose(y, y_ref, atol=1e-5, rtol=1e-5)
@@ -96,8 +97,9 @@ def test_output_with_k_1_and_k_equal_to_e(router):
 
 
 @pytest.mark.parametrize("masked", [False, True])
-def test_router_losses_by_hand(masked):
-  cfg, params, x = make(e=8, seed=1)
+@pytest.mark.parametrize("impl", ["ragged", "dense"])
+def test_router_losses_by_hand(masked, impl):
+  cfg, params, x = make(e=8, seed=1, moe_impl=impl)
   mask = np.ones((B, T), bool)
   if masked:
     mask[0, 3:] = mask[1, 4:] = False  # right padding
@@ -122,8 +124,9 @@ def test_uniform_router_balances_to_one():
 
 @pytest.mark.parametrize("factor", [0.25, 0.5, 1.0])
 @pytest.mark.parametrize("masked", [False, True])
-def test_capacity_drops_the_latest_assignments(factor, masked):
-  cfg, params, x = make(e=4, seed=2, capacity_factor=factor)
+@pytest.mark.parametrize("impl", ["ragged", "dense"])
+def test_capacity_drops_the_latest_assignments(factor, masked, impl):
+  cfg, params, x = make(e=4, seed=2, capacity_factor=factor, moe_impl=impl)
   params["router"][:, 0] += 2 * x.reshape(-1, D).mean(0)  # crowd expert 0
   mask = np.ones((B, T), bool)
   if masked:
@@ -141,8 +144,10 @@ def test_capacity_drops_the_latest_assignments(factor, masked):
     assert not np.allclose(dropless, y)
 
 
-def test_router_gets_gradients_from_output_and_aux_losses():
-  cfg, params, x = make(e=4, router_aux_loss_coef=0.01, router_z_loss_coef=0.001)
+@pytest.mark.parametrize("impl", ["ragged", "dense"])
+def test_router_gets_gradients_from_output_and_aux_losses(impl):
+  cfg, params, x = make(e=4, router_aux_loss_coef=0.01, router_z_loss_coef=0.001,
+                        moe_impl=impl)
   params = jax.tree.map(jnp.asarray, params)
 
   def loss(params, aux_only):

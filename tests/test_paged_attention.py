@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
 
+from attention_oracle import dense_attention, position_mask
 from pallas_kernels.attention import cached_attention
-from pallas_kernels.paged_attention import logical_page, paged_attention
+from pallas_kernels.paged_attention import (_visible, _window_pages, _window_start, logical_page,
+                                            paged_attention)
 from pallas_kernels.paged_attention import paged_attention_reference
 
 PAGE = 16
@@ -159,6 +161,76 @@ def test_pages_a_sequence_does_not_own_are_never_read(backend):
     np.testing.assert_allclose(got, clean[row], atol=1e-6)
 
 
+# Mistral / Gemma 2: a sliding window shorter than the cache, and soft-capping, with GQA, against
+# the dense oracle over the same keys held contiguously. Every slot a row's queries cannot see
+# (past its length, or before its first query's window) is NaN in the pool: recycled pages.
+# (B, Tq, Hq, Hkv, D, page_size, pages_per_seq, lengths, window, softcap, backend, kernel kwargs)
+WINDOW_CASES = [
+    (3, 1, 8, 2, 64, 16, 6, [5, 40, 96], 24, None, "tpu", dict(pages_per_compute_block=2)),
+    (3, 4, 8, 2, 64, 16, 6, [4, 40, 96], 20, 3.0, "tpu", dict(pages_per_compute_block=1)),
+    (2, 11, 9, 3, 64, 16, 5, [11, 80], 7, 2.0, "tpu", dict(rows_per_block=16, num_splits=2)),
+    (3, 1, 8, 2, 64, 16, 6, [5, 40, 96], None, 3.0, "gpu", {}),
+    (3, 4, 8, 2, 64, 8, 6, [4, 25, 48], 20, 3.0, "gpu", dict(num_splits=2)),
+    (2, 11, 9, 3, 64, 16, 5, [11, 80], 7, 2.0, "gpu", dict(rows_per_block=16)),
+]
+
+
+@pytest.mark.parametrize("case", WINDOW_CASES, ids=lambda c: (
+    f"{c[10]}-Tq{c[1]}-H{c[2]}:{c[3]}-page{c[5]}x{c[6]}-w{c[8]}-cap{c[9]}"))
+def test_window_and_softcap_match_dense_oracle(case):
+  b, tq, hq, hkv, d, page, pps, lengths, window, softcap, backend, extra = case
+  lengths = np.array(lengths, np.int32)
+  q, k, v, k_pages, v_pages, table, _ = _setup(b, tq, hq, hkv, d, pps, lengths, seed=3, page=page)
+  q = 4 * q  # scores of std ~4: the cap bends them
+  q_pos = lengths[:, None] - tq + np.arange(tq)  # [B, Tq]
+  mask = position_mask(q_pos, np.arange(pps * page), window=window)  # [B, Tq, S]
+  want = dense_attention(q, k, v, mask, scale=d ** -0.5, softcap=softcap)
+  seen = mask.any(axis=1)  # [B, S]: slots some query of the row sees
+  for row in range(b):
+    for pos in np.flatnonzero(~seen[row]):
+      k_pages[:, table[row, pos // page], pos % page] = np.nan
+      v_pages[:, table[row, pos // page], pos % page] = np.nan
+  k_pages[:, np.setdiff1d(np.arange(k_pages.shape[1]), table)] = np.nan
+  args = (jnp.asarray(q), jnp.asarray(k_pages), jnp.asarray(v_pages), jnp.asarray(lengths),
+          jnp.asarray(table))
+  kwargs = dict(sliding_window=window, softcap=softcap)
+  got = paged_attention(*args, impl="pallas", interpret=INTERPRET[backend], backend=backend,
+                        **kwargs, **extra)
+  np.testing.assert_allclose(got, want, atol=2e-5, err_msg="kernel")
+  np.testing.assert_allclose(paged_attention_reference(*args, **kwargs), want, atol=2e-5,
+                             err_msg="reference")
+  dense = cached_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(lengths),
+                           impl="xla", **kwargs)
+  np.testing.assert_allclose(dense, want, atol=2e-5, err_msg="cached_attention")
+
+
+def test_window_sweep_names_exactly_the_pages_in_the_window():
+  """With a window, a row block's sweep (TPU index maps; GPU loop bounds) starts at the page of
+  its first visible position and spans at most `_window_pages` pages: every page holding a
+  position some row of the block sees is named, and no page wholly before the window."""
+  for tq, g, rows_per_block, window, page_size, ppcb, pps in [
+      (1, 4, 8, 5, 4, 1, 12), (3, 2, 16, 9, 4, 2, 12), (11, 3, 16, 6, 8, 3, 8),
+      (16, 4, 16, 1, 4, 2, 12)]:
+    n_blocks = -(-tq * g // rows_per_block)
+    span = _window_pages(rows_per_block=rows_per_block, tq=tq, g=g, window=window,
+                         page_size=page_size, pps=pps)
+    steps = -(-span // ppcb)
+    for length in range(tq, pps * page_size + 1):
+      for block in range(n_blocks):
+        rows = np.arange(block * rows_per_block, min((block + 1) * rows_per_block, tq * g))
+        q_pos = length - tq + rows // g
+        seen = {pos // page_size for i in q_pos for pos in range(max(0, i - window + 1), i + 1)}
+        kw = dict(rows_per_block=rows_per_block, tq=tq, g=g)
+        start = _window_start(length, block, window=window, **kw)
+        visible = _visible(length, block, **kw)
+        named = {logical_page(visible, step, j, page_size=page_size, ppcb=ppcb, pps=pps,
+                              start=start) for step in range(steps) for j in range(ppcb)}
+        case = (tq, g, rows_per_block, window, page_size, length, block)
+        assert seen <= named, case
+        assert min(named) == start // page_size == min(seen), case
+        assert max(named) == max(seen), case
+
+
 def test_tpu_index_map_names_only_valid_pages_and_repeats_past_the_end():
   """On TPU a block spec DMAs whatever page its index map names, even on a step whose compute
   is skipped; so the map must name only pages holding tokens, and repeat itself once past the
@@ -192,3 +264,5 @@ def test_one_token_bf16_and_xla_impl():
   np.testing.assert_allclose(np.float32(paged_attention(*args, impl="xla")), np.float32(want))
   with pytest.raises(ValueError, match="impl"):
     paged_attention(*args, impl="mosaic")
+  with pytest.raises(ValueError, match="sliding_window"):
+    paged_attention(*args, sliding_window=0)

@@ -7,8 +7,8 @@ refuse would fail on the device; the memory plan they report is the device's. No
 nothing is allocated: inputs are ShapeDtypeStructs on a one-device mesh of the target.
 
 The grids cover every axis (target, dtype, head_dim, GQA ratio, segment ids, sliding window,
-lengths up to 32k that no block divides; paged decode, speculative verification and prefill
-chunks over a long page table) somewhere rather than their product. `impl="auto"` takes a kernel
+soft-capping, lengths up to 32k that no block divides; paged decode, speculative verification
+and prefill chunks over a long page table) somewhere rather than their product. `impl="auto"` takes a kernel
 only for the head dims, dtypes and page sizes these grids compile (pallas_kernels/paths.py),
 and `test_grids_cover_what_auto_takes` keeps the two in step.
 
@@ -108,6 +108,16 @@ def test_flash_forward_backward_compiles(target_devices, case):
     assert _peak(compiled) < 4 * hq * t * t / 16
 
 
+@pytest.mark.parametrize("target", ["v5e-1", "h100-1"])
+def test_flash_softcap_compiles(target_devices, target):
+  """Gemma 2's attention: soft-capped scores (tanh in the forward, its derivative in both
+  backward kernels) under a sliding window, with GQA."""
+  fn = _flash_grads(softcap=50.0, sliding_window=512)
+  shapes = [((1, 2048, 8, 128), BF16), ((1, 2048, 2, 128), BF16), ((1, 2048, 2, 128), BF16)]
+  names, targets = _kernels(_compile(target_devices, target, fn, *shapes))
+  assert names == FLASH_KERNELS and targets == {CALL[_compiler(target)]}
+
+
 def _flash_peak(target_devices, target, t, impl):
   shapes = [((1, t, 8, 128), BF16), ((1, t, 1, 128), BF16), ((1, t, 1, 128), BF16)]
   return _peak(_compile(target_devices, target, _flash_grads(impl=impl), *shapes))
@@ -168,6 +178,29 @@ def _paged_id(c):
 def test_paged_compiles(target_devices, case):
   target, dtype, *dims = case
   compiled = _compile(target_devices, target, paged_attention, *_paged_shapes(dtype, *dims))
+  names, targets = _kernels(compiled)
+  assert names == ["paged_attention"] and targets == {CALL[_compiler(target)]}
+
+
+# Mistral and Gemma 2 over a 32k-token page table: decode with a sliding window (the sweep
+# starts at the window's first page), verification with soft-capping (Gemma 2's global layers),
+# a prefill chunk with both (its local layers). (target, Tq, options)
+PAGED_OPTIONS = [
+    ("v5e-1", 1, dict(sliding_window=4096)),
+    ("v5e-1", 5, dict(softcap=50.0)),
+    ("v5e-1", 128, dict(sliding_window=4096, softcap=50.0)),
+    ("h100-1", 1, dict(sliding_window=4096)),
+    ("h100-1", 5, dict(softcap=50.0)),
+    ("h100-1", 128, dict(sliding_window=4096, softcap=50.0)),
+]
+
+
+@pytest.mark.parametrize("target,tq,options", PAGED_OPTIONS,
+                         ids=lambda x: "-".join(map(str, x)) if isinstance(x, dict) else str(x))
+def test_paged_window_and_softcap_compile(target_devices, target, tq, options):
+  fn = lambda *args: paged_attention(*args, **options)
+  compiled = _compile(target_devices, target, fn, *_paged_shapes(BF16, 128, 32, 4, 2, tq, 16,
+                                                                   2048))
   names, targets = _kernels(compiled)
   assert names == ["paged_attention"] and targets == {CALL[_compiler(target)]}
 

@@ -8,8 +8,10 @@ so it reads and tokenizes only its share of the files. One stream, with grain:
   time) -> one element per document -> packed concat-then-split into rows of T tokens ->
   rows shuffled over a window -> chunks of B / S rows.
 
-Each document becomes `[EOS] + encode(text) + [EOS]` and is shifted into
-inputs/targets *before* packing, so a target never comes from another document.
+Each document becomes `[BOS] + encode(text) + [EOS]` with the ids of its model family
+(infer/files.py's document_ids: no BOS where the family adds none; our own tokenizers put
+`<|endoftext|>` on both sides) and is shifted into inputs/targets *before* packing, so a
+target never comes from another document.
 Every batch is a dict of numpy arrays, all [B, T] (this host's B / P rows):
   inputs, targets: int32 token ids.
   segment_ids: int32, 1, 2, 3... per packed piece of a document; 0 is padding.
@@ -38,13 +40,12 @@ import grain
 import numpy as np
 import tokenizers
 
-from infer.files import is_remote
+from infer.files import ENDOFTEXT, document_ids, is_remote
 from train import streams as streams_lib
 
-# The document separator (GPT-2 convention), also used as BOS. Defined here,
-# and re-exported by train.tokenizer, so that imports run one way only:
-# tokenizer -> data.
-EOS = "<|endoftext|>"
+# The document separator of the tokenizers we train (GPT-2's), also their BOS; re-exported
+# by train.tokenizer. A pretrained model's tokenizer brings its own (document_ids).
+EOS = ENDOFTEXT
 FORMATS = ("text", "jsonl")
 STDLIB = "stdlib"
 
@@ -227,15 +228,16 @@ def _jsonl_text(line: str, path: str, lineno: int, field: str) -> str:
 
 
 class _Encoder:
-  """The tokenizer as documents need it, shared by a host's streams (one copy, not one each)."""
+  """The tokenizer as documents need it, shared by a host's streams (one copy, not one each),
+  with the ids that go around each document."""
 
-  def __init__(self, tokenizer: tokenizers.Tokenizer):
+  def __init__(self, tokenizer: tokenizers.Tokenizer, tokenizer_config: dict):
     # A copy, because we change a setting the caller should not see.
     self.tokenizer = tokenizers.Tokenizer.from_str(tokenizer.to_str())
-    self.eos = tokenizer.token_to_id(EOS)
-    if self.eos is None:
-      raise DataError(
-          f"The tokenizer has no {EOS!r} token (see data.tokenizer).")
+    try:
+      self.bos, self.eos = document_ids(tokenizer, tokenizer_config)
+    except ValueError as e:
+      raise DataError(f"The tokenizer (data.tokenizer, train.init_from): {e}.") from None
     self._configure()
 
   def __setstate__(self, state):
@@ -244,8 +246,8 @@ class _Encoder:
     self._configure()
 
   def _configure(self):
-    # Text that contains "<|endoftext|>" literally must not fake a document
-    # boundary: encode it as the plain characters it is.
+    # Text that contains "<|endoftext|>" (or "</s>", ...) literally must not fake a
+    # document boundary: encode it as the plain characters it is.
     self.tokenizer.encode_special_tokens = True
 
 
@@ -264,9 +266,8 @@ class _TokenizeFile(grain.transforms.Map):
     return [self._shifted(e.ids) for e in encodings]
 
   def _shifted(self, ids: list[int]) -> dict[str, np.ndarray]:
-    tokens = np.empty(len(ids) + 2, np.int32)
-    tokens[0] = tokens[-1] = self._encoder.eos
-    tokens[1:-1] = ids
+    bos = [] if self._encoder.bos is None else [self._encoder.bos]
+    tokens = np.asarray(bos + ids + [self._encoder.eos], np.int32)
     # Shift per document before packing: no target crosses a document edge.
     return {"inputs": tokens[:-1], "targets": tokens[1:]}
 
@@ -315,14 +316,14 @@ def _padding(rows: int, seq_len: int) -> dict[str, np.ndarray]:
 
 def make_iterator(data_cfg, tokenizer: tokenizers.Tokenizer, files: list[str],
                   *, batch_size: int, seq_len: int, seed: int, shuffle: bool,
-                  repeat: bool, process_index: int = 0,
-                  process_count: int = 1) -> streams_lib.StreamBatches:
+                  repeat: bool, process_index: int = 0, process_count: int = 1,
+                  tokenizer_config: dict | None = None) -> streams_lib.StreamBatches:
   """A checkpointable iterator of this host's rows of each packed global batch.
 
   Args:
     data_cfg: the `data` config (format, text_field, streams, shuffle_rows,
       worker_count, corpus).
-    tokenizer: encodes text; must contain EOS.
+    tokenizer: encodes text.
     files: all files of the split (from list_files); this host reads only
       those of its streams.
     batch_size: rows per global batch (B); data.streams must divide it.
@@ -334,6 +335,9 @@ def make_iterator(data_cfg, tokenizer: tokenizers.Tokenizer, files: list[str],
     process_index, process_count: this host and the number of hosts; the
       iterator yields arrays [batch_size / process_count, seq_len], this host's
       block of rows. The defaults give the whole global batch.
+    tokenizer_config: the tokenizer's HF tokenizer_config (eos_token, bos_token,
+      add_bos_token), which says what goes around each document; {} or None for a
+      tokenizer we trained.
 
   Close the iterator (`it.close()`) when done, to stop its background work.
   A state restores into an iterator built with the same files and data
@@ -347,7 +351,7 @@ def make_iterator(data_cfg, tokenizer: tokenizers.Tokenizer, files: list[str],
     raise DataError(f"data.format={data_cfg.format!r} is not one of {FORMATS}.")
   rows = batch_size // n_streams
   plan = streams_lib.shares(files, n_streams)
-  encoder = _Encoder(tokenizer)
+  encoder = _Encoder(tokenizer, tokenizer_config or {})
   # The row shuffle's window is shared out: the host holds shuffle_rows * (its streams / S).
   window = data_cfg.shuffle_rows // n_streams if shuffle else 0
   chunks = {s: _stream(plan[s], f"stream {s} of {n_streams}", encoder, data_cfg,

@@ -18,6 +18,7 @@ import argparse
 import functools
 import json
 import math
+import re
 import time
 
 import jax
@@ -30,22 +31,31 @@ from train import data as data_lib
 from train import step as step_lib
 from train.tasks import pretrain
 
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-F]{2}>")  # SentencePiece's byte fallback
+
 
 def token_bytes(tokenizer) -> np.ndarray:
   """UTF-8 bytes each token stands for (0 for special tokens).
 
   Byte-level BPE spells each byte as one character of its token string, so a token's length
-  is its byte count; other tokenizers fall back to decoding the token alone.
+  is its byte count. SentencePiece spells a space "▁" and a byte-fallback token <0xXX> is one
+  byte (its dummy prefix, the "▁" put before each text, counts as a byte: one per document).
+  Other tokenizers fall back to decoding the token alone.
   """
   vocab = tokenizer.get_vocab(with_added_tokens=True)
   special = {t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special}
-  byte_level = "ByteLevel" in type(tokenizer.decoder).__name__ or \
-      "ByteLevel" in repr(tokenizer.decoder)
+  decoder = repr(tokenizer.decoder)
+  byte_level, sentencepiece = "ByteLevel" in decoder, "\u2581" in decoder
   out = np.zeros(max(vocab.values()) + 1, np.int64)
   for token, i in vocab.items():
     if token in special:
       continue
-    out[i] = len(token) if byte_level else len(tokenizer.decode([i]).encode("utf-8"))
+    if byte_level:
+      out[i] = len(token)
+    elif sentencepiece:
+      out[i] = 1 if _BYTE_TOKEN.fullmatch(token) else len(token.replace("\u2581", " ").encode())
+    else:
+      out[i] = len(tokenizer.decode([i]).encode("utf-8"))
   return out
 
 
@@ -69,6 +79,7 @@ def evaluate(workdir: str, *, data: str = "", data_format: str = "text",
 
   files = data_lib.match_files(data) if data else data_lib.list_files(data_cfg)[1]
   tokenizer = run_dir.load_tokenizer(workdir)
+  tokenizer_config = run_dir.load_tokenizer_config(workdir)
   nbytes = token_bytes(tokenizer)
   params = run_dir.load_params(workdir, model_cfg, mesh)
   shardings = jax.tree.map(lambda x: x.sharding, params)
@@ -80,7 +91,8 @@ def evaluate(workdir: str, *, data: str = "", data_format: str = "text",
                       in_shardings=(shardings, None, batch_sh))
 
   it = data_lib.make_iterator(data_cfg, tokenizer, files, batch_size=batch_size,
-                              seq_len=seq_len, seed=0, shuffle=False, repeat=False)
+                              seq_len=seq_len, seed=0, shuffle=False, repeat=False,
+                              tokenizer_config=tokenizer_config)
   loss, tokens, n_bytes, batches = 0.0, 0.0, 0, 0
   t0 = time.perf_counter()
   pending = None

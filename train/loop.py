@@ -16,7 +16,6 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from infer import chat
 from infer import files
 from infer import workdir as run_dir
 from infer.decode import generate
@@ -210,12 +209,16 @@ def _tokenizer(cfg, workdir, vocab_size, train_files):
   return tokenizer
 
 
-def _tokenizer_config(cfg, workdir: str) -> dict:
-  """The chat template and special tokens: the workdir's copy, else the source run's."""
+def _tokenizer_config(cfg, workdir: str, tokenizer) -> dict:
+  """The chat template and special tokens (EOS, BOS: what goes around each document): the
+  workdir's copy, else the source run's, else those of the directory of data.tokenizer (an HF
+  model's: its tokenizer_config.json, completed by its generation_config.json, config.json)."""
   for directory in (workdir, cfg.train.init_from,
                     files.as_path(cfg.data.tokenizer).parent if cfg.data.tokenizer else ""):
-    if directory and (files.as_path(directory) / files.TOKENIZER_CONFIG).is_file():
-      return chat.load_tokenizer_config(directory)
+    if directory:
+      config = files.read_tokenizer_config(directory, tokenizer)
+      if config:
+        return config
   return {}
 
 
@@ -237,8 +240,8 @@ def train(cfg) -> dict:
                       "or train.init_from (a run directory holding tokenizer.json)")
   tokenizer = _tokenizer(cfg, workdir, model_cfg.vocab_size, train_files)
   run = tasks.Run(workdir=workdir, tokenizer=tokenizer,
-                  tokenizer_config=_tokenizer_config(cfg, workdir), train_files=train_files,
-                  val_files=val_files)
+                  tokenizer_config=_tokenizer_config(cfg, workdir, tokenizer),
+                  train_files=train_files, val_files=val_files)
   feed = tasks.module(cfg.task).feed(cfg, model_cfg, mesh, run)
   train_it = feed.train
   seq_len, batch_size = cfg.data.seq_len, cfg.train.batch_size
@@ -266,10 +269,8 @@ def train(cfg) -> dict:
       print(f"initialised from {cfg.train.init_from}", flush=True)
   if is_main:
     files.write_atomic(workdir_path / run_dir.CONFIG, cfg.to_json(indent=2))
-    if cfg.train.init_from:  # the chat template and special tokens
-      extra = files.as_path(cfg.train.init_from) / files.TOKENIZER_CONFIG
-      if extra.is_file():
-        files.write_atomic(workdir_path / files.TOKENIZER_CONFIG, extra.read_text())
+    if run.tokenizer_config:  # the chat template and special tokens, for the workdir alone
+      files.write_tokenizer_files(workdir, None, run.tokenizer_config)
 
   def model_params(state):
     return state.params if export is None else export(state.params, state.frozen)

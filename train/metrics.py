@@ -15,18 +15,30 @@ from train import accelerators
 
 
 def matmul_params(cfg: ModelConfig) -> int:
-  """Parameters that take part in a matmul per token (everything but norms and the lookup)."""
+  """Parameters that take part in a matmul per token (everything but norms and the lookup):
+  with experts, the router and the k experts a token is sent to (the active parameters)."""
   d, n, k, h, f = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff
-  per_layer = d * n * h + 2 * d * k * h + n * h * d + 3 * d * f
+  if cfg.n_experts:
+    ffn = d * cfg.n_experts + cfg.n_experts_per_token * 3 * d * (cfg.moe_d_ff or f)
+  else:
+    ffn = 3 * d * f
+  per_layer = d * n * h + 2 * d * k * h + n * h * d + ffn
   head = 1 if cfg.value_head else cfg.vocab_size  # a scalar head, or the output head
   return cfg.n_layers * per_layer + d * head
 
 
 def forward_flops_per_token(cfg: ModelConfig, seq_len: int, causal: bool = True) -> float:
   """2 FLOPs per matmul parameter, plus attention's QK^T and PV, 2 * 2 * N * H per visible
-  key; a causal mask leaves (T + 1) / 2 visible keys on average."""
-  keys = (seq_len + 1) / 2 if causal else seq_len
-  return 2 * matmul_params(cfg) + 4 * cfg.n_layers * cfg.n_heads * cfg.head_dim * keys
+  key; a causal mask leaves (T + 1) / 2 visible keys on average, a window w of them
+  mean_t min(t, w)."""
+  t, w = seq_len, cfg.sliding_window
+  keys = 0.0
+  for layer in range(cfg.n_layers):
+    if causal and cfg.is_local(layer) and w < t:
+      keys += (w * (w + 1) / 2 + (t - w) * w) / t
+    else:
+      keys += (t + 1) / 2 if causal else t
+  return 2 * matmul_params(cfg) + 4 * cfg.n_heads * cfg.head_dim * keys
 
 
 def training_flops_per_token(cfg: ModelConfig, seq_len: int, causal: bool = True) -> float:

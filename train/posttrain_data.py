@@ -14,8 +14,9 @@ Rows, one JSON object per line, by kind:
 
 Formatter: with tokenizer_config["chat_template"], an assistant turn's trainable tokens are what
 it adds to the template's render, through the end-of-turn token after it (<|im_end|>). Without
-one (our tiny models), texts are concatenated as they are after a BOS (EOS, as pretraining
-documents start, train/data.py), and each completion ends with a trainable EOS.
+one (our tiny models), texts are concatenated as they are after the BOS that pretraining
+documents start with (infer/files.py's document_ids: our tokenizers' EOS, none for Qwen), and
+each completion ends with a trainable EOS.
 
 An example (prompt + completion) has at most T = data.seq_len tokens, a generation prompt T - 1.
 data.truncation="keep_end" cuts the prompt's start (and the completion's end if it alone is too
@@ -35,8 +36,9 @@ import numpy as np
 import tokenizers
 
 from infer import chat
+from infer.files import document_ids
 from train import streams as streams_lib
-from train.data import EOS, DataError, open_text
+from train.data import DataError, open_text
 
 KINDS = ("sft", "pairs", "prompts")
 TRUNCATIONS = ("keep_end", "drop")
@@ -175,16 +177,16 @@ class Formatter:
       template = {t.get("name"): t.get("template") for t in template}.get("default")
     self._render = chat.compile_chat(template) if template else None
     self._variables = chat.special_tokens(self.tokenizer_config)
-    eos = self._config_id("eos_token")
-    eos = tokenizer.token_to_id(EOS) if eos is None else eos
-    ids = (self._end_of_turn() if self._render else None, eos)
-    self._eos_ids = tuple(dict.fromkeys(i for i in ids if i is not None))
-    if not self._eos_ids:
-      raise DataError(f"The tokenizer has no {EOS!r} token and tokenizer_config names no "
-                      "eos_token: completions would have no end to learn.")
-    bos = self._config_id("bos_token")
+    end_of_turn = self._end_of_turn() if self._render else None
+    try:
+      bos, eos = document_ids(tokenizer, self.tokenizer_config)
+    except ValueError as e:  # A template's end of turn alone can end answers.
+      if end_of_turn is None:
+        raise DataError(f"The tokenizer: {e}: completions would have no end to learn.") from None
+      bos = eos = None
+    self._eos_ids = tuple(dict.fromkeys(i for i in (end_of_turn, eos) if i is not None))
     # Plain prompts start as pretraining documents do (and as infer/loaders.py encodes them).
-    self._bos = [self._eos_ids[-1] if bos is None else bos]
+    self._bos = [] if bos is None else [bos]
 
   @property
   def eos_ids(self) -> tuple[int, ...]:
@@ -275,10 +277,6 @@ class Formatter:
   def _literal(self, text) -> list[int]:
     text = text.replace(_MARK, "")
     return self._plain.encode(text, add_special_tokens=False).ids if text else []
-
-  def _config_id(self, key) -> int | None:
-    token = self._variables.get(key)
-    return self._plain.token_to_id(token) if token else None
 
   def _end_of_turn(self) -> int | None:
     """The special token the template puts right after an answer, if any."""

@@ -44,7 +44,9 @@ def load_or_train_tokenizer(data_cfg, workdir: str, vocab_size: int,
                             train_files: list[str]) -> tokenizers.Tokenizer:
   """The run's tokenizer, from the first source that has one.
 
-  1. `data_cfg.tokenizer`, a tokenizer.json path (copied into workdir);
+  1. `data_cfg.tokenizer`, a tokenizer.json path (copied into workdir), e.g. a pretrained
+     model's (its directory's tokenizer_config.json then names the EOS and BOS; see
+     train/data.py);
   2. `workdir/tokenizer.json` (a resumed run);
   3. a new BPE trained on the first `data_cfg.tokenizer_train_mb` MB of
      `train_files`, in their order, saved to workdir/tokenizer.json.
@@ -74,10 +76,8 @@ def load_or_train_tokenizer(data_cfg, workdir: str, vocab_size: int,
 def _load(path, source: str) -> tokenizers.Tokenizer:
   if not as_path(path).is_file():
     raise DataError(f"{source}: no tokenizer file at {str(path)!r}.")
-  tokenizer = read_tokenizer(path)
-  if tokenizer.token_to_id(EOS) is None:
-    raise DataError(f"{source}: the tokenizer at {path} has no {EOS!r} token.")
-  return tokenizer
+  # Its document separator is checked with its tokenizer_config, by the data pipeline.
+  return read_tokenizer(path)
 
 
 def _keep_copy(tokenizer: tokenizers.Tokenizer, saved) -> None:

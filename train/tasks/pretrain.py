@@ -12,20 +12,49 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from infer.files import document_ids
 from model import Transformer, head
 from train import data as data_lib
 from train.tasks import Feed, Objective
 
 
+def hidden_states(model: Transformer, params, batch):
+  """(final-normed hidden states [B, T, D], moe.MoEAux or None for a dense model)."""
+  args = (batch["inputs"], batch["positions"])
+  kwargs = dict(segment_ids=batch["segment_ids"], return_hidden=True)
+  if not model.cfg.n_experts:
+    return model.apply({"params": params}, *args, **kwargs)[0], None
+  (hidden, _), state = model.apply({"params": params}, *args, **kwargs,
+                                   mutable=["intermediates"])
+  return hidden, state["intermediates"]["moe"][0]
+
+
 def score_targets(model: Transformer, params, batch, *, chunk: int = head.DEFAULT_CHUNK,
-                  temperature: float = 1.0, entropy: bool = False) -> head.TokenScores:
+                  temperature: float = 1.0, entropy: bool = False,
+                  with_aux: bool = False) -> head.TokenScores:
   """The model's scores of batch["targets"] (log p, log Z, entropy: f32[B, T]) from its
   hidden states, chunk tokens of logits at a time (model/head.py): the full f32 [B, T, V]
-  logits are never held, nor their gradient."""
-  hidden, _ = model.apply({"params": params}, batch["inputs"], batch["positions"],
-                          segment_ids=batch["segment_ids"], return_hidden=True)
-  return head.token_scores(hidden, params, model.cfg, batch["targets"],
-                           temperature=temperature, chunk=chunk, entropy=entropy)
+  logits are never held, nor their gradient. with_aux: (scores, moe.MoEAux or None)."""
+  hidden, aux = hidden_states(model, params, batch)
+  scores = head.token_scores(hidden, params, model.cfg, batch["targets"],
+                             temperature=temperature, chunk=chunk, entropy=entropy)
+  return (scores, aux) if with_aux else scores
+
+
+def moe_terms(aux, cfg, count):
+  """(loss to add, metric sums) of the router statistics; sums are scaled by `count` because
+  the step divides every sum by the batch's count (so they log as means)."""
+  if aux is None:
+    return 0.0, {}
+  e = cfg.n_experts
+  metrics = {"moe_aux_loss": aux.load_balancing_loss * count, "moe_z_loss": aux.z_loss * count,
+             # Load of the busiest and idlest expert, in units of a balanced share 1 / E.
+             "moe_load_max": jnp.max(aux.expert_load) * e * count,
+             "moe_load_min": jnp.min(aux.expert_load) * e * count,
+             # Assignments over capacity (summed over layers) per token, layer and choice:
+             # the fraction dropped (0 when dropless).
+             "moe_dropped_frac": aux.dropped / (cfg.n_layers * cfg.n_experts_per_token)}
+  return aux.loss(cfg) * count, metrics
 
 
 def loss_fn(params, frozen, batch, *, model, z_loss: float = 0.0,
@@ -37,13 +66,16 @@ def loss_fn(params, frozen, batch, *, model, z_loss: float = 0.0,
   chunk: train.loss_chunk, tokens of logits held at once.
   """
   del frozen
-  scores = score_targets(model, params, batch, chunk=chunk)
+  scores, aux = score_targets(model, params, batch, chunk=chunk, with_aux=True)
   mask = batch["loss_mask"].astype(jnp.float32)
+  count = jnp.sum(mask)
   nll_sum = -jnp.sum(scores.logp * mask)
   z_sum = jnp.sum(jnp.square(scores.log_z) * mask)
-  total = nll_sum + z_loss * z_sum
-  # "z_loss" reports mean (log Z)^2 per token whatever its coefficient, to watch logit drift.
-  return total, {"loss": nll_sum, "z_loss": z_sum, "count": jnp.sum(mask)}
+  router_loss, router_metrics = moe_terms(aux, model.cfg, count)
+  total = nll_sum + z_loss * z_sum + router_loss
+  # "z_loss" reports mean (log Z)^2 per token whatever its coefficient, to watch logit drift;
+  # "loss" is the next-token loss alone (the router losses log as moe_*).
+  return total, {"loss": nll_sum, "z_loss": z_sum, "count": count, **router_metrics}
 
 
 def init_model(model: Transformer, rng):
@@ -73,9 +105,15 @@ def feed(cfg, model_cfg, mesh, run) -> Feed:
   make = functools.partial(data_lib.make_iterator, cfg.data, run.tokenizer,
                            batch_size=cfg.train.batch_size, seq_len=cfg.data.seq_len,
                            seed=cfg.seed, process_index=jax.process_index(),
-                           process_count=jax.process_count())
+                           process_count=jax.process_count(),
+                           tokenizer_config=run.tokenizer_config)
   make(run.val_files, shuffle=False, repeat=True).close()  # its first batch checks the val files
-  eos = run.tokenizer.token_to_id(data_lib.EOS)
+  bos, eos = document_ids(run.tokenizer, run.tokenizer_config)
+
+  def sample_prompt(text):  # begun as a document is
+    ids = run.tokenizer.encode(text, add_special_tokens=False).ids
+    return ([] if bos is None else [bos]) + ids, (eos,)
+
   return Feed(train=make(run.train_files, shuffle=True, repeat=True),
               val=lambda: make(run.val_files, shuffle=False, repeat=True),
-              sample_prompt=lambda text: ([eos] + run.tokenizer.encode(text).ids, (eos,)))
+              sample_prompt=sample_prompt)

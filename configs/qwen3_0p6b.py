@@ -1,0 +1,39 @@
+"""Qwen3-0.6B's architecture (RMSNorm on each head of q and k, tied embeddings), for runs
+and --dry_run:
+
+python train/main.py --config configs/qwen3_0p6b.py --dry_run --target v5e-16
+"""
+
+from configs import base
+
+
+def get_config():
+  c = base.get_config()
+  c.workdir = "runs/qwen3_0p6b"
+  m = c.model
+  m.vocab_size = 151936
+  m.d_model = 1024
+  m.n_layers = 28
+  m.n_heads = 16
+  m.n_kv_heads = 8
+  m.head_dim = 128
+  m.d_ff = 3072
+  m.max_seq_len = 40960
+  m.rope_theta = 1000000.0
+  m.norm_eps = 1e-06
+  m.tie_embeddings = True
+  m.qk_norm = True
+  m.dtype = "bfloat16"
+  m.remat = "full"
+  c.data.seq_len = 4096
+  c.train.batch_size = 256
+  c.train.lr = 3e-4
+  c.train.warmup_steps = 2000
+  c.train.steps = 100000
+  c.train.min_lr_ratio = 0.1
+  c.train.eval_every = 1000
+  c.checkpoint.every = 1000
+  c.mesh.data = 1
+  c.mesh.fsdp = -1
+  c.mesh.tensor = 1
+  return c
