@@ -176,8 +176,9 @@ def main():
   params = fused.prepare(cfg, params, dtype, layout=layout_for(args.batch, speculative=False))
   plain, compile_s = run(cfg, params, prompts, args)
   steps = max(sum(plain.target_steps) / args.batch, 1)
-  leaves = jax.tree.leaves(params.replace(embedding=params.embedding[:0]) if cfg.tie_embeddings
-                           else params)  # a tied embedding is one array, read as the head
+  # A tied embedding is one array, read as the head: count it once.
+  leaves = jax.tree.leaves({**params, "embedding": params["embedding"][:0]}
+                           if cfg.tie_embeddings else params)
   n_params = sum(x.size for x in leaves)
   # Each decode step reads every weight once (the embedding only as the LM head); the input
   # embedding's one row per token and the KV cache are left out.
