@@ -79,7 +79,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.train = t = ml_collections.ConfigDict()
   t.steps = 1000  # Optimizer steps.
-  t.batch_size = 16  # Global batch size in sequences (split over data and fsdp mesh axes).
+  t.batch_size = 16  # Global batch size in sequences (split over the data, fsdp and expert mesh axes).
   t.microbatches = 1  # Gradient accumulation: the batch is split into this many microbatches.
   t.lr = 3e-3  # Peak learning rate.
   t.warmup_steps = 50  # Linear warmup steps from 0 to lr.
@@ -139,8 +139,10 @@ def get_config() -> ml_collections.ConfigDict:
   ck.preemption_check_every = 10  # Multi-process: steps between checks for SIGINT on any process (and SIGTERM when JAX's preemption service is off); each is a host sync.
 
   c.mesh = ms = ml_collections.ConfigDict()
-  ms.data = -1  # Data-parallel axis size; -1 fills the devices left over.
+  # Mesh axes (data, fsdp, expert, tensor); at most one size may be -1 (it fills the devices left over).
+  ms.data = -1  # Data-parallel axis size.
   ms.fsdp = 1  # Fully sharded data parallel axis size (params and optimizer state sharded).
+  ms.expert = 1  # Expert-parallel axis size: MoE experts split over it (must divide model.n_experts); it also splits the batch.
   ms.tensor = 1  # Tensor-parallel axis size (heads and MLP sharded).
 
   c.distributed = ds = ml_collections.ConfigDict()

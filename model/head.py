@@ -20,7 +20,7 @@ Wijmans et al. 2024, here in plain XLA): with z = (hidden · head) / temperature
 The price is one more head matmul (4 instead of 3) and the head read in slabs.
 
 Sharding: inside `model.sharding.activation_sharding` (the train step, eval), the work runs
-under `jax.shard_map` with the rules table's specs: tokens over ("data", "fsdp"), vocab over
+under `jax.shard_map` with the rules table's specs: tokens over the batch axes, vocab over
 "tensor", the head's D gathered as for any FSDP matmul (in the compute dtype). Per forward
 chunk, a max and three sums per token go across the vocab shards; per backward slab, dhead's
 columns are reduce-scattered over the token shards onto the parameter's own split (FSDP), as

@@ -94,7 +94,7 @@ def self_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids, cfg: ModelConfig, local=
   """Causal attention within packed segments, through the kernels' one entry point.
 
   A pallas_call is opaque to XLA's partitioner, which would gather its inputs onto every
-  device; under a mesh the kernel runs per shard instead: rows over (data, fsdp), heads over
+  device; under a mesh the kernel runs per shard instead: rows over the batch axes, heads over
   tensor when the kv heads divide evenly (else every tensor shard computes all heads). Whether
   the kernel runs is asked of the mesh's devices, not of this process's default backend: a
   step compiled for TPU devices from a CPU-only host runs the kernel.
@@ -109,9 +109,10 @@ def self_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids, cfg: ModelConfig, local=
       kv_dtype=k_BTKH.dtype, impl=cfg.attention_impl).impl != "pallas":
     return fn(q_BTNH, k_BTKH, v_BTKH, segment_ids=segment_ids)
   heads = "tensor" if cfg.n_kv_heads % mesh.shape["tensor"] == 0 else None
-  qkv_spec = P(("data", "fsdp"), None, heads, None)
+  rows = sharding.BATCH_AXES
+  qkv_spec = P(rows, None, heads, None)
   return jax.shard_map(lambda q, k, v, s: fn(q, k, v, segment_ids=s), mesh=mesh,
-                       in_specs=(qkv_spec, qkv_spec, qkv_spec, P(("data", "fsdp"), None)),
+                       in_specs=(qkv_spec, qkv_spec, qkv_spec, P(rows, None)),
                        out_specs=qkv_spec, check_vma=False)(q_BTNH, k_BTKH, v_BTKH, segment_ids)
 
 

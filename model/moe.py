@@ -8,6 +8,26 @@ Dropless by default (MegaBlocks, Gale et al. 2023): the assignments are sorted b
 each expert's rows are contiguous, and one `jax.lax.ragged_dot` per weight multiplies every
 group by its own expert. No token is dropped and no padding to a capacity is computed. On CPU
 with few experts the same sum is computed densely (`expert_impl`).
+
+Expert parallelism (a mesh with expert > 1, model/sharding.py): each device of the expert axis
+holds E / ep experts (ep = mesh.expert), and the batch is split over the expert axis too. The
+router, top-k, capacity and statistics run on the global tokens as above (GSPMD partitions
+them); only the experts run per device (`_expert_parallel`): the ep devices of an expert
+group all-gather their tokens and routes, each multiplies the gathered tokens routed to its
+own experts, and a reduce-scatter sums each token's expert outputs back onto the device that
+holds it. The result is exact and dropless for any routing; its cost, per layer and device,
+against the all-to-all that sends each token only to its k experts' devices:
+  traffic   an all-gather and a reduce-scatter of [ep * tokens per device, D] in the compute
+            dtype (each moves (ep - 1) / ep of it), as many again in the backward pass: about
+            ep / k times an all-to-all's, so a fair trade while ep is near k, poor for ep >> k;
+  memory    the gathered tokens, and under "ragged" their ep * tokens * k assignments, are ep
+            times one device's: the expert activations scale with the group, not the shard;
+  compute   "dense": E / ep experts on ep times the tokens, the one-device FLOPs; "ragged": a
+            ragged_dot over all gathered assignments, of which this device's groups cover
+            1 / ep on average (the rows after them come out 0; how much of them a backend's
+            ragged_dot still reads depends on the backend).
+`jax.lax.ragged_all_to_all` would send each assignment only where its expert lives, but
+XLA:CPU cannot run it (jax 0.10.2), so the all-gather form is the one tested here.
 """
 
 import math
@@ -79,6 +99,21 @@ def expert_impl(cfg: ModelConfig) -> str:
   return "dense" if platform == "cpu" and cfg.n_experts <= 16 else "ragged"
 
 
+def _dense_experts(x_MD, weights_ME, w_gate, w_up, w_down):
+  """Every expert on every token, weighted by the (sparse) routing weights: y [M, D]."""
+  gate_EMF = jnp.einsum("MD,EDF->EMF", x_MD, w_gate)
+  up_EMF = jnp.einsum("MD,EDF->EMF", x_MD, w_up)
+  out_EMD = jnp.einsum("EMF,EFD->EMD", jax.nn.silu(gate_EMF) * up_EMF, w_down)
+  return jnp.einsum("EMD,ME->MD", out_EMD, weights_ME)
+
+
+def _ragged_experts(x_AD, group_sizes_E, w_gate, w_up, w_down):
+  """Each expert on its group of consecutive rows of x_AD; rows past the groups give 0."""
+  gate_AF = jax.lax.ragged_dot(x_AD, w_gate, group_sizes_E)
+  up_AF = jax.lax.ragged_dot(x_AD, w_up, group_sizes_E)
+  return jax.lax.ragged_dot(jax.nn.silu(gate_AF) * up_AF, w_down, group_sizes_E)
+
+
 def moe(cfg: ModelConfig, w, x_BTD, token_mask=None):
   """y [B, T, D], aux MoEAux: the mixture-of-experts feed-forward of one block.
 
@@ -111,33 +146,110 @@ def moe(cfg: ModelConfig, w, x_BTD, token_mask=None):
   keep_A = valid_A
   if cfg.capacity_factor > 0:
     # Switch Transformer's capacity: an expert's assignments past C contribute nothing.
-    # (The ragged matmuls still compute them; a capacity only bounds an expert-parallel
-    # all-to-all's buffers, which this layer does not do yet.)
+    # (On one device the ragged matmuls still compute them; a capacity would bound an
+    # expert-parallel all-to-all's buffers, which this layer does not use.)
     capacity = math.ceil(cfg.capacity_factor * m * k / e)
     starts_E = jnp.cumsum(group_sizes_E) - group_sizes_E
     rank_A = (jnp.arange(m * k) - starts_E[experts_A[order_A]])[unsort_A]
     keep_A = valid_A & (rank_A < capacity)
   dropped = jnp.sum(valid_A & ~keep_A).astype(jnp.int32)
 
-  weights_Mk = jnp.where(keep_A.reshape(m, k), weights_Mk, 0.0).astype(dt)
-  x_MD = x_BTD.reshape(m, d).astype(dt)
-  if expert_impl(cfg) == "dense":
-    # Every expert on every token, weighted by the (sparse) routing weights: E / k times the
-    # FLOPs, but XLA:CPU runs a ragged_dot ~13x slower than the same FLOPs as one batched
-    # matmul (tiny_moe's shapes), so for small E on CPU this is the faster exact form.
+  keep_Mk = keep_A.reshape(m, k)
+  weights_Mk = jnp.where(keep_Mk, weights_Mk, 0.0).astype(dt)
+  w_experts = [w_gate.astype(dt), w_up.astype(dt), w_down.astype(dt)]
+  mesh = sharding.current_mesh()
+  if mesh is not None and mesh.shape.get("expert", 1) > 1:
+    # A dropped or masked assignment goes to no expert (index e): no device computes it.
+    routed_BTk = jnp.where(keep_Mk, experts_Mk, e).reshape(b, t, k)
+    y_BTD = _expert_parallel(cfg, mesh, x_BTD.astype(dt), routed_BTk,
+                             weights_Mk.reshape(b, t, k), *w_experts)
+  elif expert_impl(cfg) == "dense":
+    # E / k times the FLOPs, but XLA:CPU runs a ragged_dot ~13x slower than the same FLOPs
+    # as one batched matmul (tiny_moe's shapes), so for small E on CPU this is the faster
+    # exact form.
     weights_ME = jnp.zeros((m, e), dt).at[jnp.arange(m)[:, None], experts_Mk].add(weights_Mk)
-    gate_EMF = jnp.einsum("MD,EDF->EMF", x_MD, w_gate.astype(dt))
-    up_EMF = jnp.einsum("MD,EDF->EMF", x_MD, w_up.astype(dt))
-    out_EMD = jnp.einsum("EMF,EFD->EMD", jax.nn.silu(gate_EMF) * up_EMF, w_down.astype(dt))
-    y_MD = jnp.einsum("EMD,ME->MD", out_EMD, weights_ME)
+    y_BTD = _dense_experts(x_BTD.reshape(m, d).astype(dt), weights_ME,
+                           *w_experts).reshape(b, t, d)
   else:
     # The sorted assignment axis is left to the partitioner: it mixes tokens of every batch
-    # row, and only expert parallelism (an all-to-all) would shard it sensibly.
-    x_AD = x_MD[order_A // k]
-    gate_AF = jax.lax.ragged_dot(x_AD, w_gate.astype(dt), group_sizes_E)
-    up_AF = jax.lax.ragged_dot(x_AD, w_up.astype(dt), group_sizes_E)
-    out_AD = jax.lax.ragged_dot(jax.nn.silu(gate_AF) * up_AF, w_down.astype(dt), group_sizes_E)
-    out_MkD = out_AD[unsort_A].reshape(m, k, d)
-    y_MD = jnp.einsum("MkD,Mk->MD", out_MkD, weights_Mk)
-  y_BTD = constrain(y_MD.reshape(b, t, d), ("batch", "length", "act_embed"))
+    # row, and only expert parallelism would shard it sensibly.
+    x_AD = x_BTD.reshape(m, d).astype(dt)[order_A // k]
+    out_MkD = _ragged_experts(x_AD, group_sizes_E, *w_experts)[unsort_A].reshape(m, k, d)
+    y_BTD = jnp.einsum("MkD,Mk->MD", out_MkD, weights_Mk).reshape(b, t, d)
+  y_BTD = constrain(y_BTD, ("batch", "length", "act_embed"))
   return y_BTD, router_stats(logits_ME, experts_A, valid_M, dropped)
+
+
+def _axes(entry) -> tuple:
+  return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def _expert_parallel(cfg: ModelConfig, mesh, x_BTD, routed_BTk, weights_BTk,
+                     w_gate, w_up, w_down):
+  """y [B, T, D]: the experts per device of the mesh's expert axis (see the module docstring).
+
+  routed_BTk: int32, each assignment's expert, or E where it goes to none (dropped, masked);
+  weights_BTk: its routing weight (0 where it goes to none), in the compute dtype as x.
+  """
+  e, ep = cfg.n_experts, mesh.shape["expert"]
+  if e % ep:
+    raise ValueError(f"model.n_experts={e} cannot be split over mesh.expert={ep} devices: "
+                     f"make mesh.expert a divisor of model.n_experts")
+  dense = expert_impl(cfg) == "dense"
+  token_spec = sharding.activation_spec(("batch", "length", None), x_BTD.shape)
+  route_spec = sharding.activation_spec(("batch", "length", None), routed_BTk.shape)
+  # The experts' own split: E over "expert", F over "tensor" by the rules; D whole (gathered
+  # from its FSDP shards as for any matmul).
+  up_spec = sharding.activation_spec(("expert", None, "mlp"), w_gate.shape)
+  down_spec = sharding.activation_spec(("expert", "mlp"), w_down.shape)
+  f_axes = _axes((tuple(up_spec) + (None,) * 3)[2])
+  # Where the tokens are split over the expert axis (always, when the batch divides), the
+  # group gathers them; else every device already has the group's tokens.
+  tokens = tuple(token_spec) + (None,) * 3
+  split_dims = [i for i in (0, 1) if "expert" in _axes(tokens[i])]
+
+  def local(x_BTD, routed_BTk, weights_BTk, w_gate, w_up, w_down):
+    e_local = w_gate.shape[0]
+    if split_dims:
+      gather = lambda a: jax.lax.all_gather(a, "expert", axis=split_dims[0], tiled=True)
+      x_BTD, routed_BTk, weights_BTk = gather(x_BTD), gather(routed_BTk), gather(weights_BTk)
+    else:
+      # Each device uses the same x for its own experts: typed as varying over the group,
+      # its gradient is summed over it. (Needed explicitly: jax 0.10.2's argsort drops the
+      # varying type of its result, and a gather of x by it would not say so.)
+      x_BTD = jax.lax.pcast(x_BTD, "expert", to="varying")
+    b, t, d = x_BTD.shape
+    m, k = b * t, routed_BTk.shape[-1]
+    # This device's experts are [first, first + e_local); every other assignment gets the
+    # local index e_local (no group here) and weight 0.
+    local_Mk = routed_BTk.reshape(m, k) - jax.lax.axis_index("expert") * e_local
+    here_Mk = (local_Mk >= 0) & (local_Mk < e_local)
+    local_Mk = jnp.where(here_Mk, local_Mk, e_local)
+    weights_Mk = jnp.where(here_Mk, weights_BTk.reshape(m, k), 0)
+    x_MD = x_BTD.reshape(m, d)
+    if dense:
+      weights_ME = jnp.zeros((m, e_local + 1), x_MD.dtype).at[
+          jnp.arange(m)[:, None], local_Mk].add(weights_Mk)[:, :e_local]
+      y_MD = _dense_experts(x_MD, weights_ME, w_gate, w_up, w_down)
+    else:
+      # This device's assignments sorted by expert, then the others (no group: zeros).
+      local_A = local_Mk.reshape(m * k)
+      order_A = jnp.argsort(local_A, stable=True)
+      group_sizes = jnp.bincount(local_A, length=e_local).astype(jnp.int32)
+      out_AD = _ragged_experts(x_MD[order_A // k], group_sizes, w_gate, w_up, w_down)
+      out_MkD = out_AD[jnp.argsort(order_A)].reshape(m, k, d)
+      y_MD = jnp.einsum("MkD,Mk->MD", out_MkD, weights_Mk)
+    # Sum each token's experts over the group (reduce-scatter: back to the token's device),
+    # and the partial down-projections of a tensor-split F.
+    y_BTD = y_MD.reshape(b, t, d)
+    if split_dims:
+      y_BTD = jax.lax.psum_scatter(y_BTD, "expert", scatter_dimension=split_dims[0],
+                                   tiled=True)
+    else:
+      y_BTD = jax.lax.psum(y_BTD, "expert")
+    return jax.lax.psum(y_BTD, f_axes) if f_axes else y_BTD
+
+  return jax.shard_map(
+      local, mesh=mesh, in_specs=(token_spec, route_spec, route_spec, up_spec, up_spec,
+                                  down_spec), out_specs=token_spec)(
+      x_BTD, routed_BTk, weights_BTk, w_gate, w_up, w_down)

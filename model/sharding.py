@@ -14,12 +14,15 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
+# Everything but the experts treats the expert axis as one more data-parallel axis (as
+# MaxText and DeepSpeed-MoE do): the batch is split over all three.
+BATCH_AXES = ("data", "fsdp", "expert")
 
 # logical name -> mesh axis (or axes, or None for replicated).
 RULES = (
     # activations
-    ("batch", ("data", "fsdp")),
+    ("batch", BATCH_AXES),
     ("length", None),
     ("act_embed", None),
     ("act_heads", "tensor"),
@@ -35,15 +38,17 @@ RULES = (
     ("mlp", "tensor"),
     ("layers", None),
     ("norm", None),
-    # The expert dim of MoE weights (model/moe.py) is replicated: the mesh has no "expert"
-    # axis, and expert parallelism needs one (plus an all-to-all of the routed tokens).
-    ("expert", None),
+    # The expert dim of MoE weights: each device of the expert axis holds E / mesh.expert
+    # experts (model/moe.py runs them per shard).
+    ("expert", "expert"),
 )
 
 
-def mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int) -> tuple[int, int, int]:
-  """Resolves one -1 entry to fill the devices; errors name the config keys."""
-  sizes = {"mesh.data": data, "mesh.fsdp": fsdp, "mesh.tensor": tensor}
+def mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int,
+               expert: int = 1) -> tuple[int, int, int, int]:
+  """(data, fsdp, expert, tensor), one -1 entry resolved to fill the devices; errors name
+  the config keys."""
+  sizes = {"mesh.data": data, "mesh.fsdp": fsdp, "mesh.expert": expert, "mesh.tensor": tensor}
   fill = [k for k, v in sizes.items() if v == -1]
   if len(fill) > 1:
     raise ValueError(f"only one of {sorted(sizes)} may be -1, got {sizes}")
@@ -61,17 +66,18 @@ def mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int) -> tuple[int
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
-              devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """The (data, fsdp, tensor) mesh over `devices` (default: all of the job's).
+              devices: Sequence[jax.Device] | None = None, *, expert: int = 1) -> Mesh:
+  """The (data, fsdp, expert, tensor) mesh over `devices` (default: all of the job's).
 
+  (`expert` is keyword-only: every mesh without expert parallelism is the 3-number call.)
   Several TPU slices (multi-slice, joined by the data-centre network) split the data axis
-  between them: only gradient reductions cross the slow links; fsdp and tensor stay on
-  each slice's fast interconnect.
+  between them: only gradient reductions cross the slow links; fsdp, expert and tensor stay
+  on each slice's fast interconnect (the expert all-gathers and reduce-scatters among them).
   """
   devices = jax.devices() if devices is None else list(devices)
-  shape = mesh_shape(data, fsdp, tensor, len(devices))
+  shape = mesh_shape(data, fsdp, tensor, len(devices), expert)
   # Auto axes: the classic GSPMD style, where jit in/out shardings drive propagation.
-  axis_types = (AxisType.Auto,) * 3
+  axis_types = (AxisType.Auto,) * len(MESH_AXES)
   slices = len({getattr(d, "slice_index", 0) for d in devices})
   if slices == 1:
     return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
@@ -80,7 +86,7 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
                      f"a multiple of {slices}")
   from jax.experimental import mesh_utils
   grid = mesh_utils.create_hybrid_device_mesh(
-      (shape[0] // slices, shape[1], shape[2]), (slices, 1, 1), devices)
+      (shape[0] // slices, *shape[1:]), (slices, 1, 1, 1), devices)
   return Mesh(grid, MESH_AXES, axis_types=axis_types)
 
 
@@ -113,8 +119,8 @@ def shardings_for(abstract_boxed, mesh: Mesh, rules=RULES):
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Sharding of a [B, T] batch: rows over the data and fsdp axes."""
-  return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+  """Sharding of a [B, T] batch: rows over the data, fsdp and expert axes."""
+  return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -131,7 +137,8 @@ def host_local_batch_size(global_batch: int, mesh: Mesh) -> int:
 
 
 def num_batch_shards(mesh: Mesh) -> int:
-  return int(np.prod([mesh.shape[a] for a in ("data", "fsdp")]))
+  """Devices a batch's rows are split over: mesh.data x mesh.fsdp x mesh.expert."""
+  return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
 
 
 # The mesh that activation constraints refer to while a step is traced (None: no constraints,

@@ -68,15 +68,34 @@ def test_target_devices_compile_a_sharded_program(target_devices, name):
   assert compiled.memory_analysis().argument_size_in_bytes == 1024 * 2048 * 4 // len(devices)
 
 
-def test_multislice_mesh_puts_slices_on_the_data_axis(target_devices):
+@pytest.mark.parametrize("expert", [1, 2])
+def test_multislice_mesh_puts_slices_on_the_data_axis(target_devices, expert):
   devices = target_devices("2xv5p-16")
-  mesh = sharding.make_mesh(4, 2, 2, devices)
+  mesh = sharding.make_mesh(4, 2, 2 // expert, devices, expert=expert)
+  assert mesh.axis_names == ("data", "fsdp", "expert", "tensor")
   slice_of = np.vectorize(lambda d: d.slice_index)(mesh.devices)
-  # Each slice holds half of the data axis and every fsdp/tensor peer of its devices.
-  assert (slice_of[:2] == slice_of[0, 0, 0]).all() and (slice_of[2:] == slice_of[2, 0, 0]).all()
-  assert slice_of[0, 0, 0] != slice_of[2, 0, 0]
+  # Each slice holds half of the data axis and every fsdp/expert/tensor peer of its devices.
+  assert (slice_of[:2] == slice_of[0, 0, 0, 0]).all()
+  assert (slice_of[2:] == slice_of[2, 0, 0, 0]).all()
+  assert slice_of[0, 0, 0, 0] != slice_of[2, 0, 0, 0]
   with pytest.raises(ValueError, match="mesh.data=1 must be a multiple of 2"):
     sharding.make_mesh(1, 8, 2, devices)
+
+
+@pytest.mark.parametrize("name,shape", [("v5p-128", (4, 4, 4)), ("v5e-16", (2, 4, 2)),
+                                        ("h100-8", (2, 2, 2)), ("2xv5p-16", (4, 2, 2))])
+def test_meshes_without_experts_keep_their_devices(target_devices, name, shape):
+  """The expert axis (size 1) changes no device's place: the (data, fsdp, 1, tensor) mesh
+  lays out its devices as the 3-axis mesh did, so such steps compile as before."""
+  from jax.experimental import mesh_utils
+  devices = target_devices(name)
+  slices = acc.parse_target(name).slices
+  if slices > 1:
+    before = mesh_utils.create_hybrid_device_mesh(
+        (shape[0] // slices, *shape[1:]), (slices, 1, 1), devices)
+  else:
+    before = jax.make_mesh(shape, ("data", "fsdp", "tensor"), devices=devices).devices
+  assert (sharding.make_mesh(*shape, devices).devices[:, :, 0, :] == before).all()
 
 
 def test_gpu_target_config_states_the_card():

@@ -52,9 +52,25 @@ def test_flop_count_of_llama3_8b_matches_the_usual_6n():
 @pytest.mark.parametrize("key,value,named", [("model.dtype", "float64", "model.dtype"),
                                              ("model.n_kv_heads", "3", "model.n_kv_heads"),
                                              ("mesh.data", "3", "mesh.data"),
+                                             ("mesh.expert", "3", "mesh.expert"),
                                              ("train.decay", "step", "train.decay")])
 def test_invalid_values_are_config_errors_naming_the_key(key, value, named):
   from train.loop import model_and_mesh
   cfg = load_config("configs/tiny.py", {key: value})
   with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
+    model_and_mesh(cfg)
+
+
+def test_expert_mesh_errors_name_the_keys():
+  from train.loop import model_and_mesh
+  cfg = load_config("configs/tiny_moe.py", {"mesh.expert": "-1"})  # and mesh.data = -1
+  with pytest.raises(ConfigError, match=r"only one of .*mesh\.expert"):
+    model_and_mesh(cfg)
+  cfg = load_config("configs/tiny_moe.py", {"mesh.expert": "4", "mesh.data": "2",
+                                            "model.n_experts": "6"})
+  with pytest.raises(ConfigError, match=r"model\.n_experts=6 .*mesh\.expert=4"):
+    model_and_mesh(cfg)
+  cfg = load_config("configs/tiny_moe.py", {"mesh.expert": "4", "mesh.data": "2",
+                                            "train.batch_size": "4"})
+  with pytest.raises(ConfigError, match=r"mesh\.data x mesh\.fsdp x mesh\.expert = 8"):
     model_and_mesh(cfg)

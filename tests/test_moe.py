@@ -1,4 +1,5 @@
-"""The MoE layer against a per-token numpy loop: routing, experts, capacity, router losses."""
+"""The MoE layer against a per-token numpy loop: routing, experts, capacity, router losses;
+and expert parallelism (a mesh with an expert axis) against one device."""
 
 import dataclasses
 import math
@@ -197,6 +198,61 @@ def test_under_a_mesh_the_expert_axis_is_replicated():
   y, _ = jax.jit(sharding.in_mesh(lambda p, x: moe(cfg, p, x), mesh))(
       params, x)
   np.testing.assert_allclose(y, reference(cfg, params, x)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_expert_weights_are_split_over_the_expert_axis():
+  cfg, _, _ = make(e=4)
+  mesh = sharding.make_mesh(data=1, fsdp=2, tensor=2, expert=2)
+  boxed = jax.eval_shape(lambda: _init_tree(layer_specs(cfg)["moe"], jax.random.key(0),
+                                            jnp.float32))
+  specs = {n: s.spec for n, s in sharding.shardings_for(boxed, mesh).items()}
+  assert specs == {"router": jax.P("fsdp"), "gate": jax.P("expert", "fsdp", "tensor"),
+                   "up": jax.P("expert", "fsdp", "tensor"),
+                   "down": jax.P("expert", "tensor", "fsdp")}
+
+
+# (data, fsdp, expert, tensor), batch rows, capacity factor. With 2 rows on a (1, 1, 4, 2) mesh
+# the batch cannot be split: every expert shard sees all tokens, and the outputs are summed.
+EP_CASES = [((2, 2, 2, 1), 8, 0.0), ((1, 2, 4, 1), 8, 0.5), ((1, 1, 4, 2), 2, 0.5)]
+
+
+@pytest.mark.parametrize("shape,b,factor", EP_CASES)
+@pytest.mark.parametrize("impl", ["ragged", "dense"])
+def test_expert_parallel_matches_one_device(shape, b, factor, impl):
+  """Output, router statistics, dropped count and gradients (weights and input) on an
+  expert-parallel mesh equal one device's, with padding and capacity drops."""
+  cfg, np_params, _ = make(e=8, seed=4, moe_impl=impl, capacity_factor=factor,
+                           router_aux_loss_coef=0.01, router_z_loss_coef=0.001)
+  rng = np.random.default_rng(5)
+  x = rng.normal(size=(b, T, D)).astype(np.float32)
+  mask = np.ones((b, T), bool)
+  mask[0, 3:] = mask[-1, :1] = False
+  params = jax.tree.map(jnp.asarray, np_params)
+
+  def loss(params, x):
+    y, aux = moe(cfg, params, x, mask)
+    return jnp.sum(jnp.sin(y)) + aux.loss(cfg), (y, aux)
+
+  step = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)
+  (_, (y1, aux1)), grads1 = jax.jit(step)(params, x)
+  data, fsdp, expert, tensor = shape
+  mesh = sharding.make_mesh(data, fsdp, tensor, expert=expert)
+  (_, (y, aux)), grads = jax.jit(sharding.in_mesh(step, mesh))(params, x)
+  np.testing.assert_allclose(y, reference(cfg, np_params, x, mask)[0], atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(y, y1, atol=2e-6, rtol=1e-6)
+  if factor:
+    assert int(aux1.dropped) > 0
+  assert int(aux.dropped) == int(aux1.dropped)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), aux, aux1)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
+               grads, grads1)
+
+
+def test_experts_must_divide_over_the_expert_axis():
+  cfg, params, x = make(e=6)
+  mesh = sharding.make_mesh(data=2, fsdp=1, tensor=1, expert=4)
+  with pytest.raises(ValueError, match=r"model\.n_experts=6 .*mesh\.expert=4"):
+    jax.jit(sharding.in_mesh(lambda p, x: moe(cfg, p, x), mesh)).lower(params, x)
 
 
 def test_config_keys_and_checks():

@@ -290,7 +290,7 @@ def test_model_attention_runs_the_kernel_per_shard_on_a_tpu_mesh(target_devices)
   """self_attention under a v5e-4 mesh (data 2 x tensor 2), traced in this CPU-only process:
   the mesh's devices, not the default backend, decide, so the kernel runs per shard on
   [B/2, T, N/2, H] (the TPU kernel's [B, N, T, H] layout: [1, 4, T, 128])."""
-  devices = np.array(target_devices("v5e-4")).reshape(2, 1, 2)
+  devices = np.array(target_devices("v5e-4")).reshape(2, 1, 1, 2)
   mesh = Mesh(devices, sharding.MESH_AXES)
   cfg = ModelConfig(d_model=1024, n_heads=8, n_kv_heads=2, head_dim=128, dtype="bfloat16")
   spec = NamedSharding(mesh, P(("data", "fsdp"), None, "tensor", None))

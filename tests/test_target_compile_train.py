@@ -1,6 +1,7 @@
 """Full train steps compiled by the real TPU and GPU compilers (`--dry_run --target`), on
-multi-chip meshes: SmolLM2-135M as configured, and Llama-3-8B with 2 of its 32 layers under
-fsdp x tensor sharding (the attention kernels run per shard).
+multi-chip meshes: SmolLM2-135M as configured, Llama-3-8B with 2 of its 32 layers under
+fsdp x tensor sharding (the attention kernels run per shard), and a small MoE under expert
+parallelism.
 
 Each test runs train/dry_run.py in this process for compile-only devices of a named target
 (train/accelerators.py) and checks what the compiler planned: the step fits the chip, the
@@ -77,6 +78,34 @@ def test_llama3_8b_layers_train_step_fsdp_and_tensor(target, mesh, batch, target
   per_layer = 4096 * (4096 * 2 + 1024 * 2) + 3 * 4096 * 14336 + 2 * 4096
   assert report["params"] == 2 * 128256 * 4096 + 2 * per_layer + 4096
   _check(report, compiled, cfg, split=mesh["fsdp"] * mesh["tensor"])
+
+
+def test_moe_train_step_with_expert_parallelism(target_devices):
+  """configs/tiny_moe.py (2 layers, bf16) on v5p-8 with mesh.expert=2: the TPU compiler builds
+  the step with the experts run per expert shard (model/moe.py's shard_map: ragged_dot on
+  TPU), and each device holds half the expert weights it holds with expert=1."""
+  from train.dry_run import _bytes_per_device
+  from train.loop import build_program, model_and_mesh
+  devices = target_devices("v5p-8")
+  small = {"model.n_layers": 2, "model.dtype": "bfloat16", "train.batch_size": 8,
+           "data.seq_len": 128}
+
+  def expert_bytes(cfg):
+    prog = build_program(cfg, *model_and_mesh(cfg, devices))
+    moe = lambda tree: {k: tree["layers"]["moe"][k] for k in ("gate", "up", "down")}
+    return _bytes_per_device(moe(prog.abstract.params), moe(prog.shardings.params))
+
+  mesh = dict(data=1, fsdp=2, expert=2, tensor=1)
+  cfg = _config("tiny_moe.py", **{f"mesh.{k}": v for k, v in mesh.items()}, **small)
+  report, compiled = plan(cfg, "v5p-8")
+  assert report["fits"] and report["mesh"] == mesh, report
+  assert "ragged-dot" in compiled.as_text()  # the experts' ragged_dot, not the dense form
+  without = _config("tiny_moe.py", **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 1},
+                    **small)
+  e, d, f = cfg.model.n_experts, cfg.model.d_model, cfg.model.moe_d_ff
+  expert_weights = 2 * 3 * e * d * f * 4  # 2 layers of gate, up, down in f32
+  assert expert_bytes(without) == expert_weights // 2  # fsdp only
+  assert expert_bytes(cfg) == expert_weights // 4  # fsdp x expert
 
 
 def test_a_step_that_does_not_fit_says_by_how_much(target_devices, capsys):

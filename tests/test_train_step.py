@@ -121,6 +121,10 @@ def test_sharded_training_matches_one_device(single_device_run, shape):
   mesh = sharding.make_mesh(*shape)
   losses, params = run_steps(small_config(), mesh, [random_batch(seed=s) for s in range(3)])
   np.testing.assert_allclose(losses, ref_losses, rtol=2e-5)
+  assert_params_close(params, ref_params)
+
+
+def assert_params_close(params, ref_params):
   # Adam divides by sqrt(second moment): where a gradient is ~0, reduction-order noise can move
   # one update by a fraction of lr (1e-2). Bound that, and require agreement nearly everywhere.
   def close(a, b):
@@ -129,9 +133,37 @@ def test_sharded_training_matches_one_device(single_device_run, shape):
   jax.tree.map(close, params, ref_params)
 
 
-def _specs(config_path, mesh_shape):
+def moe_config(impl="auto"):
+  """small_config with configs/tiny_moe.py's experts: 8 of width 64, 2 per token.
+
+  Adam's eps is raised from 1e-8 to 1e-5: an update of lr-size out of a ~0 gradient's
+  reduction noise (see assert_params_close) moves router logits by ~1e-4, enough to flip a
+  near-tie top-k choice, after which the runs differ by a whole expert's gradient; with it,
+  the runs of any two meshes (data-parallel ones too) stay within ~1e-6 of each other."""
+  cfg = small_config(eps=1e-5)
+  with cfg.unlocked():
+    cfg.model.update(n_experts=8, n_experts_per_token=2, moe_d_ff=64, router_aux_loss_coef=0.01,
+                     router_z_loss_coef=0.001, moe_impl=impl)
+  return cfg
+
+
+@pytest.mark.parametrize("impl,shape", [("auto", (2, 2, 2, 1)), ("ragged", (1, 1, 4, 2))])
+def test_expert_parallel_training_matches_one_device(impl, shape):
+  """Three steps of an MoE model on (data, fsdp, expert, tensor) meshes equal one device's:
+  the experts run per expert shard (model/moe.py), everything else as data parallelism."""
+  batches = [random_batch(seed=s) for s in range(3)]
+  ref_losses, ref_params = run_steps(moe_config(impl), sharding.make_mesh(
+      1, 1, 1, jax.devices()[:1]), batches)
+  data, fsdp, expert, tensor = shape
+  mesh = sharding.make_mesh(data, fsdp, tensor, expert=expert)
+  losses, params = run_steps(moe_config(impl), mesh, batches)
+  np.testing.assert_allclose(losses, ref_losses, rtol=2e-5)
+  assert_params_close(params, ref_params)
+
+
+def _specs(config_path, mesh_shape, expert=1):
   cfg = load_config(config_path, {})
-  mesh = sharding.make_mesh(*mesh_shape)
+  mesh = sharding.make_mesh(*mesh_shape, expert=expert)
   prog = build_program(cfg, ModelConfig.from_config(cfg.model), mesh)
   return jax.tree.map(lambda s: s.spec, prog.shardings.params)
 
@@ -149,6 +181,15 @@ def test_golden_partition_specs_tiny():
   assert layers["attn_norm"]["scale"] == P()
   # On a (1, 2, 4) mesh, 2 kv heads cannot be split 4 ways: they are replicated instead.
   assert _specs("configs/tiny.py", (1, 2, 4))["layers"]["attn"]["k"] == P(None, "fsdp")
+
+
+def test_golden_partition_specs_tiny_moe():
+  layers = _specs("configs/tiny_moe.py", (1, 2, 2), expert=2)["layers"]
+  assert layers["moe"]["router"] == P(None, "fsdp")
+  assert layers["moe"]["gate"] == P(None, "expert", "fsdp", "tensor")
+  assert layers["moe"]["up"] == P(None, "expert", "fsdp", "tensor")
+  assert layers["moe"]["down"] == P(None, "expert", "tensor", "fsdp")
+  assert layers["attn"]["q"] == P(None, "fsdp", "tensor")  # the rest as without experts
 
 
 def test_golden_partition_specs_llama3_8b():

@@ -37,7 +37,8 @@ def model_and_mesh(cfg, devices=None):
   ConfigErrors (clean messages naming the key, no traceback)."""
   try:
     model_cfg = ModelConfig.from_config(cfg.model)
-    mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices)
+    mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices,
+                              expert=cfg.mesh.expert)
     optim.learning_rate_schedule(cfg.train)
   except ValueError as e:
     raise ConfigError(str(e)) from None
@@ -59,8 +60,12 @@ def validate(cfg, model_cfg: ModelConfig, mesh) -> None:
   shards = sharding.num_batch_shards(mesh)
   if (t.batch_size // t.microbatches) % shards:
     raise ConfigError(f"a microbatch of {t.batch_size // t.microbatches} rows cannot be split "
-                      f"over mesh.data x mesh.fsdp = {shards} devices: make train.batch_size / "
-                      f"train.microbatches a multiple of {shards}")
+                      f"over mesh.data x mesh.fsdp x mesh.expert = {shards} devices: make "
+                      f"train.batch_size / train.microbatches a multiple of {shards}")
+  experts, ep = model_cfg.n_experts, mesh.shape["expert"]
+  if ep > 1 and experts and experts % ep:
+    raise ConfigError(f"model.n_experts={experts} cannot be split over mesh.expert={ep} "
+                      f"devices: make mesh.expert a divisor of model.n_experts")
   if t.batch_size % jax.process_count():
     raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by "
                       f"{jax.process_count()} processes")

@@ -36,10 +36,10 @@ def init_distributed(dcfg) -> None:
 
 def _simulate_devices_for(cfg) -> None:
   """For --dry_run: enough simulated CPU devices for the configured mesh (before jax loads)."""
-  sizes = [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor]
+  sizes = [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.expert, cfg.mesh.tensor]
   if any(s == -1 for s in sizes):
-    raise ConfigError("--dry_run needs explicit mesh sizes: set mesh.data, mesh.fsdp and "
-                      "mesh.tensor (none of them -1)")
+    raise ConfigError("--dry_run needs explicit mesh sizes: set mesh.data, mesh.fsdp, "
+                      "mesh.expert and mesh.tensor (none of them -1)")
   flags = os.environ.get("XLA_FLAGS", "")
   if "xla_force_host_platform_device_count" not in flags:
     os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={math.prod(sizes)}"

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
+from model import sharding
 from train.state import TrainState
 
 # loss_fn(params, frozen, batch) -> (sum of losses, metrics as sums incl. "count", the number the
@@ -27,7 +28,7 @@ def _split_microbatches(batch, n: int, mesh):
   def split(x):
     b = x.shape[0]
     x = x.reshape(b // n, n, *x.shape[1:]).swapaxes(0, 1)
-    spec = PartitionSpec(None, ("data", "fsdp"))
+    spec = PartitionSpec(None, sharding.BATCH_AXES)
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
   return jax.tree.map(split, batch)
 
