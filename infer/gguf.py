@@ -33,8 +33,8 @@ import re
 import numpy as np
 
 from infer.files import ConversionError
-from infer.hf import (FAMILIES, ArraySource, hf_shapes, layer_name, layer_tensors,
-                      params_from_source)
+from infer.hf import ArraySource, hf_shapes, layer_name, layer_tensors, params_from_source
+from infer.hf_config import FAMILIES
 from model import ModelConfig
 
 
