@@ -5,7 +5,7 @@ per global one (RoPE base 1M), head_dim 256. For runs and --dry_run:
 python train/main.py --config configs/gemma3_1b.py --dry_run --target v5e-16
 """
 
-from configs import base
+from configs import base, pod
 
 
 def get_config():
@@ -31,17 +31,4 @@ def get_config():
   m.embed_scale = True
   m.sliding_window = 512
   m.global_every = 6
-  m.dtype = "bfloat16"
-  m.remat = "full"
-  c.data.seq_len = 4096
-  c.train.batch_size = 256
-  c.train.lr = 3e-4
-  c.train.warmup_steps = 2000
-  c.train.steps = 100000
-  c.train.min_lr_ratio = 0.1
-  c.train.eval_every = 1000
-  c.checkpoint.every = 1000
-  c.mesh.data = 1
-  c.mesh.fsdp = -1
-  c.mesh.tensor = 1
-  return c
+  return pod.pod_training(c, seq_len=4096)

@@ -4,7 +4,7 @@ python train/main.py --config configs/llama3_8b.py --dry_run \
     --config.mesh.data=1 --config.mesh.fsdp=64 --config.mesh.tensor=4
 """
 
-from configs import base
+from configs import base, pod
 
 
 def get_config():
@@ -22,17 +22,4 @@ def get_config():
   m.rope_theta = 500000.0
   m.norm_eps = 1e-5
   m.tie_embeddings = False
-  m.dtype = "bfloat16"
-  m.remat = "full"
-  c.data.seq_len = 8192
-  c.train.batch_size = 256
-  c.train.lr = 3e-4
-  c.train.warmup_steps = 2000
-  c.train.steps = 100000
-  c.train.min_lr_ratio = 0.1
-  c.train.eval_every = 1000
-  c.checkpoint.every = 1000
-  c.mesh.data = 1
-  c.mesh.fsdp = -1
-  c.mesh.tensor = 1
-  return c
+  return pod.pod_training(c, seq_len=8192)

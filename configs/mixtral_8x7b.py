@@ -4,7 +4,7 @@ top-2 router logits). For pod runs and --dry_run:
 python train/main.py --config configs/mixtral_8x7b.py --dry_run --target v5p-256
 """
 
-from configs import base
+from configs import base, pod
 
 
 def get_config():
@@ -26,17 +26,4 @@ def get_config():
   m.n_experts_per_token = 2
   m.router = "mixtral"
   m.router_aux_loss_coef = 0.01
-  m.dtype = "bfloat16"
-  m.remat = "full"
-  c.data.seq_len = 4096
-  c.train.batch_size = 256
-  c.train.lr = 3e-4
-  c.train.warmup_steps = 2000
-  c.train.steps = 100000
-  c.train.min_lr_ratio = 0.1
-  c.train.eval_every = 1000
-  c.checkpoint.every = 1000
-  c.mesh.data = 1
-  c.mesh.fsdp = -1
-  c.mesh.tensor = 1
-  return c
+  return pod.pod_training(c, seq_len=4096)

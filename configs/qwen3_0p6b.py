@@ -4,7 +4,7 @@ and --dry_run:
 python train/main.py --config configs/qwen3_0p6b.py --dry_run --target v5e-16
 """
 
-from configs import base
+from configs import base, pod
 
 
 def get_config():
@@ -23,17 +23,4 @@ def get_config():
   m.norm_eps = 1e-06
   m.tie_embeddings = True
   m.qk_norm = True
-  m.dtype = "bfloat16"
-  m.remat = "full"
-  c.data.seq_len = 4096
-  c.train.batch_size = 256
-  c.train.lr = 3e-4
-  c.train.warmup_steps = 2000
-  c.train.steps = 100000
-  c.train.min_lr_ratio = 0.1
-  c.train.eval_every = 1000
-  c.checkpoint.every = 1000
-  c.mesh.data = 1
-  c.mesh.fsdp = -1
-  c.mesh.tensor = 1
-  return c
+  return pod.pod_training(c, seq_len=4096)

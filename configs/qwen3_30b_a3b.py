@@ -5,7 +5,7 @@ renormalised), q/k norms; 3.3B of its 30.5B parameters act per token. For pod ru
 python train/main.py --config configs/qwen3_30b_a3b.py --dry_run --target v5p-128
 """
 
-from configs import base
+from configs import base, pod
 
 
 def get_config():
@@ -30,17 +30,4 @@ def get_config():
   m.router = "qwen3_moe"
   m.norm_topk_prob = True
   m.router_aux_loss_coef = 0.001
-  m.dtype = "bfloat16"
-  m.remat = "full"
-  c.data.seq_len = 4096
-  c.train.batch_size = 256
-  c.train.lr = 3e-4
-  c.train.warmup_steps = 2000
-  c.train.steps = 100000
-  c.train.min_lr_ratio = 0.1
-  c.train.eval_every = 1000
-  c.checkpoint.every = 1000
-  c.mesh.data = 1
-  c.mesh.fsdp = -1
-  c.mesh.tensor = 1
-  return c
+  return pod.pod_training(c, seq_len=4096)
