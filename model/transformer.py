@@ -138,10 +138,25 @@ def _reduce_aux(stacked):
                     dropped=jnp.sum(stacked.dropped))
 
 
+def _chain(run_block, weights, x, kvs, layers):
+  """x through the blocks with `weights` at static indices `layers`; kvs: each one's K/V or
+  None. Returns (x, new ks, new vs, auxes)."""
+  ks, vs, auxes = [], [], []
+  for w, kv, i in zip(weights, kvs, layers):
+    x, kv, aux = run_block(w, x, kv, i)
+    auxes.append(aux)
+    if kv is not None:
+      ks.append(kv[0])
+      vs.append(kv[1])
+  return x, ks, vs, auxes
+
+
 def _run_layers(cfg: ModelConfig, params, x, ropes, segment_ids, start, layers_kv, token_mask):
   """x through every block; returns (x, new per-layer K/V (as given: stacked or tuples), aux)."""
   stacked, per_layer = _layer_list(cfg, params)
   remat = cfg.remat != "none" and layers_kv is None
+  kvs_of = lambda layers: ([None] * len(layers) if layers_kv is None
+                           else [(layers_kv[0][i], layers_kv[1][i]) for i in layers])
 
   def run_block(w, x, kv, layer):  # layer: the static index that fixes window and RoPE
     local = cfg.is_local(layer)
@@ -149,17 +164,13 @@ def _run_layers(cfg: ModelConfig, params, x, ropes, segment_ids, start, layers_k
                  local=local, token_mask=token_mask)
 
   if per_layer is not None:
-    ks, vs, auxes = [], [], []
-    for i, w in enumerate(per_layer):
-      fn = lambda w, x, kv, i=i: run_block(w, x, kv, i)
-      if remat:
-        fn = jax.checkpoint(fn, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=True)
-      kv = None if layers_kv is None else (layers_kv[0][i], layers_kv[1][i])
-      x, kv, aux = fn(w, x, kv)
-      auxes.append(aux)
-      if kv is not None:
-        ks.append(kv[0])
-        vs.append(kv[1])
+    run = run_block
+    if remat:
+      run = lambda w, x, kv, i: jax.checkpoint(
+          lambda w, x, kv: run_block(w, x, kv, i), policy=_REMAT_POLICIES[cfg.remat],
+          prevent_cse=True)(w, x, kv)
+    layers = range(len(per_layer))
+    x, ks, vs, auxes = _chain(run, per_layer, x, kvs_of(layers), layers)
     if layers_kv is None:
       return x, None, _mean_aux(auxes)
     if isinstance(layers_kv[0], (tuple, list)):
@@ -169,18 +180,14 @@ def _run_layers(cfg: ModelConfig, params, x, ropes, segment_ids, start, layers_k
   # Stacked: scan over groups of `period` layers (the local/global pattern repeats per group).
   period = cfg.layer_period
   n_groups, rest = divmod(cfg.n_layers, period)
+  layer_of = lambda tree, i: jax.tree.map(lambda a: a[i], tree)
 
   def body(x, xs):
     w_group, kv_group = xs
-    ks, vs, auxes = [], [], []
-    for j in range(period):
-      w = jax.tree.map(lambda a: a[j], w_group)
-      kv = None if kv_group is None else (kv_group[0][j], kv_group[1][j])
-      x, kv, aux = run_block(w, x, kv, j)
-      auxes.append(aux)
-      if kv is not None:
-        ks.append(kv[0])
-        vs.append(kv[1])
+    weights = [layer_of(w_group, j) for j in range(period)]
+    kvs = ([None] * period if kv_group is None
+           else [(kv_group[0][j], kv_group[1][j]) for j in range(period)])
+    x, ks, vs, auxes = _chain(run_block, weights, x, kvs, range(period))
     new_kv = None if kv_group is None else (jnp.stack(ks), jnp.stack(vs))
     aux = None if auxes[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *auxes)
     return x, (new_kv, aux)
@@ -196,15 +203,9 @@ def _run_layers(cfg: ModelConfig, params, x, ropes, segment_ids, start, layers_k
   new_kv = None if new_kv is None else jax.tree.map(flat, new_kv)
   aux = None if aux is None else jax.tree.map(flat, aux)
   if rest:  # layers past the last whole period, unrolled (their index fixes their type)
-    tail_k, tail_v, tail_aux = [], [], []
-    for i in range(head_n, cfg.n_layers):
-      w = jax.tree.map(lambda a: a[i], stacked)
-      kv = None if layers_kv is None else (layers_kv[0][i], layers_kv[1][i])
-      x, kv, a = run_block(w, x, kv, i)
-      tail_aux.append(a)
-      if kv is not None:
-        tail_k.append(kv[0])
-        tail_v.append(kv[1])
+    tail = range(head_n, cfg.n_layers)
+    x, tail_k, tail_v, tail_aux = _chain(run_block, [layer_of(stacked, i) for i in tail], x,
+                                         kvs_of(tail), tail)
     if new_kv is not None:
       new_kv = (jnp.concatenate([new_kv[0], jnp.stack(tail_k)]),
                 jnp.concatenate([new_kv[1], jnp.stack(tail_v)]))
