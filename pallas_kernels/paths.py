@@ -1,4 +1,5 @@
 """Which attention path runs on which platform, and why: one answer for the kernels and the dry run.
+(The grouped matmul's `grouped_matmul_path`, at the end, answers the same for MoE experts.)
 
   attention_path("tpu", head_dim=128, dtype=jnp.bfloat16)        -> pallas (Mosaic flash)
   attention_path("cuda", head_dim=96, dtype=jnp.bfloat16)        -> xla (head_dim 96 not covered
@@ -35,13 +36,14 @@ _VARIANT = {"tpu": "tpu", "cuda": "gpu", "rocm": "gpu"}  # kernel variant per pl
 
 @dataclasses.dataclass(frozen=True)
 class Path:
-  """impl: "pallas" or "xla"; kernel: e.g. "Mosaic flash" (None for xla); reason: why."""
+  """impl: "pallas" or "xla" (grouped matmul: a `GMM_IMPLS` name); kernel: e.g. "Mosaic
+  flash" (None for xla); reason: why."""
   impl: str
   kernel: str | None
   reason: str
 
   def __str__(self):
-    return f"pallas ({self.kernel})" if self.impl == "pallas" else f"xla ({self.reason})"
+    return f"xla ({self.reason})" if self.impl == "xla" else f"{self.impl} ({self.kernel})"
 
 
 def check_impl(impl):
@@ -118,3 +120,36 @@ def dispatch(args, *, impl, interpret, backend, path_of, kernel, xla):
   elif interpret is None:
     default = kernel("tpu", True)
   return lax.platform_dependent(*args, default=default, **branches)
+
+
+# ------------------------------------------------------------------------------ grouped matmul
+
+GMM_IMPLS = ("auto", "xla", "triton")
+# What tests/test_target_compile_kernels.py compiles the grouped-matmul kernels for. The kernels
+# mask every edge, so any shape compiles once a dtype does.
+GMM_COVERED_DTYPES = ("bfloat16", "float32")
+# platform -> (impl, kernel) of the grouped-matmul kernel there. A TPU path adds
+# "tpu": ("megablox", "Mosaic megablox gmm").
+GMM_KERNELS = {"cuda": ("triton", "Triton gmm")}
+
+
+def grouped_matmul_path(platform, *, x_dtype, w_dtype, impl="auto"):
+  """The path `grouped_matmul` takes on `platform`: a Path whose impl is a GMM_IMPLS name.
+
+  auto: the platform's kernel (GMM_KERNELS) where its dtypes are compile-tested, else
+  ragged_dot (which XLA:GPU expands to a dense matmul over all E experts).
+  """
+  if impl not in GMM_IMPLS:
+    raise ValueError(f"impl must be one of {GMM_IMPLS}, got {impl!r}")
+  platform = _CANONICAL.get(platform, platform)
+  if impl != "auto":
+    kernel = None if impl == "xla" else dict(GMM_KERNELS.values()).get(impl, impl)
+    return Path(impl, kernel, f"impl={impl!r}")
+  if platform not in GMM_KERNELS:
+    return Path("xla", None, f"no grouped-matmul kernel for {platform}")
+  impl, kernel = GMM_KERNELS[platform]
+  dtypes = {jnp.dtype(x_dtype).name, jnp.dtype(w_dtype).name}
+  if not dtypes <= set(GMM_COVERED_DTYPES):
+    return Path("xla", None, f"dtype {'/'.join(sorted(dtypes))} not covered by the {kernel} "
+                "kernel")
+  return Path(impl, kernel, "compile-tested")

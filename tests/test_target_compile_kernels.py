@@ -30,6 +30,7 @@ from model.layers import self_attention
 from pallas_kernels import paths
 from pallas_kernels.attention import attention, attention_path
 from pallas_kernels.flash_attention import BlockSizes, flash_attention
+from pallas_kernels.grouped_matmul import grouped_matmul
 from pallas_kernels.paged_attention import paged_attention
 
 MOSAIC, TRITON = "tpu_custom_call", "__gpu$xla.gpu.triton"
@@ -220,12 +221,52 @@ def test_paged_prefill_needs_row_blocks(target_devices, target, tq, error):
   _compile(target_devices, target, paged_attention, *shapes)
 
 
+# ------------------------------------------------------------------------- grouped matmul
+
+GMM_KERNELS = ["grouped_matmul", "grouped_matmul_dw", "grouped_matmul_dx"]
+# (target, dtype, A, D, F, E): MoE expert matmuls over A = tokens * top_k rows sorted by expert,
+# with few large experts (Mixtral: 8) and many small ones (64); f32 with D and F that no block
+# divides.
+GMM = [
+    ("h100-1", BF16, 8192, 2048, 1024, 8),
+    ("a100-1", BF16, 8192, 2048, 1024, 8),
+    ("h100-1", BF16, 8192, 2048, 1024, 64),
+    ("a100-1", BF16, 8192, 2048, 1024, 64),
+    ("a100-1", F32, 4096, 1000, 1400, 8),
+]
+
+
+def _gmm_grads(impl):
+  def fn(x, w, group_sizes):  # the loss needs y, so the forward kernel stays in the program
+    loss = lambda x, w: jnp.sum(jnp.square(grouped_matmul(x, w, group_sizes, impl=impl)
+                                           .astype(F32)))
+    return jax.grad(loss, argnums=(0, 1))(x, w)
+  return fn
+
+
+@pytest.mark.parametrize("case", GMM, ids=lambda c: "-".join(
+    [c[0], jnp.dtype(c[1]).name] + [f"{k}{n}" for k, n in zip("ADFE", c[2:])]))
+def test_grouped_matmul_compiles_far_below_dense(target_devices, case):
+  """Forward and forward + backward through Triton (impl="auto" on CUDA), at a fraction of the
+  memory of XLA:GPU's ragged_dot, which expands x to a dense [A, E * D] and does E times the
+  FLOPs (the kernels' peak is their inputs and outputs)."""
+  target, dtype, a, d, f, e = case
+  shapes = [((a, d), dtype), ((e, d, f), dtype), ((e,), jnp.int32)]
+  forward = lambda impl: lambda x, w, gs: grouped_matmul(x, w, gs, impl=impl)
+  for fn, kernels in ((forward, ["grouped_matmul"]), (_gmm_grads, GMM_KERNELS)):
+    compiled = _compile(target_devices, target, fn("auto"), *shapes)
+    names, targets = _kernels(compiled)
+    assert names == kernels and targets == {TRITON}
+    dense = _peak(_compile(target_devices, target, fn("xla"), *shapes))
+    assert _peak(compiled) < dense / 2, (_peak(compiled), dense)
+
+
 # ------------------------------------------------------------------- what auto takes, and why
 
 
 def test_grids_cover_what_auto_takes():
   """Every dtype and head_dim auto takes a kernel for is compiled above, for each compiler and
-  kernel; and every page size for the paged kernel."""
+  kernel; every page size for the paged kernel; every dtype for the grouped matmul."""
   for compiler in ("tpu", "cuda"):
     for grid in (FLASH, PAGED):
       cases = [c for c in grid if _compiler(c[0]) == compiler]
@@ -233,6 +274,9 @@ def test_grids_cover_what_auto_takes():
       assert {c[2] for c in cases} == set(paths.COVERED_HEAD_DIMS), compiler
     pages = {c[7] for c in PAGED if _compiler(c[0]) == compiler}
     assert pages == set(paths.COVERED_PAGE_SIZES), compiler
+  for compiler in paths.GMM_KERNELS:
+    cases = [c for c in GMM if _compiler(c[0]) == compiler]
+    assert {jnp.dtype(c[1]).name for c in cases} == set(paths.GMM_COVERED_DTYPES), compiler
 
 
 def test_attention_path_says_why():
