@@ -27,8 +27,8 @@ block_m = 64 (128 rows a group); block_m = 128 would make that 2x. The same hold
 D and F need not divide the blocks: loads past the edge are masked to 0, stores masked off.
 
 Other platforms: impl="auto" runs the kernels where `paths.grouped_matmul_path` says they are
-compile-tested (CUDA) and ragged_dot elsewhere. A TPU path (megablox's gmm, which has its own
-VJP) is one more entry in `_IMPLS` plus its platform in `paths.GMM_KERNELS`.
+compile-tested: these on CUDA, JAX's megablox kernels on TPU (pallas_kernels/_gmm_tpu.py), and
+ragged_dot elsewhere.
 """
 
 import dataclasses
@@ -40,6 +40,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels import _gmm_tpu
 from pallas_kernels.paths import GMM_IMPLS, grouped_matmul_path
 
 MIN_BLOCK = 16  # tl.dot needs every dimension >= 16
@@ -278,10 +279,14 @@ def _triton_impl(x_AD, w_EDF, group_sizes_E, *, out_dtype, blocks, interpret):
   return _triton(x_AD, w_EDF, group_sizes_E, _Static(out_dtype, blocks, interpret))
 
 
-# impl -> differentiable fn(x, w, group_sizes, *, out_dtype, blocks, interpret). A TPU path adds
-# "megablox" here (jax.experimental.pallas.ops.tpu.megablox.gmm has its own VJP) and its
-# platform in paths.GMM_KERNELS; impl="auto" then finds it through grouped_matmul_path.
-_IMPLS = {"xla": _xla_impl, "triton": _triton_impl}
+def _megablox_impl(x_AD, w_EDF, group_sizes_E, *, out_dtype, blocks, interpret):
+  del blocks  # megablox's tiles: _gmm_tpu.tiling
+  return _gmm_tpu.grouped_matmul(x_AD, w_EDF, group_sizes_E, out_dtype, interpret)
+
+
+# impl -> differentiable fn(x, w, group_sizes, *, out_dtype, blocks, interpret); impl="auto"
+# finds a platform's through paths.GMM_KERNELS.
+_IMPLS = {"xla": _xla_impl, "triton": _triton_impl, "megablox": _megablox_impl}
 
 
 @functools.partial(jax.jit, static_argnames=("impl", "block_sizes", "interpret",
@@ -292,11 +297,12 @@ def grouped_matmul(x_AD, w_EDF, group_sizes_E, *, impl="auto", block_sizes=None,
 
   Differentiable in x and w (not group_sizes). Output dtype: preferred_element_type, else the
   promoted dtype of x and w; accumulation is f32 in the kernels.
-  impl: "auto" (the Triton kernels where `paths.grouped_matmul_path` says they are
+  impl: "auto" (the platform's kernel where `paths.grouped_matmul_path` says it is
     compile-tested, decided for the platform the program is lowered for; ragged_dot
-    elsewhere), "xla" (ragged_dot) or "triton".
-  block_sizes: a `BlockSizes`; None takes the defaults.
-  interpret (impl="triton"): run the kernels in the Pallas interpreter (tests, on CPU).
+    elsewhere), "xla" (ragged_dot), "triton" (ours, GPU) or "megablox" (JAX's, TPU).
+  block_sizes: a `BlockSizes` of the Triton kernels; None takes the defaults.
+  interpret (impl="triton" or "megablox"): run the kernels in the Pallas interpreter (tests,
+    on CPU).
   """
   if impl not in GMM_IMPLS:
     raise ValueError(f"impl must be one of {GMM_IMPLS}, got {impl!r}")
@@ -315,7 +321,7 @@ def grouped_matmul(x_AD, w_EDF, group_sizes_E, *, impl="auto", block_sizes=None,
   if impl != "auto":
     return _IMPLS[impl](*args, **kwargs)
   # lax.platform_dependent keeps the branch of the platform being lowered (so a CPU process
-  # compiling for GPU devices gets the kernels); interpret applies to impl="triton" only.
+  # compiling for GPU devices gets the kernels); interpret applies to a named impl only.
   kwargs["interpret"] = False
   branch = lambda p: functools.partial(
       _IMPLS[grouped_matmul_path(p, x_dtype=x_AD.dtype, w_dtype=w_EDF.dtype).impl], **kwargs)

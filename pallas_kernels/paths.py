@@ -124,13 +124,14 @@ def dispatch(args, *, impl, interpret, backend, path_of, kernel, xla):
 
 # ------------------------------------------------------------------------------ grouped matmul
 
-GMM_IMPLS = ("auto", "xla", "triton")
+GMM_IMPLS = ("auto", "xla", "triton", "megablox")
 # What tests/test_target_compile_kernels.py compiles the grouped-matmul kernels for. The kernels
 # mask every edge, so any shape compiles once a dtype does.
 GMM_COVERED_DTYPES = ("bfloat16", "float32")
-# platform -> (impl, kernel) of the grouped-matmul kernel there. A TPU path adds
-# "tpu": ("megablox", "Mosaic megablox gmm").
-GMM_KERNELS = {"cuda": ("triton", "Triton gmm")}
+# platform -> (impl, kernel) of the grouped-matmul kernel there: ours on GPUs (XLA:GPU expands
+# ragged_dot densely), JAX's megablox on TPUs (XLA:TPU's ragged_dot backward computes the
+# weight gradient densely).
+GMM_KERNELS = {"cuda": ("triton", "Triton gmm"), "tpu": ("megablox", "Mosaic megablox gmm")}
 
 
 def grouped_matmul_path(platform, *, x_dtype, w_dtype, impl="auto"):

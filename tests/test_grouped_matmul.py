@@ -4,7 +4,9 @@ interpret mode on CPU.
 Each case compiles once: a jitted function returns the output and both gradients. The cases
 cover empty groups, one group holding every row, groups that straddle tiles, rows past the groups
 (which must give 0), D and F that no block divides, A that no row tile divides, bf16 and f32.
-tests/test_target_compile_kernels.py compiles the same kernels with Triton for H100 and A100.
+The TPU path (JAX's megablox kernels, wrapped for any row count) is checked on the same cases.
+tests/test_target_compile_kernels.py compiles the kernels with Triton for H100 and A100 and with
+Mosaic for v5e, v5p and v6e.
 """
 
 import jax
@@ -93,13 +95,14 @@ def _case_id(c):
   return f"A{a}-D{d}-F{f}-E{len(gs)}-sum{sum(gs)}-{jnp.dtype(dtype).name}-{blocks}"
 
 
+@pytest.mark.parametrize("impl", ["triton", "megablox"])
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
-def test_kernel_matches_ragged_dot_and_numpy(case):
+def test_kernel_matches_ragged_dot_and_numpy(case, impl):
+  """Ours (GPU) and megablox as wrapped for any row count (TPU: pallas_kernels/_gmm_tpu.py)."""
   a, d, f, gs, dtype, blocks = case
   x, w, dy = _inputs(a, d, f, len(gs), dtype)
   group_sizes = jnp.array(gs, jnp.int32)
-  got = _value_and_grads(impl="triton", interpret=True, block_sizes=blocks)(x, w, group_sizes,
-                                                                             dy)
+  got = _value_and_grads(impl=impl, interpret=True, block_sizes=blocks)(x, w, group_sizes, dy)
   ref = _value_and_grads(impl="xla")(x, w, group_sizes, dy)
   loop = _numpy_gmm(x, w, gs, dy.astype(dtype))
   for name, g, r, n in zip(("y", "dx", "dw"), got, ref, loop):
@@ -170,7 +173,7 @@ def test_grouped_matmul_path_says_why():
       platform, x_dtype=dtype, w_dtype=dtype, **kw))
   assert path("gpu") == path("cuda") == "triton (Triton gmm)"
   assert path("cuda", jnp.float16) == "xla (dtype float16 not covered by the Triton gmm kernel)"
-  assert path("tpu") == "xla (no grouped-matmul kernel for tpu)"
+  assert path("tpu") == "megablox (Mosaic megablox gmm)"
   assert path("cpu") == "xla (no grouped-matmul kernel for cpu)"
   assert path("cpu", impl="triton") == "triton (Triton gmm)"
   assert path("cuda", impl="xla") == "xla (impl='xla')"
