@@ -230,6 +230,28 @@ def _llama3_scaling(divisors: np.ndarray, cfg: dict, original_len: int, path: st
   return scaling
 
 
+def _linear_scaling(fields, key, arch: str, spec: _Arch) -> dict:
+  """Linear RoPE scaling as llama.cpp reads it: rope.scaling.factor (or the older
+  rope.scale_linear) divides the positions unless rope.scaling.type (default "linear") says
+  otherwise. Gemma 3's local layers keep their unscaled RoPE (llama.cpp's
+  rope_freq_scale_train_swa = 1); Llama 3.1's scaling is the rope_freqs tensor, read apart."""
+  scaling_type = fields.get(key("rope.scaling.type"), "linear")
+  factor = fields.get(key("rope.scaling.factor"), fields.get(key("rope.scale_linear"), 0.0))
+  if scaling_type == "none" or (scaling_type == "llama3" and arch == "llama"):
+    return {}
+  if scaling_type != "linear":
+    raise ConversionError(f"{fields.path}: {key('rope.scaling.type')}={scaling_type!r} is not "
+                          "supported (only none and linear; llama3 through rope_freqs)")
+  if not factor or factor == 1.0:
+    return {}
+  if spec.swa_period and not spec.swa_theta:
+    # llama.cpp would scale Gemma 2's local layers as well, which its rope_local_theta
+    # here (from _gemma_fields) rules out: refused rather than guessed.
+    raise ConversionError(f"{fields.path}: {key('rope.scaling.factor')}={factor} (linear RoPE "
+                          f"scaling) is not supported for {arch!r}")
+  return dict(rope_scaling_type="linear", rope_scaling_factor=_f32(factor))
+
+
 def _gemma_fields(fields, key, spec: _Arch, cfg: dict) -> dict:
   """Gemma's window, local RoPE base, attention scale and soft-capping as llama.cpp reads
   them: its fixed period and local base (Gemma 3) unless the file says otherwise, the scale
@@ -280,9 +302,7 @@ def config_from_gguf(reader, path: str, **overrides) -> ModelConfig:
   if int(fields.get(key("rope.dimension_count"), head_dim)) != head_dim:
     raise ConversionError(f"{path}: {key('rope.dimension_count')} is not the head dim "
                           f"{head_dim}: partial rotary embeddings are not supported")
-  scaling_type = fields.get(key("rope.scaling.type"), "none")
-  if scaling_type not in ("none", "llama3") or (scaling_type == "llama3" and arch != "llama"):
-    raise ConversionError(f"{path}: rope scaling {scaling_type!r} is not supported")
+  scaling = _linear_scaling(fields, key, arch, spec)
   tensors = {t.name: t for t in reader.tensors}
   tokens = fields.get("tokenizer.ggml.tokens")
   vocab = fields.get(key("vocab_size"))
@@ -309,6 +329,9 @@ def config_from_gguf(reader, path: str, **overrides) -> ModelConfig:
     cfg["d_ff"] = int(fields.need(key("feed_forward_length")))
   if spec.swa_period:
     cfg.update(_gemma_fields(fields, key, spec, cfg))
+  cfg.update(scaling)
+  if _ROPE_FREQS in tensors and scaling:
+    raise ConversionError(f"{path}: both linear RoPE scaling and a {_ROPE_FREQS!r} tensor")
   if _ROPE_FREQS in tensors:
     from gguf.quants import dequantize
     t = tensors[_ROPE_FREQS]
