@@ -23,7 +23,8 @@ def get_config() -> ml_collections.ConfigDict:
   m.d_ff = 704  # SwiGLU hidden width (F).
   m.max_seq_len = 2048  # Longest sequence the model accepts (RoPE table, KV cache size).
   m.rope_theta = 10000.0  # RoPE base frequency.
-  m.rope_scaling_factor = 0.0  # Llama-3.1 frequency scaling factor; 0 disables it (Llama-3.1 uses 8).
+  m.rope_scaling_factor = 0.0  # RoPE scaling factor (Llama-3.1: 8, Gemma 3 4B+: 8 on the global layers); 0 disables it.
+  m.rope_scaling_type = "llama3"  # How the factor scales: llama3 (Llama 3.1's per-wavelength blend, the keys below) or linear (positions / factor).
   m.rope_low_freq_factor = 1.0  # Llama-3.1 scaling: wavelengths above original_len / low_freq_factor are scaled fully.
   m.rope_high_freq_factor = 4.0  # Llama-3.1 scaling: wavelengths below original_len / high_freq_factor are kept.
   m.rope_original_max_len = 8192  # Llama-3.1 scaling: the context length the model was pretrained with.
@@ -45,7 +46,7 @@ def get_config() -> ml_collections.ConfigDict:
   m.embed_scale = False  # Gemma: the embeddings are multiplied by sqrt(d_model).
   m.sliding_window = 0  # Local layers attend to the last sliding_window keys (Mistral: 4096); 0: every layer global.
   m.global_every = 0  # With a window, layer i is global iff (i + 1) % global_every == 0 (Gemma 2: 2, Gemma 3: 6); 0: all layers local.
-  m.rope_local_theta = 0.0  # RoPE base of the local layers (Gemma 3: 10000); 0 means rope_theta.
+  m.rope_local_theta = 0.0  # The local layers' own RoPE base, never scaled (Gemma 3: 10000); 0: they use the global RoPE, scaling included.
   m.attn_scale = 0.0  # Attention scores scale; 0 means head_dim ** -0.5 (Gemma: query_pre_attn_scalar ** -0.5).
   m.attn_softcap = 0.0  # Gemma 2: attention scores s -> c * tanh(s / c); 0: none.
   m.final_softcap = 0.0  # Gemma 2: logits z -> c * tanh(z / c); 0: none.

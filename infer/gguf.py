@@ -64,8 +64,10 @@ _ARCHITECTURES = {
 _SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K",
                     "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 # llama.cpp token types (llama_token_type / gguf.TokenType).
-_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED = 1, 2, 3, 4
+_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED = 1, 2, 3, 4, 5
 _TOKENIZER_MODELS = ("gpt2", "llama")  # byte-level BPE, SentencePiece
+# Architectures whose SentencePiece ("llama") vocabulary is Gemma's: see _gemma_vocab.
+_GEMMA_VOCABS = ("gemma", "gemma2", "gemma3")
 _SPACE = "\u2581"  # "▁": SentencePiece's visible space
 
 _GLOBAL_NAMES = {
@@ -230,6 +232,28 @@ def _llama3_scaling(divisors: np.ndarray, cfg: dict, original_len: int, path: st
   return scaling
 
 
+def _linear_scaling(fields, key, arch: str, spec: _Arch) -> dict:
+  """Linear RoPE scaling as llama.cpp reads it: rope.scaling.factor (or the older
+  rope.scale_linear) divides the positions unless rope.scaling.type (default "linear") says
+  otherwise. Gemma 3's local layers keep their unscaled RoPE (llama.cpp's
+  rope_freq_scale_train_swa = 1); Llama 3.1's scaling is the rope_freqs tensor, read apart."""
+  scaling_type = fields.get(key("rope.scaling.type"), "linear")
+  factor = fields.get(key("rope.scaling.factor"), fields.get(key("rope.scale_linear"), 0.0))
+  if scaling_type == "none" or (scaling_type == "llama3" and arch == "llama"):
+    return {}
+  if scaling_type != "linear":
+    raise ConversionError(f"{fields.path}: {key('rope.scaling.type')}={scaling_type!r} is not "
+                          "supported (only none and linear; llama3 through rope_freqs)")
+  if not factor or factor == 1.0:
+    return {}
+  if spec.swa_period and not spec.swa_theta:
+    # llama.cpp would scale Gemma 2's local layers as well, which its rope_local_theta
+    # here (from _gemma_fields) rules out: refused rather than guessed.
+    raise ConversionError(f"{fields.path}: {key('rope.scaling.factor')}={factor} (linear RoPE "
+                          f"scaling) is not supported for {arch!r}")
+  return dict(rope_scaling_type="linear", rope_scaling_factor=_f32(factor))
+
+
 def _gemma_fields(fields, key, spec: _Arch, cfg: dict) -> dict:
   """Gemma's window, local RoPE base, attention scale and soft-capping as llama.cpp reads
   them: its fixed period and local base (Gemma 3) unless the file says otherwise, the scale
@@ -280,9 +304,7 @@ def config_from_gguf(reader, path: str, **overrides) -> ModelConfig:
   if int(fields.get(key("rope.dimension_count"), head_dim)) != head_dim:
     raise ConversionError(f"{path}: {key('rope.dimension_count')} is not the head dim "
                           f"{head_dim}: partial rotary embeddings are not supported")
-  scaling_type = fields.get(key("rope.scaling.type"), "none")
-  if scaling_type not in ("none", "llama3") or (scaling_type == "llama3" and arch != "llama"):
-    raise ConversionError(f"{path}: rope scaling {scaling_type!r} is not supported")
+  scaling = _linear_scaling(fields, key, arch, spec)
   tensors = {t.name: t for t in reader.tensors}
   tokens = fields.get("tokenizer.ggml.tokens")
   vocab = fields.get(key("vocab_size"))
@@ -309,6 +331,9 @@ def config_from_gguf(reader, path: str, **overrides) -> ModelConfig:
     cfg["d_ff"] = int(fields.need(key("feed_forward_length")))
   if spec.swa_period:
     cfg.update(_gemma_fields(fields, key, spec, cfg))
+  cfg.update(scaling)
+  if _ROPE_FREQS in tensors and scaling:
+    raise ConversionError(f"{path}: both linear RoPE scaling and a {_ROPE_FREQS!r} tensor")
   if _ROPE_FREQS in tensors:
     from gguf.quants import dequantize
     t = tensors[_ROPE_FREQS]
@@ -411,20 +436,25 @@ def bpe_tokenizer(tokens: list[str], token_types: list[int] | None, merges: list
 
 
 def spm_tokenizer(tokens: list[str], scores: list[float], token_types: list[int] | None,
-                  add_space_prefix: bool = True, path: str = "(tokenizer)"):
+                  add_space_prefix: bool = True, path: str = "(tokenizer)",
+                  merge_order: str = "score"):
   """A tokenizers.Tokenizer that encodes as llama.cpp's SentencePiece ("llama") tokenizer:
   spaces become "▁" and one more is put before the text (add_space_prefix); then, over the
   whole text, the adjacent pair whose concatenation is the best-scoring token is merged until
   no pair is a token; a character left outside the vocabulary becomes the <0xXX> tokens of
   its UTF-8 bytes. That is BPE (with byte fallback) whose merges are every way of cutting a
-  token in two, ranked by the token's score. Only normal tokens are merged into: text never
-  spells a control or byte token."""
+  token in two, ranked by the token's score (merge_order="score") or, for vocabularies whose
+  scores are not their merge order (Gemma's), by the token's place in the file ("position",
+  the longer left piece first among one token's cuts, as transformers' GGUF loader ranks
+  them). Only tokens text can spell are merged into: not control, unknown or byte tokens."""
   from tokenizers import Tokenizer, decoders, models, normalizers
   token_types = token_types or [_NORMAL] * len(tokens)
   vocab = {}
   for i, token in enumerate(tokens):
     vocab.setdefault(token, i)
-  ranked = sorted((-scores[i], i, cut) for token, i in vocab.items() if token_types[i] == _NORMAL
+  rank = {"score": lambda i, cut: (-scores[i], i, cut), "position": lambda i, cut: (i, -cut)}
+  ranked = sorted((rank[merge_order](i, cut), i, cut) for token, i in vocab.items()
+                  if token_types[i] in (_NORMAL, _USER_DEFINED, _UNUSED)
                   for cut in range(1, len(token))
                   if token[:cut] in vocab and token[cut:] in vocab)
   merges = [(tokens[i][:cut], tokens[i][cut:]) for _, i, cut in ranked]
@@ -441,6 +471,26 @@ def spm_tokenizer(tokens: list[str], scores: list[float], token_types: list[int]
     steps.append(decoders.Strip(" ", 1, 0))
   tokenizer.decoder = decoders.Sequence(steps)
   return _add_special_tokens(tokenizer, tokens, token_types, vocab, path)
+
+
+def _gemma_vocab(tokens: list[str], token_types: list[int] | None, add_space_prefix,
+                 path: str) -> tuple[list[str], list[int] | None]:
+  """Gemma's vocabulary as its own tokenizer (and transformers' GGUF loader) reads it.
+  convert_hf_to_gguf.py stores Gemma's runs of spaces ("▁▁", ...) as user-defined tokens of
+  real spaces, for llama.cpp to match in the raw text; Gemma's tokenizer merges them from
+  "▁"s like any other text, so they are spelled back and made normal tokens. Gemma puts no
+  space in front of the text (its files say add_space_prefix = false); a file that asks for
+  one is refused: transformers' loader would ignore the key and llama.cpp follow it."""
+  if add_space_prefix:
+    raise ConversionError(f"{path}: tokenizer.ggml.add_space_prefix=true with a Gemma "
+                          "vocabulary (general.architecture gemma*) is not supported: Gemma's "
+                          "tokenizer puts no space in front of the text")
+  token_types = list(token_types or [_NORMAL] * len(tokens))
+  tokens = list(tokens)
+  for i, token in enumerate(tokens):
+    if " " in token and not token.strip():
+      tokens[i], token_types[i] = _SPACE * len(token), _NORMAL
+  return tokens, token_types
 
 
 def _add_special_tokens(tokenizer, tokens, token_types, vocab, path):
@@ -477,8 +527,12 @@ def tokenizer_from_gguf(reader, path: str, max_len: int | None = None):
       raise ConversionError(f"{path}: tokenizer.ggml.model='llama' (SentencePiece) needs "
                             f"'tokenizer.ggml.scores', one per token ({len(tokens)}); found "
                             f"{'none' if scores is None else len(scores)}")
-    tokenizer = spm_tokenizer(tokens, scores, types,
-                              bool(fields.get("tokenizer.ggml.add_space_prefix", True)), path)
+    prefix, order = bool(fields.get("tokenizer.ggml.add_space_prefix", True)), "score"
+    if fields.get("general.architecture") in _GEMMA_VOCABS:
+      tokens, types = _gemma_vocab(tokens, types,
+                                   fields.get("tokenizer.ggml.add_space_prefix"), path)
+      prefix, order = False, "position"
+    tokenizer = spm_tokenizer(tokens, scores, types, prefix, path, order)
 
   ids = {k: fields.get(f"tokenizer.ggml.{k}_token_id")
          for k in ("bos", "eos", "unknown", "padding")}
@@ -518,8 +572,8 @@ def load_gguf(path: str, mesh=None, **config_overrides):
   tokenizer_config dict. `config_overrides` are ModelConfig fields (scan_layers, ...)."""
   reader = read_gguf(path)
   cfg = config_from_gguf(reader, path, **config_overrides)
-  # The tokenizer first: an unsupported one (e.g. Gemma's SentencePiece) fails before the
-  # weights are read.
+  # The tokenizer first: an unsupported one (e.g. a T5 vocabulary) fails before the weights
+  # are read.
   tokenizer, tokenizer_config = tokenizer_from_gguf(reader, path, cfg.max_seq_len)
   source = tensors_from_gguf(reader, path, cfg)
   params = params_from_source(cfg, source, mesh)

@@ -23,6 +23,8 @@ class Family:
   #                            n: local layers with every n-th global unless layer_types says
   gemma_scores: bool = False  # query_pre_attn_scalar and the soft-capping keys
   experts_key: str | None = None  # the key holding the expert count (MoE)
+  local_rope: float = 0.0  # Gemma 3: the local layers' own unscaled RoPE, this base unless
+  #                          config.json says (0: the local layers share the global RoPE)
 
 
 _LLAMA_PINS = {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False}
@@ -39,7 +41,7 @@ FAMILIES = {
     "Qwen3ForCausalLM": Family("qwen3", dict(qk_norm=True), _QWEN_PINS),
     "Gemma2ForCausalLM": Family("gemma2", _GEMMA, _GEMMA_PINS, window=2, gemma_scores=True),
     "Gemma3ForCausalLM": Family("gemma3_text", dict(_GEMMA, qk_norm=True), _GEMMA_PINS,
-                                window=6, gemma_scores=True),
+                                window=6, gemma_scores=True, local_rope=10000.0),
     "MixtralForCausalLM": Family("mixtral", dict(router="mixtral"), {"hidden_act": "silu"},
                                  window=0, experts_key="num_local_experts"),
     "Qwen3MoeForCausalLM": Family("qwen3_moe", dict(qk_norm=True, router="qwen3_moe"),
@@ -64,35 +66,45 @@ def _architecture(hf: dict, path: str) -> str:
                         f"supported: {list(FAMILIES)}")
 
 
-def _rope(hf: dict, path: str) -> dict:
-  """rope_theta, rope_local_theta (per-layer-type RoPE, Gemma 3) and Llama-3.1 scaling."""
+def _scaling(rope: dict, path: str, where: str = "") -> dict:
+  """The ModelConfig fields of one rope_scaling (or rope_parameters) dict's scaling."""
+  rope_type = rope.get("rope_type", rope.get("type", "default"))
+  if rope_type == "default":
+    return {}
+  if rope_type == "linear":  # transformers' inverse frequencies / factor
+    return dict(rope_scaling_type="linear", rope_scaling_factor=float(rope["factor"]))
+  if rope_type == "llama3":
+    return dict(rope_scaling_type="llama3", rope_scaling_factor=float(rope["factor"]),
+                rope_low_freq_factor=float(rope["low_freq_factor"]),
+                rope_high_freq_factor=float(rope["high_freq_factor"]),
+                rope_original_max_len=int(rope["original_max_position_embeddings"]))
+  raise ConversionError(f"{path}: rope scaling {rope_type!r}{where} is not supported (only "
+                        "default, linear and llama3)")
+
+
+def _rope(hf: dict, family: Family, path: str) -> dict:
+  """rope_theta and its scaling; rope_local_theta where the local layers have their own
+  (Gemma 3: per layer type in transformers 5, rope_local_base_freq in 4, and unscaled)."""
   params = dict(hf.get("rope_parameters") or {})  # transformers 5
   if "full_attention" in params or "sliding_attention" in params:  # per layer type
-    out = {}
-    for layer_type, key, default in (("full_attention", "rope_theta", "rope_theta"),
-                                     ("sliding_attention", "rope_local_theta",
-                                      "rope_local_base_freq")):
-      rope = params.get(layer_type) or {}
-      rope_type = rope.get("rope_type", rope.get("type", "default"))
-      if rope_type != "default":
-        raise ConversionError(f"{path}: rope scaling {rope_type!r} of the {layer_type} layers "
-                              "is not supported (only default RoPE per layer type)")
-      out[key] = float(rope.get("rope_theta", hf.get(default) or 10000.0))
-    return out
-  params.update(hf.get("rope_scaling") or {})  # transformers 4
+    full = params.get("full_attention") or {}
+    local = params.get("sliding_attention") or {}
+    if local.get("rope_type", local.get("type", "default")) != "default":
+      raise ConversionError(f"{path}: rope scaling {local.get('rope_type', local.get('type'))!r}"
+                            " of the sliding_attention layers is not supported (only default "
+                            "RoPE on the local layers)")
+    theta = full.get("rope_theta", hf.get("rope_theta") or 10000.0)
+    local_theta = local.get("rope_theta", hf.get("rope_local_base_freq") or family.local_rope
+                            or 10000.0)
+    return dict(rope_theta=float(theta), rope_local_theta=float(local_theta),
+                **_scaling(full, path, " of the full_attention layers"))
+  # transformers 4 (whose Gemma 3 scales only the global layers, as 5 does)
+  params.update(hf.get("rope_scaling") or {})
   theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
   out = {"rope_theta": float(theta)}
-  if hf.get("rope_local_base_freq"):  # transformers 4's Gemma 3
-    out["rope_local_theta"] = float(hf["rope_local_base_freq"])
-  rope_type = params.get("rope_type", params.get("type", "default"))
-  if rope_type == "llama3":
-    out.update(rope_scaling_factor=float(params["factor"]),
-               rope_low_freq_factor=float(params["low_freq_factor"]),
-               rope_high_freq_factor=float(params["high_freq_factor"]),
-               rope_original_max_len=int(params["original_max_position_embeddings"]))
-  elif rope_type != "default":
-    raise ConversionError(f"{path}: rope scaling {rope_type!r} is not supported "
-                          "(only default and llama3)")
+  if hf.get("rope_local_base_freq") or family.local_rope:
+    out["rope_local_theta"] = float(hf.get("rope_local_base_freq") or family.local_rope)
+  out.update(_scaling(params, path))
   return out
 
 
@@ -161,7 +173,7 @@ def config_from_hf(hf: dict, path: str = CONFIG, **overrides) -> ModelConfig:
       norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
       tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
       init_std=float(hf.get("initializer_range", 0.02)), **family.options)
-  fields.update(_rope(hf, path))
+  fields.update(_rope(hf, family, path))
   fields.update(_window(hf, family, n_layers, path))
   if family.gemma_scores:
     fields.update(_scores(hf))
@@ -186,11 +198,16 @@ def canonical(cfg: ModelConfig) -> ModelConfig:
   default = ModelConfig()
   changes = {k: getattr(default, k) for k in _NOT_ARCHITECTURE}
   local = [cfg.is_local(i) for i in range(cfg.n_layers)]
+  scaled = cfg.rope_scaling_factor > 0  # then a local base of 0 (scaled) is not rope_theta
   changes.update(attn_scale=cfg.attn_scale or cfg.head_dim ** -0.5,
                  global_every=cfg.global_every if any(local) and not all(local) else 0,
                  sliding_window=cfg.sliding_window if any(local) else 0,
-                 rope_local_theta=(cfg.rope_local_theta or cfg.rope_theta) if any(local)
-                 else 0.0)
+                 rope_local_theta=(cfg.rope_local_theta or (0.0 if scaled else cfg.rope_theta))
+                 if any(local) else 0.0)
+  llama3 = ("rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_len")
+  if not scaled or cfg.rope_scaling_type != "llama3":  # the fields the scaling leaves unread
+    changes.update({k: getattr(default, k) for k in llama3 + (() if scaled else
+                                                               ("rope_scaling_type",))})
   if cfg.n_experts:  # the dense width is unused; Mixtral's router always renormalises
     changes.update(moe_d_ff=cfg.moe_d_ff or cfg.d_ff, d_ff=default.d_ff)
     if cfg.router == "mixtral":
@@ -214,12 +231,14 @@ def _hf_config(arch: str, cfg: ModelConfig) -> dict:
   hf.update({k: v for k, v in family.pinned.items() if v is not None})
   rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
   hf.update(rope_theta=cfg.rope_theta, rope_scaling=None)  # transformers 4
-  if cfg.rope_scaling_factor > 0:
+  if cfg.rope_scaling_factor > 0 and cfg.rope_scaling_type == "linear":
+    hf["rope_scaling"] = {"rope_type": "linear", "factor": cfg.rope_scaling_factor}
+  elif cfg.rope_scaling_factor > 0:
     hf["rope_scaling"] = {"rope_type": "llama3", "factor": cfg.rope_scaling_factor,
                           "low_freq_factor": cfg.rope_low_freq_factor,
                           "high_freq_factor": cfg.rope_high_freq_factor,
                           "original_max_position_embeddings": cfg.rope_original_max_len}
-    rope.update(hf["rope_scaling"])
+  rope.update(hf["rope_scaling"] or {})
   hf["rope_parameters"] = rope  # transformers 5
   if family.window is not None:
     hf["sliding_window"] = cfg.sliding_window or None
@@ -229,7 +248,7 @@ def _hf_config(arch: str, cfg: ModelConfig) -> dict:
                          for i in range(cfg.n_layers)]
     if cfg.global_every:
       hf["sliding_window_pattern"] = cfg.global_every
-    if family.options.get("qk_norm"):  # Gemma 3: RoPE per layer type
+    if family.local_rope:  # Gemma 3: RoPE per layer type, the scaling on the global ones
       hf["rope_local_base_freq"] = local_theta
       hf["rope_parameters"] = {
           "full_attention": rope,
@@ -253,7 +272,8 @@ def _hf_config(arch: str, cfg: ModelConfig) -> dict:
 # The options that tell the families apart (named when none holds a model).
 _OPTIONS = ("qkv_bias", "qk_norm", "mlp_activation", "norm_plus_one", "post_norms",
             "embed_scale", "sliding_window", "global_every", "rope_local_theta", "attn_scale",
-            "attn_softcap", "final_softcap", "n_experts", "router", "rope_scaling_factor")
+            "attn_softcap", "final_softcap", "n_experts", "router", "rope_scaling_factor",
+            "rope_scaling_type")
 
 
 def architecture_of(cfg: ModelConfig) -> str:

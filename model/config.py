@@ -9,6 +9,7 @@ _REMAT = ("none", "full", "dots", "dots_no_batch")
 _ATTENTION = ("auto", "xla", "pallas")
 _ROUTERS = ("mixtral", "qwen3_moe")
 _ACTIVATIONS = ("silu", "gelu_tanh")
+_ROPE_SCALINGS = ("llama3", "linear")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,7 +23,8 @@ class ModelConfig:
   d_ff: int = 704
   max_seq_len: int = 2048
   rope_theta: float = 10000.0
-  rope_scaling_factor: float = 0.0  # 0: no Llama-3.1 scaling
+  rope_scaling_factor: float = 0.0  # 0: no RoPE scaling
+  rope_scaling_type: str = "llama3"  # how a factor > 0 scales: llama3 (Llama 3.1) or linear
   rope_low_freq_factor: float = 1.0
   rope_high_freq_factor: float = 4.0
   rope_original_max_len: int = 8192
@@ -45,7 +47,8 @@ class ModelConfig:
   sliding_window: int = 0  # local layers see the last `sliding_window` keys; 0: all global
   global_every: int = 0  # with a window: layer i is global iff (i + 1) % global_every == 0;
   #                        0: every layer is local (Mistral). Gemma 2: 2, Gemma 3: 6.
-  rope_local_theta: float = 0.0  # RoPE base of the local layers (Gemma 3); 0: rope_theta
+  rope_local_theta: float = 0.0  # the local layers' own RoPE base, never scaled (Gemma 3);
+  #                                0: the local layers use the global RoPE, scaling included
   attn_scale: float = 0.0  # scores scale; 0: head_dim ** -0.5 (Gemma: query_pre_attn_scalar)
   attn_softcap: float = 0.0  # Gemma 2: scores -> c * tanh(scores / c); 0: none
   final_softcap: float = 0.0  # Gemma 2: logits -> c * tanh(logits / c); 0: none
@@ -75,7 +78,8 @@ class ModelConfig:
                                 ("attention_impl", self.attention_impl, _ATTENTION),
                                 ("router", self.router, _ROUTERS),
                                 ("mlp_activation", self.mlp_activation, _ACTIVATIONS),
-                                ("moe_impl", self.moe_impl, ("auto", "ragged", "dense"))):
+                                ("moe_impl", self.moe_impl, ("auto", "ragged", "dense")),
+                                ("rope_scaling_type", self.rope_scaling_type, _ROPE_SCALINGS)):
       if value not in allowed:
         raise ValueError(f"model.{key}={value!r} is not one of {sorted(allowed)}")
     if self.n_experts < 0 or self.capacity_factor < 0:
@@ -85,7 +89,8 @@ class ModelConfig:
       raise ValueError(f"model.n_experts_per_token={self.n_experts_per_token} must be in "
                        f"[1, model.n_experts={self.n_experts}]")
 
-    for key in ("sliding_window", "global_every", "attn_softcap", "final_softcap"):
+    for key in ("sliding_window", "global_every", "attn_softcap", "final_softcap",
+                "rope_scaling_factor"):
       if getattr(self, key) < 0:
         raise ValueError(f"model.{key}={getattr(self, key)} must be >= 0")
 

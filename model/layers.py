@@ -40,16 +40,21 @@ def rms_norm(x, scale, cfg: ModelConfig):
   return (y * (1.0 + scale if cfg.norm_plus_one else scale)).astype(cfg.compute_dtype)
 
 
-def rope_inv_freq(cfg: ModelConfig, theta: float | None = None) -> jax.Array:
-  """Inverse frequencies [H/2] for base `theta` (default cfg.rope_theta), with Llama-3.1
-  frequency scaling when rope_scaling_factor > 0."""
+def rope_inv_freq(cfg: ModelConfig, theta: float | None = None, scaled: bool = True
+                  ) -> jax.Array:
+  """Inverse frequencies [H/2] for base `theta` (default cfg.rope_theta), scaled (when
+  `scaled` and rope_scaling_factor > 0) as rope_scaling_type says."""
   h = cfg.head_dim
   theta = cfg.rope_theta if theta is None else theta
   inv_freq = 1.0 / (theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
-  if cfg.rope_scaling_factor <= 0:
+  if not scaled or cfg.rope_scaling_factor <= 0:
     return inv_freq
+  factor = cfg.rope_scaling_factor
+  if cfg.rope_scaling_type == "linear":
+    # Position Interpolation (Chen et al. 2023): position m becomes m / factor.
+    return inv_freq / factor
   # Llama 3.1: keep high frequencies, divide low ones by the factor, interpolate in between.
-  factor, orig = cfg.rope_scaling_factor, cfg.rope_original_max_len
+  orig = cfg.rope_original_max_len
   low_wavelen = orig / cfg.rope_low_freq_factor
   high_wavelen = orig / cfg.rope_high_freq_factor
   wavelen = 2 * math.pi / inv_freq
@@ -60,19 +65,22 @@ def rope_inv_freq(cfg: ModelConfig, theta: float | None = None) -> jax.Array:
                    jnp.where(wavelen > low_wavelen, inv_freq / factor, mid))
 
 
-def rope_table(positions_BT, cfg: ModelConfig, theta: float | None = None):
+def rope_table(positions_BT, cfg: ModelConfig, theta: float | None = None,
+               scaled: bool = True):
   """(sin, cos), each f32[B, T, 1, H/2]: computed once per forward, shared by the layers."""
-  inv_freq = rope_inv_freq(cfg, theta)
+  inv_freq = rope_inv_freq(cfg, theta, scaled)
   angles = positions_BT[:, :, None, None].astype(jnp.float32) * inv_freq[None, None, None, :]
   return jnp.sin(angles), jnp.cos(angles)
 
 
 def rope_tables(positions_BT, cfg: ModelConfig) -> dict:
-  """{"global": table, "local": table}: the local layers' own base where it differs."""
+  """{"global": table, "local": table}. With rope_local_theta the local layers have their own
+  base and no scaling (Gemma 3 scales only its global layers); without, the global table."""
   tables = {"global": rope_table(positions_BT, cfg)}
   local = cfg.rope_local_theta
-  tables["local"] = (rope_table(positions_BT, cfg, local)
-                     if local and local != cfg.rope_theta else tables["global"])
+  same = not local or (local == cfg.rope_theta and cfg.rope_scaling_factor <= 0)
+  tables["local"] = (tables["global"] if same else
+                     rope_table(positions_BT, cfg, local, scaled=False))
   return tables
 
 

@@ -69,6 +69,14 @@ FAMILIES = {
     "gemma3": ("Gemma3TextConfig", dict(GEMMA, num_hidden_layers=7, tie_word_embeddings=True),
                dict(qk_norm=True, global_every=6, rope_theta=1e6, rope_local_theta=1e4,
                     tie_embeddings=True)),
+    # Gemma 3 4B+'s linear RoPE scaling, on the global layer only. Both bases 1e4: a local
+    # table shared with the (scaled) global one would show, and factor 8 at 24 positions
+    # still turns the fastest frequency by 3 radians.
+    "gemma3_linear": ("Gemma3TextConfig", dict(GEMMA, num_hidden_layers=7, rope_parameters={
+        "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e4},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}),
+                      dict(rope_scaling_type="linear", rope_scaling_factor=8.0, rope_theta=1e4,
+                           rope_local_theta=1e4, global_every=6)),
     "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2),
                 dict(n_experts=4, n_experts_per_token=2, router="mixtral", moe_d_ff=96)),
     "qwen3_moe": ("Qwen3MoeConfig", dict(head_dim=16, num_experts=4, num_experts_per_tok=2,
@@ -165,6 +173,32 @@ def test_import_export_and_greedy_generation_match_transformers(built, tmp_path,
   assert got == want
 
 
+def test_gemma3_linear_rope_scaling_is_on_the_global_layers_only(built):
+  # The same import without the scaling, or with it on the local layers too (a local
+  # table shared with the global one), is far from transformers: the test above can tell.
+  ref = built("gemma3_linear")
+  cfg, params, _, _ = load_hf(str(ref.dir))
+  for wrong in (dict(rope_scaling_factor=0.0), dict(rope_local_theta=0.0)):
+    got = our_logits(dataclasses.replace(cfg, **wrong), params, ref.tokens)
+    assert np.abs(got - ref.logits).max() > 1e-2, wrong
+
+
+def test_gemma3_linear_rope_scaling_reads_from_transformers_4_and_5_configs(built):
+  # transformers 4's config.json of Gemma 3 4B (rope_scaling, which its Gemma 3 applies to
+  # the global layers, and rope_local_base_freq) and transformers 5's (rope_parameters per
+  # layer type) describe one model.
+  hf5 = json.loads((built("gemma3_linear").dir / "config.json").read_text())
+  hf4 = {k: v for k, v in hf5.items() if k not in ("rope_parameters", "layer_types")}
+  hf4.update(rope_theta=1e4, rope_local_base_freq=1e4, sliding_window_pattern=6,
+             rope_scaling={"rope_type": "linear", "factor": 8.0})
+  assert config_from_hf(hf4) == config_from_hf(hf5)
+  assert config_from_hf(hf4).rope_scaling_type == "linear"
+  # Without rope_local_base_freq, transformers 4's Gemma 3 default base for the local layers.
+  del hf4["rope_local_base_freq"]
+  hf4["rope_theta"] = 1e6
+  assert (config_from_hf(hf4).rope_theta, config_from_hf(hf4).rope_local_theta) == (1e6, 1e4)
+
+
 @pytest.mark.parametrize("name", ["mixtral", "qwen3_moe"])
 def test_fused_expert_checkpoints_import(built, tmp_path, name):
   # transformers 5's own layout (save_original_format=False): gate_up_proj [E, 2F, D],
@@ -204,6 +238,7 @@ GGUF_FAMILIES = {
     "qwen3_moe": ("qwen3moe", dict(norm_topk_prob=True)),
     "mixtral": ("llama", {}),
     "gemma3": ("gemma3", dict(query_pre_attn_scalar=16)),
+    "gemma3_linear": ("gemma3", dict(query_pre_attn_scalar=16)),
     "gemma2_softcapped": ("gemma2", dict(query_pre_attn_scalar=16)),
 }
 
@@ -256,6 +291,9 @@ def write_gguf(path, arch: str, hf: dict, state: dict):
   writer.add_key_length(head_dim)
   writer.add_value_length(head_dim)
   writer.add_rope_freq_base(rope.get("full_attention", rope)["rope_theta"])
+  if rope.get("full_attention", rope).get("rope_type") == "linear":  # as Gemma3Model writes it
+    writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+    writer.add_rope_scaling_factor(rope.get("full_attention", rope)["factor"])
   writer.add_layer_norm_rms_eps(hf["rms_norm_eps"])
   if hf.get("num_local_experts"):
     writer.add_expert_count(hf["num_local_experts"])
@@ -325,9 +363,13 @@ BASE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_lay
     ("Qwen3MoeForCausalLM", dict(decoder_sparse_step=2, num_experts=4, num_experts_per_tok=2),
      r"decoder_sparse_step=2"),
     ("Gemma3ForCausalLM", dict(rope_parameters={
-        "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+        "full_attention": {"rope_type": "yarn", "factor": 8.0, "rope_theta": 1e6},
         "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}),
-     r"rope scaling 'linear' of the full_attention layers is not supported"),
+     r"rope scaling 'yarn' of the full_attention layers is not supported"),
+    ("Gemma3ForCausalLM", dict(rope_parameters={
+        "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+        "sliding_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e4}}),
+     r"rope scaling 'linear' of the sliding_attention layers is not supported"),
     ("Gemma3ForCausalLM", dict(sliding_window=4, layer_types=["full_attention",
                                                               "sliding_attention"]),
      r"layer_types=.* is not a supported pattern"),

@@ -110,6 +110,8 @@ def write_gguf(path, qtype="F32", *, tie=False, arch="llama", seed=0, meta=None,
   for key, value in meta.items():
     if isinstance(value, float):
       writer.add_float32(f"{arch}.{key}", value)
+    elif isinstance(value, str):
+      writer.add_string(f"{arch}.{key}", value)
     else:
       writer.add_uint32(f"{arch}.{key}", value)
   writer.add_tokenizer_model(tokenizer_model)
@@ -240,6 +242,31 @@ def test_llama3_rope_scaling_from_rope_freqs(tmp_path, theta, head_dim, orig):
   assert cfg.rope_scaling_factor == 8.0
   plain = 1.0 / theta ** (np.arange(0, head_dim, 2) / head_dim)
   np.testing.assert_allclose(np.asarray(rope_inv_freq(cfg)), plain / divisors, rtol=1e-5)
+
+
+@pytest.mark.parametrize("meta, want", [
+    ({"rope.scaling.type": "linear", "rope.scaling.factor": 4.0}, ("linear", 4.0)),
+    ({"rope.scale_linear": 2.0}, ("linear", 2.0)),  # older files: llama.cpp's old key, no type
+    ({"rope.scaling.type": "none", "rope.scaling.factor": 4.0}, ("llama3", 0.0)),
+])
+def test_linear_rope_scaling_as_llama_cpp_reads_it(tmp_path, meta, want):
+  from infer.gguf import config_from_gguf, read_gguf
+  write_gguf(tmp_path / "m.gguf", meta=meta)
+  cfg = config_from_gguf(read_gguf(str(tmp_path / "m.gguf")), "m.gguf")
+  assert (cfg.rope_scaling_type, cfg.rope_scaling_factor) == want
+
+
+@pytest.mark.parametrize("arch, meta, message", [
+    ("llama", {"rope.scaling.type": "yarn", "rope.scaling.factor": 4.0},
+     r"llama\.rope\.scaling\.type='yarn' is not supported"),
+    ("gemma2", {"rope.scaling.type": "linear", "rope.scaling.factor": 4.0},
+     r"gemma2\.rope\.scaling\.factor=4\.0 \(linear RoPE scaling\) is not supported"),
+])
+def test_unsupported_rope_scaling_names_the_key(tmp_path, arch, meta, message):
+  from infer.gguf import config_from_gguf, read_gguf
+  write_gguf(tmp_path / "m.gguf", arch=arch, meta=meta)
+  with pytest.raises(ConversionError, match=r"m\.gguf: " + message):
+    config_from_gguf(read_gguf(str(tmp_path / "m.gguf")), "m.gguf")
 
 
 # ---- bad input ----------------------------------------------------------------------------

@@ -188,6 +188,8 @@ VARIANTS = {
     "tied": dict(tie_embeddings=True, n_kv_heads=4),
     "llama3_rope": dict(tie_embeddings=False, n_kv_heads=1, rope_scaling_factor=4.0,
                         rope_original_max_len=32, rope_theta=10000.0, head_dim=32),
+    "linear_rope": dict(tie_embeddings=False, rope_scaling_type="linear",
+                        rope_scaling_factor=4.0),
 }
 
 
@@ -218,7 +220,9 @@ def test_transformers_checkpoint_imports_with_same_logits(tmp_path, torch_llama,
   torch, transformers = torch_llama
   ours = small_cfg(**VARIANTS[variant])
   rope = None
-  if ours.rope_scaling_factor:
+  if ours.rope_scaling_type == "linear":
+    rope = {"rope_type": "linear", "factor": ours.rope_scaling_factor}
+  elif ours.rope_scaling_factor:
     rope = {"rope_type": "llama3", "factor": ours.rope_scaling_factor, "low_freq_factor": 1.0,
             "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
   config = transformers.LlamaConfig(

@@ -214,15 +214,17 @@ def llama_cpp_spm(text, add_space_prefix=True):
   return out
 
 
-def write_spm_gguf(path, add_space_prefix=None):
-  writer = gguf.GGUFWriter(str(path), "llama")
+def write_spm_gguf(path, add_space_prefix=None, arch="llama",
+                   vocab=(SPM_TOKENS, SPM_SCORES, SPM_TYPES), ids=(1, 2, 0)):
+  tokens, scores, token_types = vocab
+  writer = gguf.GGUFWriter(str(path), arch)
   writer.add_tokenizer_model("llama")
-  writer.add_token_list(SPM_TOKENS)
-  writer.add_token_scores(SPM_SCORES)
-  writer.add_token_types(SPM_TYPES)
-  writer.add_bos_token_id(1)
-  writer.add_eos_token_id(2)
-  writer.add_unk_token_id(0)
+  writer.add_token_list(tokens)
+  writer.add_token_scores(scores)
+  writer.add_token_types(token_types)
+  writer.add_bos_token_id(ids[0])
+  writer.add_eos_token_id(ids[1])
+  writer.add_unk_token_id(ids[2])
   if add_space_prefix is not None:
     writer.add_add_space_prefix(add_space_prefix)
   writer.write_header_to_file()
@@ -276,3 +278,52 @@ def test_sentencepiece_gguf_frames_documents_and_counts_bytes(tmp_path):
   nbytes = token_bytes(tok)
   for text in ["\tcafé naïve 🙂", "  the  hello\n"]:
     assert nbytes[llama_cpp_spm(text)].sum() == len(text.encode("utf-8")) + 1
+
+
+# Gemma's SentencePiece vocabulary as convert_hf_to_gguf.py stores it: <pad>, <eos>, <bos>,
+# <unk>, control tokens, the byte tokens, runs of spaces as user-defined tokens of real spaces,
+# other user-defined tokens, then text; scores that are not the merge order (bc outscores ab,
+# which comes first); add_space_prefix false. transformers' GGUF loader is the reference.
+GEMMA_TOKENS = (["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
+                + [f"<0x{b:02X}>" for b in range(256)] + ["  ", "   ", "    ", "<b>", "\n\n"]
+                + ["▁t", "he", "▁the", "ll", "llo", "▁w", "or", "ld", "▁world", "ab", "bc", "ca",
+                   "fé", "▁ca", "▁café"] + CHARS + ["\n"])
+GEMMA_TYPES = [3, 3, 3, 2, 3, 3] + [6] * 256 + [4] * 5 + [1] * (len(GEMMA_TOKENS) - 267)
+GEMMA_SCORES = [0.0] * 267 + [-float(i) for i in range(len(GEMMA_TOKENS) - 267)]
+GEMMA_SCORES[GEMMA_TOKENS.index("bc")] = 5.0
+# No space in front; runs of spaces merged from "▁"s (5 spaces: "  " then "   ", where
+# llama.cpp's raw match takes "    " first); ab before bc although bc scores higher.
+GEMMA_TEXTS = ["hello world", "the world", "abc", "a  b   c    d", "a     b", "  the", "the  ",
+               "<start_of_turn>user\nthe café<end_of_turn>\n", "café 🙂", "x\n\ny", "x<b>y", " ",
+               ""]
+
+
+def write_gemma_gguf(path, add_space_prefix=False):
+  return write_spm_gguf(path, add_space_prefix, "gemma3",
+                        (GEMMA_TOKENS, GEMMA_SCORES, GEMMA_TYPES), ids=(2, 1, 3))
+
+
+@pytest.mark.parametrize("add_space_prefix", [False, None])
+def test_gemma_sentencepiece_gguf_matches_transformers(tmp_path, add_space_prefix):
+  transformers = pytest.importorskip("transformers")
+  path = write_gemma_gguf(tmp_path / "m.gguf", add_space_prefix)
+  ours, config = tokenizer_from_gguf(read_gguf(path), path)
+  theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="m.gguf")
+  again = tokenizers.Tokenizer.from_str(ours.to_str())  # as a workdir's tokenizer.json
+  assert (config["bos_token"], config["eos_token"]) == ("<bos>", "<eos>")
+  for text in GEMMA_TEXTS:
+    want = theirs.encode(text)
+    assert want[0] == 2 and ours.encode(text).ids == want, (text, theirs.convert_ids_to_tokens(
+        want), ours.encode(text).tokens)
+    assert again.encode(text).ids == want, text
+    assert ours.decode(want, skip_special_tokens=True) == theirs.decode(
+        want, skip_special_tokens=True) == text.replace("<start_of_turn>", "").replace(
+            "<end_of_turn>", "")
+
+
+def test_gemma_vocabulary_asking_for_a_space_prefix_is_refused(tmp_path):
+  from infer.files import ConversionError
+  path = write_gemma_gguf(tmp_path / "m.gguf", add_space_prefix=True)
+  with pytest.raises(ConversionError, match=r"m\.gguf: tokenizer\.ggml\.add_space_prefix=true "
+                                            r"with a Gemma vocabulary"):
+    tokenizer_from_gguf(read_gguf(path), path)
