@@ -58,7 +58,7 @@ def get_config() -> ml_collections.ConfigDict:
   m.capacity_factor = 0.0  # 0: dropless; else each expert keeps at most ceil(factor * tokens * k / E) assignments.
   m.router_aux_loss_coef = 0.001  # Weight of the load-balancing loss E * sum_i f_i P_i (1 when balanced; HF's form is k times this).
   m.router_z_loss_coef = 0.0  # Weight of the router z-loss mean(logsumexp(router logits)^2); ST-MoE uses 0.001.
-  m.moe_impl = "auto"  # ragged (dropless ragged_dot over tokens sorted by expert), dense (every expert on every token), auto (dense on CPU up to 16 experts).
+  m.moe_impl = "auto"  # gmm (dropless grouped matmul over tokens sorted by expert: megablox on TPU, our Triton kernel on GPU, ragged_dot elsewhere), ragged (XLA's ragged_dot), dense (every expert on every token), auto (dense on CPU up to 16 experts, else gmm).
 
   c.data = d = ml_collections.ConfigDict()
   d.corpus = "stdlib"  # "stdlib" (the running Python's standard library sources) or a glob of files.

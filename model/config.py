@@ -11,6 +11,7 @@ _ROUTERS = ("mixtral", "qwen3_moe")
 _ACTIVATIONS = ("silu", "gelu_tanh")
 _ROPE_SCALINGS = ("llama3", "linear")
 
+MOE_IMPLS = ("auto", "gmm", "ragged", "dense")  # model/moe.py expert_impl
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
@@ -61,7 +62,7 @@ class ModelConfig:
   capacity_factor: float = 0.0  # 0: dropless; else an expert keeps ceil(factor * M * k / E)
   router_aux_loss_coef: float = 0.001  # load-balancing loss weight (HF's default; HF's loss is k x)
   router_z_loss_coef: float = 0.0  # weight of the router z-loss (ST-MoE uses 0.001)
-  moe_impl: str = "auto"  # ragged (ragged_dot), dense (all experts, masked), auto: moe.expert_impl
+  moe_impl: str = "auto"  # gmm (grouped-matmul kernel), ragged (ragged_dot), dense; auto: moe.expert_impl
 
   def __post_init__(self):
     if self.head_dim == 0:
@@ -78,7 +79,7 @@ class ModelConfig:
                                 ("attention_impl", self.attention_impl, _ATTENTION),
                                 ("router", self.router, _ROUTERS),
                                 ("mlp_activation", self.mlp_activation, _ACTIVATIONS),
-                                ("moe_impl", self.moe_impl, ("auto", "ragged", "dense")),
+                                ("moe_impl", self.moe_impl, MOE_IMPLS),
                                 ("rope_scaling_type", self.rope_scaling_type, _ROPE_SCALINGS)):
       if value not in allowed:
         raise ValueError(f"model.{key}={value!r} is not one of {sorted(allowed)}")

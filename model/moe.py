@@ -5,9 +5,10 @@ router statistics for the auxiliary losses. Letters beyond model/__init__.py's: 
 case: K is the kv heads), M = B*T tokens, A = M*k (token, expert) assignments.
 
 Dropless by default (MegaBlocks, Gale et al. 2023): the assignments are sorted by expert, so
-each expert's rows are contiguous, and one `jax.lax.ragged_dot` per weight multiplies every
-group by its own expert. No token is dropped and no padding to a capacity is computed. On CPU
-with few experts the same sum is computed densely (`expert_impl`).
+each expert's rows are contiguous, and one grouped matmul per weight multiplies every group by
+its own expert (pallas_kernels/grouped_matmul.py: JAX's megablox kernels on TPU, ours on GPU,
+`jax.lax.ragged_dot` elsewhere). No token is dropped and no padding to a capacity is computed.
+On CPU with few experts the same sum is computed densely (`expert_impl`).
 
 Expert parallelism (a mesh with expert > 1, model/sharding.py): each device of the expert axis
 holds E / ep experts (ep = mesh.expert), and the batch is split over the expert axis too. The
@@ -20,12 +21,14 @@ against the all-to-all that sends each token only to its k experts' devices:
   traffic   an all-gather and a reduce-scatter of [ep * tokens per device, D] in the compute
             dtype (each moves (ep - 1) / ep of it), as many again in the backward pass: about
             ep / k times an all-to-all's, so a fair trade while ep is near k, poor for ep >> k;
-  memory    the gathered tokens, and under "ragged" their ep * tokens * k assignments, are ep
-            times one device's: the expert activations scale with the group, not the shard;
-  compute   "dense": E / ep experts on ep times the tokens, the one-device FLOPs; "ragged": a
-            ragged_dot over all gathered assignments, of which this device's groups cover
-            1 / ep on average (the rows after them come out 0; how much of them a backend's
-            ragged_dot still reads depends on the backend).
+  memory    the gathered tokens, and under "gmm" and "ragged" their ep * tokens * k
+            assignments, are ep times one device's: the expert activations scale with the
+            group, not the shard;
+  compute   "dense": E / ep experts on ep times the tokens, the one-device FLOPs; "gmm" and
+            "ragged": a grouped matmul over all gathered assignments, of which this device's
+            groups cover 1 / ep on average (the rows after them come out 0: the kernels skip
+            their matmuls; how much of them XLA's ragged_dot still reads depends on the
+            backend).
 `jax.lax.ragged_all_to_all` would send each assignment only where its expert lives, but
 XLA:CPU cannot run it (jax 0.10.2), so the all-gather form is the one tested here.
 """
@@ -39,6 +42,7 @@ import jax.numpy as jnp
 from model.config import ModelConfig
 from model import sharding
 from model.sharding import constrain
+from pallas_kernels.grouped_matmul import grouped_matmul
 
 
 class MoEAux(NamedTuple):
@@ -87,16 +91,19 @@ def router_stats(logits_ME, experts_A, valid_M, dropped) -> MoEAux:
                 expert_load=f_E, dropped=dropped)
 
 
-def expert_impl(cfg: ModelConfig) -> str:
-  """How the experts multiply: "ragged" (dropless `ragged_dot` over tokens sorted by expert)
-  or "dense" (every expert on every token). model.moe_impl="auto" is dense on CPU for up to
-  16 experts, ragged elsewhere; the platform is the mesh's (a step compiled for TPU from a
-  CPU host is a TPU step)."""
+def expert_impl(cfg: ModelConfig, platform: str | None = None) -> str:
+  """How the experts multiply, over tokens sorted by expert: "gmm" (the platform's
+  grouped-matmul kernel where it is compile-tested, else ragged_dot) or "ragged" (XLA's
+  ragged_dot, which XLA:GPU expands to all E experts and XLA:TPU differentiates densely); or
+  "dense" (every expert on every token). model.moe_impl="auto" is dense on CPU for up to 16
+  experts, gmm elsewhere; the platform, unless given, is the mesh's (a step compiled for TPU
+  from a CPU host is a TPU step)."""
   if cfg.moe_impl != "auto":
     return cfg.moe_impl
-  mesh = sharding.current_mesh()
-  platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
-  return "dense" if platform == "cpu" and cfg.n_experts <= 16 else "ragged"
+  if platform is None:
+    mesh = sharding.current_mesh()
+    platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+  return "dense" if platform == "cpu" and cfg.n_experts <= 16 else "gmm"
 
 
 def _dense_experts(x_MD, weights_ME, w_gate, w_up, w_down):
@@ -107,11 +114,12 @@ def _dense_experts(x_MD, weights_ME, w_gate, w_up, w_down):
   return jnp.einsum("EMD,ME->MD", out_EMD, weights_ME)
 
 
-def _ragged_experts(x_AD, group_sizes_E, w_gate, w_up, w_down):
-  """Each expert on its group of consecutive rows of x_AD; rows past the groups give 0."""
-  gate_AF = jax.lax.ragged_dot(x_AD, w_gate, group_sizes_E)
-  up_AF = jax.lax.ragged_dot(x_AD, w_up, group_sizes_E)
-  return jax.lax.ragged_dot(jax.nn.silu(gate_AF) * up_AF, w_down, group_sizes_E)
+def _grouped_experts(impl, x_AD, group_sizes_E, w_gate, w_up, w_down):
+  """Each expert on its group of consecutive rows of x_AD; rows past the groups give 0.
+  impl: "gmm" or "ragged" (expert_impl)."""
+  mm = lambda x, w: grouped_matmul(x, w, group_sizes_E, impl="auto" if impl == "gmm" else "xla")
+  gate_AF, up_AF = mm(x_AD, w_gate), mm(x_AD, w_up)
+  return mm(jax.nn.silu(gate_AF) * up_AF, w_down)
 
 
 def moe(cfg: ModelConfig, w, x_BTD, token_mask=None):
@@ -174,7 +182,8 @@ def moe(cfg: ModelConfig, w, x_BTD, token_mask=None):
     # The sorted assignment axis is left to the partitioner: it mixes tokens of every batch
     # row, and only expert parallelism would shard it sensibly.
     x_AD = x_BTD.reshape(m, d).astype(dt)[order_A // k]
-    out_MkD = _ragged_experts(x_AD, group_sizes_E, *w_experts)[unsort_A].reshape(m, k, d)
+    out_MkD = _grouped_experts(expert_impl(cfg), x_AD, group_sizes_E,
+                               *w_experts)[unsort_A].reshape(m, k, d)
     y_BTD = jnp.einsum("MkD,Mk->MD", out_MkD, weights_Mk).reshape(b, t, d)
   y_BTD = constrain(y_BTD, ("batch", "length", "act_embed"))
   return y_BTD, router_stats(logits_ME, experts_A, valid_M, dropped)
@@ -195,7 +204,7 @@ def _expert_parallel(cfg: ModelConfig, mesh, x_BTD, routed_BTk, weights_BTk,
   if e % ep:
     raise ValueError(f"model.n_experts={e} cannot be split over mesh.expert={ep} devices: "
                      f"make mesh.expert a divisor of model.n_experts")
-  dense = expert_impl(cfg) == "dense"
+  impl = expert_impl(cfg)
   token_spec = sharding.activation_spec(("batch", "length", None), x_BTD.shape)
   route_spec = sharding.activation_spec(("batch", "length", None), routed_BTk.shape)
   # The experts' own split: E over "expert", F over "tensor" by the rules; D whole (gathered
@@ -213,11 +222,6 @@ def _expert_parallel(cfg: ModelConfig, mesh, x_BTD, routed_BTk, weights_BTk,
     if split_dims:
       gather = lambda a: jax.lax.all_gather(a, "expert", axis=split_dims[0], tiled=True)
       x_BTD, routed_BTk, weights_BTk = gather(x_BTD), gather(routed_BTk), gather(weights_BTk)
-    else:
-      # Each device uses the same x for its own experts: typed as varying over the group,
-      # its gradient is summed over it. (Needed explicitly: jax 0.10.2's argsort drops the
-      # varying type of its result, and a gather of x by it would not say so.)
-      x_BTD = jax.lax.pcast(x_BTD, "expert", to="varying")
     b, t, d = x_BTD.shape
     m, k = b * t, routed_BTk.shape[-1]
     # This device's experts are [first, first + e_local); every other assignment gets the
@@ -227,7 +231,7 @@ def _expert_parallel(cfg: ModelConfig, mesh, x_BTD, routed_BTk, weights_BTk,
     local_Mk = jnp.where(here_Mk, local_Mk, e_local)
     weights_Mk = jnp.where(here_Mk, weights_BTk.reshape(m, k), 0)
     x_MD = x_BTD.reshape(m, d)
-    if dense:
+    if impl == "dense":
       weights_ME = jnp.zeros((m, e_local + 1), x_MD.dtype).at[
           jnp.arange(m)[:, None], local_Mk].add(weights_Mk)[:, :e_local]
       y_MD = _dense_experts(x_MD, weights_ME, w_gate, w_up, w_down)
@@ -236,7 +240,7 @@ def _expert_parallel(cfg: ModelConfig, mesh, x_BTD, routed_BTk, weights_BTk,
       local_A = local_Mk.reshape(m * k)
       order_A = jnp.argsort(local_A, stable=True)
       group_sizes = jnp.bincount(local_A, length=e_local).astype(jnp.int32)
-      out_AD = _ragged_experts(x_MD[order_A // k], group_sizes, w_gate, w_up, w_down)
+      out_AD = _grouped_experts(impl, x_MD[order_A // k], group_sizes, w_gate, w_up, w_down)
       out_MkD = out_AD[jnp.argsort(order_A)].reshape(m, k, d)
       y_MD = jnp.einsum("MkD,Mk->MD", out_MkD, weights_Mk)
     # Sum each token's experts over the group (reduce-scatter: back to the token's device),
@@ -249,7 +253,12 @@ def _expert_parallel(cfg: ModelConfig, mesh, x_BTD, routed_BTk, weights_BTk,
       y_BTD = jax.lax.psum(y_BTD, "expert")
     return jax.lax.psum(y_BTD, f_axes) if f_axes else y_BTD
 
+  # check_vma=False: the Pallas kernels' outputs carry no varying-axes type (megablox's
+  # pallas_call cannot be given one). Without the check, shard_map's transpose sums the
+  # gradient of an input that is the same on every device of the group (x, where the batch is
+  # not split over it) over the group, which is what the experts' partial gradients need
+  # (tests/test_moe.py compares every gradient with one device's).
   return jax.shard_map(
       local, mesh=mesh, in_specs=(token_spec, route_spec, route_spec, up_spec, up_spec,
-                                  down_spec), out_specs=token_spec)(
+                                  down_spec), out_specs=token_spec, check_vma=False)(
       x_BTD, routed_BTk, weights_BTk, w_gate, w_up, w_down)

@@ -10,18 +10,34 @@ import numpy as np
 import pytest
 
 from configs import base
-from model import sharding
+from model import moe as moe_lib, sharding
 from model.config import ModelConfig
 from model.moe import moe
 from model.transformer import _init_tree, layer_specs
+from pallas_kernels.grouped_matmul import grouped_matmul
 
 D, F, B, T = 16, 32, 2, 5
+# moe_impl values, and the grouped-matmul kernels run interpreted in the layer ("gmm" is
+# ragged_dot on CPU): Triton (GPU) and megablox (TPU).
+IMPLS = ["ragged", "dense", "triton", "megablox"]
 
 
 @pytest.fixture(autouse=True)
 def strict_ranks():
   with jax.numpy_rank_promotion("raise"):
     yield
+
+
+def layer_impl(impl, monkeypatch):
+  """The model.moe_impl to configure for `impl`; for a kernel, the layer's grouped matmul is
+  that kernel, interpreted."""
+  if impl not in ("triton", "megablox"):
+    return impl
+  kernel = lambda x, w, sizes, impl=None: grouped_matmul(x, w, sizes, impl=kernel.impl,
+                                                         interpret=True)
+  kernel.impl = impl
+  monkeypatch.setattr(moe_lib, "grouped_matmul", kernel)
+  return "gmm"
 
 
 def make(e=4, k=2, seed=0, **kw):
@@ -80,9 +96,10 @@ def reference(cfg, params, x, mask=None):
 @pytest.mark.parametrize("router,norm", [("mixtral", True), ("mixtral", False),
                                          ("qwen3_moe", True), ("qwen3_moe", False)])
 @pytest.mark.parametrize("e", [4, 8])
-@pytest.mark.parametrize("impl", ["ragged", "dense"])
-def test_output_matches_per_token_loop(router, norm, e, impl):
-  cfg, params, x = make(e=e, router=router, norm_topk_prob=norm, moe_impl=impl)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_output_matches_per_token_loop(router, norm, e, impl, monkeypatch):
+  cfg, params, x = make(e=e, router=router, norm_topk_prob=norm,
+                        moe_impl=layer_impl(impl, monkeypatch))
   y, aux = apply(cfg, params, x)
   y_ref, *_ = reference(cfg, params, x)
   np.testing.assert_allclose(y, y_ref, atol=1e-5, rtol=1e-5)
@@ -217,11 +234,13 @@ EP_CASES = [((2, 2, 2, 1), 8, 0.0), ((1, 2, 4, 1), 8, 0.5), ((1, 1, 4, 2), 2, 0.
 
 
 @pytest.mark.parametrize("shape,b,factor", EP_CASES)
-@pytest.mark.parametrize("impl", ["ragged", "dense"])
-def test_expert_parallel_matches_one_device(shape, b, factor, impl):
+@pytest.mark.parametrize("impl", IMPLS)
+def test_expert_parallel_matches_one_device(shape, b, factor, impl, monkeypatch):
   """Output, router statistics, dropped count and gradients (weights and input) on an
-  expert-parallel mesh equal one device's, with padding and capacity drops."""
-  cfg, np_params, _ = make(e=8, seed=4, moe_impl=impl, capacity_factor=factor,
+  expert-parallel mesh equal one device's, with padding and capacity drops. (Each device's
+  grouped matmul has rows past its groups: the assignments of other devices' experts.)"""
+  cfg, np_params, _ = make(e=8, seed=4, moe_impl=layer_impl(impl, monkeypatch),
+                           capacity_factor=factor,
                            router_aux_loss_coef=0.01, router_z_loss_coef=0.001)
   rng = np.random.default_rng(5)
   x = rng.normal(size=(b, T, D)).astype(np.float32)

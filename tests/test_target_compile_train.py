@@ -80,13 +80,20 @@ def test_llama3_8b_layers_train_step_fsdp_and_tensor(target, mesh, batch, target
   _check(report, compiled, cfg, split=mesh["fsdp"] * mesh["tensor"])
 
 
-def test_moe_train_step_with_expert_parallelism(target_devices):
-  """configs/tiny_moe.py (2 layers, bf16) on v5p-8 with mesh.expert=2: the TPU compiler builds
-  the step with the experts run per expert shard (model/moe.py's shard_map: ragged_dot on
-  TPU), and each device holds half the expert weights it holds with expert=1."""
+# The grouped-matmul kernels of a train step's experts: forward (gate, up, down) and backward.
+MOE_KERNELS = {"tpu": {"gmm", "tgmm"},
+               "cuda": {"grouped_matmul", "grouped_matmul_dx", "grouped_matmul_dw"}}
+
+
+@pytest.mark.parametrize("target", ["v5p-8", "h100-8"])
+def test_moe_train_step_with_expert_parallelism(target, target_devices):
+  """configs/tiny_moe.py (2 layers, bf16) with mesh.expert=2: the real compiler builds the step
+  with the experts run per expert shard (model/moe.py's shard_map) by the platform's
+  grouped-matmul kernels (megablox on TPU, ours on GPU; pallas_kernels/grouped_matmul.py), and
+  each device holds half the expert weights it holds with expert=1."""
   from train.dry_run import _bytes_per_device
   from train.loop import build_program, model_and_mesh
-  devices = target_devices("v5p-8")
+  devices = target_devices(target)
   small = {"model.n_layers": 2, "model.dtype": "bfloat16", "train.batch_size": 8,
            "data.seq_len": 128}
 
@@ -95,17 +102,21 @@ def test_moe_train_step_with_expert_parallelism(target_devices):
     moe = lambda tree: {k: tree["layers"]["moe"][k] for k in ("gate", "up", "down")}
     return _bytes_per_device(moe(prog.abstract.params), moe(prog.shardings.params))
 
-  mesh = dict(data=1, fsdp=2, expert=2, tensor=1)
+  fsdp = len(devices) // 2
+  mesh = dict(data=1, fsdp=fsdp, expert=2, tensor=1)
   cfg = _config("tiny_moe.py", **{f"mesh.{k}": v for k, v in mesh.items()}, **small)
-  report, compiled = plan(cfg, "v5p-8")
+  report, compiled = plan(cfg, target)
   assert report["fits"] and report["mesh"] == mesh, report
-  assert "ragged-dot" in compiled.as_text()  # the experts' ragged_dot, not the dense form
-  without = _config("tiny_moe.py", **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 1},
+  kernel = {"tpu": "megablox", "cuda": "triton"}[report["compiler"]]
+  assert report["experts"].startswith(f"grouped matmul: {kernel}"), report["experts"]
+  names = re.findall(r'op_name="[^"]*/(?:jit\()?(\w+)\)?/pallas_call"', compiled.as_text())
+  assert MOE_KERNELS[report["compiler"]] <= set(names), names
+  without = _config("tiny_moe.py", **{"mesh.data": 2, "mesh.fsdp": fsdp, "mesh.tensor": 1},
                     **small)
   e, d, f = cfg.model.n_experts, cfg.model.d_model, cfg.model.moe_d_ff
   expert_weights = 2 * 3 * e * d * f * 4  # 2 layers of gate, up, down in f32
-  assert expert_bytes(without) == expert_weights // 2  # fsdp only
-  assert expert_bytes(cfg) == expert_weights // 4  # fsdp x expert
+  assert expert_bytes(without) == expert_weights // fsdp  # fsdp only
+  assert expert_bytes(cfg) == expert_weights // (2 * fsdp)  # fsdp x expert
 
 
 def test_a_step_that_does_not_fit_says_by_how_much(target_devices, capsys):

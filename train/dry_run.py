@@ -21,7 +21,8 @@ import jax
 import numpy as np
 
 from model.config import ModelConfig
-from pallas_kernels.paths import attention_path
+from model.moe import expert_impl
+from pallas_kernels.paths import attention_path, grouped_matmul_path
 from train import accelerators
 from train.loop import build_program, model_and_mesh, step_cost
 
@@ -42,6 +43,20 @@ def attention_choice(model_cfg: ModelConfig, devices) -> str:
   """What the train step's attention runs on these devices, in words (what it compiles)."""
   return str(attention_path(devices[0].platform, head_dim=model_cfg.head_dim,
                             dtype=model_cfg.compute_dtype, impl=model_cfg.attention_impl))
+
+
+def experts_choice(model_cfg: ModelConfig, devices) -> str | None:
+  """How the train step's MoE experts multiply on these devices, in words; None when dense."""
+  if not model_cfg.n_experts:
+    return None
+  platform = devices[0].platform
+  impl = expert_impl(model_cfg, platform)
+  if impl == "dense":
+    return "dense (every expert on every token)"
+  dtype = model_cfg.compute_dtype
+  path = grouped_matmul_path(platform, x_dtype=dtype, w_dtype=dtype,
+                             impl="auto" if impl == "gmm" else "xla")
+  return f"grouped matmul: {path}"
 
 
 def dry_run(cfg, target: str = "") -> dict:
@@ -101,6 +116,7 @@ def plan(cfg, target: str = ""):
       "devices": mesh.size,
       "mesh": dict(mesh.shape),
       "attention": attention_choice(model_cfg, mesh.devices.flat),
+      "experts": experts_choice(model_cfg, mesh.devices.flat),
       "params": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(prog.abstract.params)),
       "param_bytes_per_device": _bytes_per_device(prog.abstract.params, prog.shardings.params),
       "optimizer_bytes_per_device": _bytes_per_device(prog.abstract.opt_state,
@@ -129,7 +145,8 @@ def _print(r: dict, tgt) -> None:
   else:
     head = (f"{r['devices']} simulated CPU devices: these are XLA:CPU's estimates, not an "
             "accelerator's (pass --target, e.g. v5p-128 or h100-8, for the real compiler's)")
-  lines = [head, f"mesh {r['mesh']} | attention: {r['attention']}",
+  experts = f" | experts: {r['experts']}" if r["experts"] else ""
+  lines = [head, f"mesh {r['mesh']} | attention: {r['attention']}{experts}",
            f"compiled in {r['compile_s']:.1f} s (lowered in {r['lower_s']:.1f} s)",
            "per device:",
            f"  parameters   {gib(r['param_bytes_per_device'])}",
