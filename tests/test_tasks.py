@@ -1,6 +1,8 @@
-"""The post-training tasks' losses against closed forms and numpy, and every task's train
-step sharded over 8 simulated devices against one device."""
+"""The post-training tasks' losses against closed forms and numpy, every task's train step
+sharded over 8 simulated devices against one device, and an MoE model's router losses in
+each objective against an independent forward."""
 
+import dataclasses
 import math
 
 import flax.linen as nn
@@ -299,3 +301,159 @@ def test_ppo_and_grpo_policy_equal_to_reference_give_zero_kl():
     np.testing.assert_allclose(sums["clip_fraction"], 0.0)
     if task == "grpo":
       np.testing.assert_allclose(sums["kl_penalty"], 0.0, atol=1e-6)
+
+
+# Mixture-of-experts policies: every trained forward's router loss is in the objective.
+# A tiny MoE (tests/test_moe.py, tests/test_train_step.py): 2 layers, d_model 32, 4 experts of
+# width 32, top-2. Coefficients large enough that the router term stands out of f32 noise.
+MOE = dict(model__n_experts=4, model__n_experts_per_token=2, model__moe_d_ff=32)
+COEFS = dict(model__router_aux_loss_coef=0.1, model__router_z_loss_coef=0.01)
+NO_COEFS = dict(model__router_aux_loss_coef=0.0, model__router_z_loss_coef=0.0)
+MOE_METRICS = ("aux_loss", "z_loss", "load_max", "load_min", "dropped_frac")
+
+
+@pytest.fixture
+def quick_moe_compiles():
+  """XLA's optimisations cost more than they save on these tiny programs (on 2 CPU cores an
+  MoE model's init compiles in 10 s with them, 1 s without)."""
+  before = jax.config.values["jax_disable_most_optimizations"]
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", before)
+
+
+def _router_stats(model_cfg, params, rows):
+  """The router statistics of a forward of `rows`, by a plain apply of the module that
+  collects its intermediates (not the tasks' code path)."""
+  _, state = reward.Transformer(model_cfg).apply(
+      {"params": params}, jnp.asarray(rows["inputs"]), jnp.asarray(rows["positions"]),
+      segment_ids=jnp.asarray(rows["segment_ids"]), mutable=["intermediates"])
+  return state["intermediates"]["moe"][0]
+
+
+def _moe_case(task, agg):
+  """(the objective with router coefficients off, with them on, params, frozen, batch, and
+  the trained forwards: [(name in params or None, model config, rows, count, weight)])."""
+  from train import tasks
+  extra = {} if agg is None else {"rl__loss_agg": agg}
+  cfg = small_config(task, **MOE, **COEFS, **extra)
+  model_cfg = ModelConfig.from_config(cfg.model)
+  obj0, obj = [tasks.module(task).objective(c, ModelConfig.from_config(c.model))
+               for c in (small_config(task, **MOE, **NO_COEFS, **extra), cfg)]
+  init = jax.jit(lambda key: nn.unbox(obj.init(key)))
+  params = init(jax.random.PRNGKey(0))
+  batch = random_batch(obj.batch_shapes(4, T), seed=1)
+  if task in ("dpo", "reward"):
+    # One forward over the chosen rows then the rejected rows, normalised per real pair.
+    rows = {k: np.concatenate([batch[f"chosen_{k}"], batch[f"rejected_{k}"]])
+            for k in ("inputs", "positions", "segment_ids")}
+    count = batch["valid"].sum()
+  else:
+    rows = batch
+    per_seq = task == "grpo" and agg == "grpo"
+    count = (batch["mask"].sum(1) > 0).sum() if per_seq else batch["mask"].sum()
+  frozen = None
+  if task in ("dpo", "ppo", "grpo"):  # another model as the reference: its forward adds nothing
+    other = init(jax.random.PRNGKey(7))
+    frozen = {"reference": other["policy"] if task == "ppo" else other}
+  forwards = [(None, model_cfg, rows, count, 1.0)]
+  if task == "ppo":
+    forwards = [("policy", dataclasses.replace(model_cfg, value_head=False), rows, count, 1.0),
+                ("value", dataclasses.replace(model_cfg, value_head=True), rows, count,
+                 cfg.rl.vf_coef)]
+  return obj0, obj, params, frozen, batch, forwards
+
+
+def _router_objective(params, forwards):
+  """(sum over the trained forwards of weight * count * (0.1 load balancing + 0.01 z), their
+  router statistics)."""
+  total, auxes = 0.0, []
+  for name, model_cfg, rows, count, weight in forwards:
+    aux = _router_stats(model_cfg, params if name is None else params[name], rows)
+    total += weight * count * (0.1 * aux.load_balancing_loss + 0.01 * aux.z_loss)
+    auxes.append(aux)
+  return total, auxes
+
+
+def _routers(grads, forwards):
+  return [(grads if name is None else grads[name])["layers"]["moe"]["router"]
+          for name, *_ in forwards]
+
+
+@pytest.mark.parametrize("task,agg", [("dpo", None), ("reward", None), ("ppo", None),
+                                      ("grpo", "grpo"), ("grpo", "bnpo")])
+@pytest.mark.usefixtures("quick_moe_compiles")
+def test_moe_router_loss_is_in_every_post_training_objective(task, agg):
+  obj0, obj, params, frozen, batch, forwards = _moe_case(task, agg)
+
+  def all_three(params):  # one program: compiled once, the shared forwards once
+    run = lambda f: jax.value_and_grad(f, has_aux=True)(params)
+    return (run(lambda p: obj0.loss_fn(p, frozen, batch)),
+            run(lambda p: obj.loss_fn(p, frozen, batch)),
+            run(lambda p: _router_objective(p, forwards)))
+
+  (((total0, sums0), grads0), ((total, sums), grads),
+   ((expected, auxes), ref_grads)) = jax.jit(all_three)(params)
+  # (a) The objective with the router coefficients on is the one without them plus the
+  # router losses of the trained forwards from an independent apply, per count unit.
+  np.testing.assert_allclose(float(total - total0), float(expected), rtol=2e-4)
+  assert float(expected) > 0.01 * float(sums["count"])
+  np.testing.assert_allclose(float(sums["loss"]), float(sums0["loss"]), rtol=1e-6)
+  # (b) Through the router term every trained router gets the gradient of that reference.
+  diffs = _routers(jax.tree.map(jnp.subtract, grads, grads0), forwards)
+  for diff, ref in zip(diffs, _routers(ref_grads, forwards)):
+    assert float(jnp.max(jnp.abs(ref))) > 1e-4
+    np.testing.assert_allclose(diff, ref, rtol=1e-3, atol=1e-5 * float(jnp.max(jnp.abs(ref))))
+  # (c) The moe_* metrics, as sums over the count like every other metric (value_moe_*: the
+  # critic's).
+  for (name, _, _, count, _), aux in zip(forwards, auxes):
+    prefix = "value_moe" if name == "value" else "moe"
+    assert {f"{prefix}_{k}" for k in MOE_METRICS} <= set(sums)
+    np.testing.assert_allclose(float(sums[f"{prefix}_aux_loss"]) / count,
+                               aux.load_balancing_loss, rtol=1e-5)
+    np.testing.assert_allclose(float(sums[f"{prefix}_z_loss"]) / count, aux.z_loss, rtol=1e-5)
+    assert float(sums[f"{prefix}_load_max"]) >= float(sums[f"{prefix}_load_min"]) >= 0
+    assert float(sums[f"{prefix}_dropped_frac"]) == 0.0  # dropless
+  if task != "ppo":
+    assert not any(k.startswith("value_moe") for k in sums)
+
+
+@pytest.mark.parametrize("task", ["dpo", "reward", "ppo", "grpo"])
+@pytest.mark.usefixtures("quick_moe_compiles")
+def test_moe_train_step_and_rollout_scoring_run_and_log_router_metrics(task):
+  """Each MoE objective's jitted step logs moe_* means; the undifferentiated forwards (PPO and
+  GRPO's rollout `prepare`, DPO's reference pre-computation) run on an MoE model."""
+  from train.tasks import grpo, ppo
+  cfg, prog = _program(task, **MOE, **COEFS)
+  state = prog.init_state(0)
+  frozen = state.frozen
+  if task != "reward":  # a copy: the step donates the state
+    frozen = {"reference": jax.tree.map(jnp.copy, state.params["policy"] if task == "ppo"
+                                        else state.params)}
+    state = state.replace(frozen=frozen)
+  batch = random_batch(prog.objective.batch_shapes(cfg.train.batch_size, T))
+  policy = dpo.common.Policy.of(cfg, ModelConfig.from_config(cfg.model))
+  if task in ("ppo", "grpo"):
+    rows = {k: batch[k] for k in ("inputs", "targets", "positions", "segment_ids", "mask")}
+    scores = np.linspace(-1, 1, cfg.train.batch_size).astype(np.float32)
+    if task == "ppo":
+      critic = reward.Transformer(dpo.common.value_config(policy.model_cfg))
+      arrays, _ = jax.jit(lambda p, f: ppo.prepare(p, f, rows, scores, 0.05, policy=policy,
+                                                   critic=critic, cfg=cfg))(
+          state.params, frozen)
+    else:
+      arrays, _ = jax.jit(lambda p, f: grpo.prepare(p, f, rows, scores, 0.05, policy=policy,
+                                                    cfg=cfg))(state.params, frozen)
+    assert all(np.isfinite(v).all() for v in jax.device_get(arrays).values())
+    batch.update({k: np.asarray(v) for k, v in arrays.items()})
+  if task == "dpo":
+    ref_c, ref_r = jax.jit(lambda p: dpo.pair_logprobs(policy.model, p, batch,
+                                                       per_token=False))(state.params)
+    assert np.isfinite(ref_c).all() and np.isfinite(ref_r).all()
+  state, m = prog.train_step(state, jax.device_put(batch, prog.batch_sharding))
+  names = {f"moe_{k}" for k in MOE_METRICS}
+  if task == "ppo":
+    names |= {f"value_moe_{k}" for k in MOE_METRICS}
+  assert names <= set(m), (task, sorted(m))
+  assert all(math.isfinite(float(m[k])) for k in names | {"loss", "grad_norm"})
+  assert 0.5 < float(m["moe_aux_loss"]) < 4.0  # E sum f P: 1 balanced, at most E

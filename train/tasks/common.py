@@ -131,16 +131,18 @@ def pair_tokens(batch):
 
 
 def completion_logprobs(model, params, tokens, *, chunk: int = head.DEFAULT_CHUNK,
-                        temperature: float = 1.0, per_token=False):
+                        temperature: float = 1.0, per_token=False, with_aux: bool = False):
   """log π(y|x): the sum (or mean, per_token=True) of log p(target) over loss_mask positions,
   f32[B] (ALGORITHMS.md: completion tokens only, the final EOS included even when pad = EOS;
   padding and prompt contribute nothing, by `where`, so not even a non-finite value there
-  could leak in). chunk: train.loss_chunk (model/head.py)."""
-  scores = pretrain.score_targets(model, params, tokens, chunk=chunk, temperature=temperature)
+  could leak in). chunk: train.loss_chunk (model/head.py). with_aux: (log π, moe.MoEAux or
+  None), the router statistics of the forward."""
+  scores, aux = pretrain.score_targets(model, params, tokens, chunk=chunk,
+                                       temperature=temperature, with_aux=True)
   logp = objectives.masked_sum(scores.logp, tokens["loss_mask"], axis=-1)
   if per_token:
     logp = logp / jnp.maximum(jnp.sum(tokens["loss_mask"], axis=1), 1.0)
-  return logp
+  return (logp, aux) if with_aux else logp
 
 
 def pair_batch_shapes(batch_size: int, seq_len: int) -> dict:

@@ -18,22 +18,31 @@ from model import Transformer, head, sharding
 from train import objectives
 from train.config import ConfigError
 from train.metrics import StepCost
-from train.tasks import Feed, Objective, common, sft
+from train.tasks import Feed, Objective, common, pretrain, sft
 
 REF_KEYS = ("ref_chosen", "ref_rejected")
 
 
-def pair_logprobs(model, params, batch, *, per_token: bool, chunk: int = head.DEFAULT_CHUNK):
-  """(log pi(chosen | prompt), log pi(rejected | prompt)): f32[B] each, one forward."""
-  logp = common.completion_logprobs(model, params, common.pair_tokens(batch), chunk=chunk,
-                                    per_token=per_token)
-  return jnp.split(logp, 2)
+def pair_logprobs(model, params, batch, *, per_token: bool, chunk: int = head.DEFAULT_CHUNK,
+                  with_aux: bool = False):
+  """(log pi(chosen | prompt), log pi(rejected | prompt)): f32[B] each, one forward.
+  with_aux: ((chosen, rejected), moe.MoEAux or None of that forward)."""
+  logp, aux = common.completion_logprobs(model, params, common.pair_tokens(batch), chunk=chunk,
+                                         per_token=per_token, with_aux=True)
+  pair = tuple(jnp.split(logp, 2))
+  return (pair, aux) if with_aux else pair
 
 
 def loss_fn(params, reference, batch, *, model, beta, kind, label_smoothing, chunk):
-  """`reference`: the reference's params, or None when the batch carries its log-probs."""
+  """`reference`: the reference's params, or None when the batch carries its log-probs.
+
+  Returns sums over pairs and "count", the number of real pairs (valid), which train/step.py
+  divides them by over the whole accumulated batch. An MoE policy adds its router loss per
+  pair (pretrain.moe_terms): the chosen and rejected rows are one forward, whose statistics
+  average over both; the frozen reference's forward adds none."""
   per_token = kind == "ipo"
-  pi_c, pi_r = pair_logprobs(model, params, batch, per_token=per_token, chunk=chunk)
+  (pi_c, pi_r), aux = pair_logprobs(model, params, batch, per_token=per_token, chunk=chunk,
+                                    with_aux=True)
   if reference is None:
     ref_c, ref_r = batch["ref_chosen"], batch["ref_rejected"]
   else:
@@ -42,13 +51,18 @@ def loss_fn(params, reference, batch, *, model, beta, kind, label_smoothing, chu
   losses, rew_c, rew_r = objectives.dpo_loss(pi_c, pi_r, ref_c, ref_r, beta=beta, kind=kind,
                                              label_smoothing=label_smoothing)
   valid = batch["valid"]
+  count = jnp.sum(valid)
   total = jnp.sum(losses * valid)
-  return total, {"loss": total,
-                 "rewards/chosen": jnp.sum(rew_c * valid),
-                 "rewards/rejected": jnp.sum(rew_r * valid),
-                 "rewards/accuracies": jnp.sum((rew_c > rew_r) * valid),
-                 "rewards/margins": jnp.sum((rew_c - rew_r) * valid),
-                 "count": jnp.sum(valid)}
+  segment_ids = jnp.concatenate([batch["chosen_segment_ids"], batch["rejected_segment_ids"]])
+  router_loss, router_metrics = pretrain.moe_terms(aux, model.cfg, count, segment_ids)
+  # "loss" is the preference loss alone, as in pretraining (the router losses log as moe_*).
+  return total + router_loss, {
+      "loss": total,
+      "rewards/chosen": jnp.sum(rew_c * valid),
+      "rewards/rejected": jnp.sum(rew_r * valid),
+      "rewards/accuracies": jnp.sum((rew_c > rew_r) * valid),
+      "rewards/margins": jnp.sum((rew_c - rew_r) * valid),
+      "count": count, **router_metrics}
 
 
 def _settings(cfg):

@@ -21,11 +21,15 @@ AGGREGATIONS = ("grpo", "bnpo")
 
 
 def loss_fn(params, frozen, batch, *, policy, cfg):
+  """Sums and "count", which train/step.py divides them by over the whole accumulated batch:
+  the number of sequences ("grpo": each sums its token mean) or of completion tokens
+  ("bnpo"). An MoE policy adds its router loss per sequence or per token accordingly
+  (pretrain.moe_terms)."""
   r = cfg.rl
   mask = batch["mask"]
-  scores = pretrain.score_targets(policy.model, policy.params(params, frozen), batch,
-                                  chunk=cfg.train.loss_chunk, temperature=r.temperature,
-                                  entropy=True)
+  scores, aux = pretrain.score_targets(policy.model, policy.params(params, frozen), batch,
+                                       chunk=cfg.train.loss_chunk, temperature=r.temperature,
+                                       entropy=True, with_aux=True)
   logp = scores.logp
   pg, clipped = objectives.ppo_policy_loss(logp, batch["old_logp"], batch["advantages"],
                                            clip=r.clip)
@@ -41,8 +45,12 @@ def loss_fn(params, frozen, batch, *, policy, cfg):
     count = jnp.sum(lengths > 0)
   else:  # token sum over the batch
     weight, count = mask, jnp.sum(mask)
+  count = count.astype(jnp.float32)
   sums = {k: jnp.sum(v * weight) for k, v in per_token.items()}
-  return sums["loss"], {**sums, "count": count.astype(jnp.float32)}
+  router_loss, router_metrics = pretrain.moe_terms(aux, policy.model_cfg, count,
+                                                   batch["segment_ids"])
+  # "loss" is GRPO's alone (the router losses log as moe_*).
+  return sums["loss"] + router_loss, {**sums, "count": count, **router_metrics}
 
 
 def prepare(params, frozen, rows, scores, kl_coef, *, policy, cfg):

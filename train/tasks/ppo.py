@@ -20,26 +20,37 @@ EXTRA = ("old_logp", "ref_logp", "old_values", "advantages", "returns")
 
 
 def loss_fn(params, frozen, batch, *, policy, critic, cfg):
+  """Sums over completion tokens and "count", their number (mask), which train/step.py
+  divides them by over the whole accumulated batch. An MoE policy and critic each add their
+  router loss per completion token (pretrain.moe_terms); the critic's is weighted by
+  rl.vf_coef like its value loss, so against its own objective it weighs what it weighs in
+  pretraining (the critic's weights get gradients from nothing else)."""
   r = cfg.rl
   mask = batch["mask"]
-  scores = pretrain.score_targets(policy.model, policy.params(params["policy"], frozen), batch,
-                                  chunk=cfg.train.loss_chunk, temperature=r.temperature,
-                                  entropy=True)
+  count = jnp.sum(mask)
+  scores, policy_aux = pretrain.score_targets(
+      policy.model, policy.params(params["policy"], frozen), batch, chunk=cfg.train.loss_chunk,
+      temperature=r.temperature, entropy=True, with_aux=True)
   logp = scores.logp
   pg, clipped = objectives.ppo_policy_loss(logp, batch["old_logp"], batch["advantages"],
                                            clip=r.clip)
-  values, _ = critic.apply({"params": params["value"]}, batch["inputs"], batch["positions"],
-                           segment_ids=batch["segment_ids"])
+  values, value_aux = pretrain.forward(critic, params["value"], batch)
   vf = objectives.ppo_value_loss(values, batch["old_values"], batch["returns"],
                                  clip=r.value_clip)
   total_pg, total_vf = jnp.sum(pg * mask), jnp.sum(vf * mask)
   total = total_pg + r.vf_coef * total_vf
-  return total, {
+  policy_router, policy_metrics = pretrain.moe_terms(policy_aux, policy.model_cfg, count,
+                                                     batch["segment_ids"])
+  value_router, value_metrics = pretrain.moe_terms(value_aux, critic.cfg, count,
+                                                   batch["segment_ids"], weight=r.vf_coef,
+                                                   prefix="value_moe")
+  # "loss" is PPO's alone (the router losses log as moe_* and value_moe_*).
+  return total + policy_router + value_router, {
       "loss": total, "policy_loss": total_pg, "value_loss": total_vf,
       "clip_fraction": jnp.sum(clipped * mask),
       "approx_kl": jnp.sum(objectives.approx_kl(logp, batch["old_logp"]) * mask),
       "entropy": jnp.sum(scores.entropy * mask),
-      "count": jnp.sum(mask)}
+      "count": count, **policy_metrics, **value_metrics}
 
 
 def prepare(params, frozen, rows, scores, kl_coef, *, policy, critic, cfg):
@@ -50,8 +61,7 @@ def prepare(params, frozen, rows, scores, kl_coef, *, policy, critic, cfg):
                                         chunk=cfg.train.loss_chunk)
   logp, entropy = score(policy.params(params["policy"], frozen))
   ref_logp, _ = score(policy.reference(frozen))
-  values, _ = critic.apply({"params": params["value"]}, rows["inputs"], rows["positions"],
-                           segment_ids=rows["segment_ids"])
+  values, _ = pretrain.forward(critic, params["value"], rows)
   values = values * mask
   kl = objectives.kl_penalty(logp, ref_logp, r.kl_estimator) * mask
   rewards = objectives.token_rewards(scores, kl, mask, kl_coef)

@@ -18,15 +18,26 @@ from train import data as data_lib
 from train.tasks import Feed, Objective
 
 
-def hidden_states(model: Transformer, params, batch):
-  """(final-normed hidden states [B, T, D], moe.MoEAux or None for a dense model)."""
+def forward(model: Transformer, params, batch, **kwargs):
+  """(the module's output [B, T, ...]: logits, a value model's values, or with
+  return_hidden=True the final-normed hidden states; moe.MoEAux or None for a dense model).
+
+  The one place a task applies a Transformer to batch["inputs"], ["positions"] and
+  ["segment_ids"]: an MoE model's router statistics are sown as "intermediates" (model/
+  transformer.py), so they come back only from an apply that asks for them. A caller that
+  trains nothing (a rollout's scorer, a reference) may ignore them."""
   args = (batch["inputs"], batch["positions"])
-  kwargs = dict(segment_ids=batch["segment_ids"], return_hidden=True)
+  kwargs = dict(segment_ids=batch["segment_ids"], **kwargs)
   if not model.cfg.n_experts:
     return model.apply({"params": params}, *args, **kwargs)[0], None
-  (hidden, _), state = model.apply({"params": params}, *args, **kwargs,
-                                   mutable=["intermediates"])
-  return hidden, state["intermediates"]["moe"][0]
+  (out, _), state = model.apply({"params": params}, *args, **kwargs,
+                                mutable=["intermediates"])
+  return out, state["intermediates"]["moe"][0]
+
+
+def hidden_states(model: Transformer, params, batch):
+  """(final-normed hidden states [B, T, D], moe.MoEAux or None for a dense model)."""
+  return forward(model, params, batch, return_hidden=True)
 
 
 def score_targets(model: Transformer, params, batch, *, chunk: int = head.DEFAULT_CHUNK,
@@ -41,20 +52,31 @@ def score_targets(model: Transformer, params, batch, *, chunk: int = head.DEFAUL
   return (scores, aux) if with_aux else scores
 
 
-def moe_terms(aux, cfg, count):
-  """(loss to add, metric sums) of the router statistics; sums are scaled by `count` because
-  the step divides every sum by the batch's count (so they log as means)."""
+def moe_terms(aux, cfg, count, segment_ids, *, weight=1.0, prefix: str = "moe"):
+  """(router loss to add, metric sums) of one forward's router statistics; (0.0, {}) for a
+  dense model (aux None), so a dense objective is unchanged.
+
+  count: the normaliser of the objective's sums, which train/step.py divides by (summed over
+  the accumulated batch): tokens in pretraining and SFT, pairs in DPO and reward modelling,
+  completion tokens or sequences in PPO and GRPO. aux.loss is already a mean over the
+  forward's tokens, so aux.loss(cfg) * count makes the step's loss "mean objective +
+  aux.loss" in every objective, the balance pretraining has, and the metrics log as means.
+  weight: a further factor on the loss only (PPO's critic: rl.vf_coef, as its value loss).
+  segment_ids: the forward's [B, T] (0: padding, which no expert sees), for the dropped
+  fraction. prefix: of the metric names ("value_moe" for PPO's critic)."""
   if aux is None:
     return 0.0, {}
   e = cfg.n_experts
-  metrics = {"moe_aux_loss": aux.load_balancing_loss * count, "moe_z_loss": aux.z_loss * count,
+  routed = jnp.maximum(jnp.sum(segment_ids != 0), 1).astype(jnp.float32)
+  metrics = {"aux_loss": aux.load_balancing_loss, "z_loss": aux.z_loss,
              # Load of the busiest and idlest expert, in units of a balanced share 1 / E.
-             "moe_load_max": jnp.max(aux.expert_load) * e * count,
-             "moe_load_min": jnp.min(aux.expert_load) * e * count,
-             # Assignments over capacity (summed over layers) per token, layer and choice:
-             # the fraction dropped (0 when dropless).
-             "moe_dropped_frac": aux.dropped / (cfg.n_layers * cfg.n_experts_per_token)}
-  return aux.loss(cfg) * count, metrics
+             "load_max": jnp.max(aux.expert_load) * e,
+             "load_min": jnp.min(aux.expert_load) * e,
+             # Assignments over capacity (summed over layers) per routed token, layer and
+             # choice: the fraction dropped (0 when dropless).
+             "dropped_frac": aux.dropped / (routed * cfg.n_layers * cfg.n_experts_per_token)}
+  metrics = {f"{prefix}_{k}": v * count for k, v in metrics.items()}
+  return weight * aux.loss(cfg) * count, metrics
 
 
 def loss_fn(params, frozen, batch, *, model, z_loss: float = 0.0,
@@ -71,7 +93,7 @@ def loss_fn(params, frozen, batch, *, model, z_loss: float = 0.0,
   count = jnp.sum(mask)
   nll_sum = -jnp.sum(scores.logp * mask)
   z_sum = jnp.sum(jnp.square(scores.log_z) * mask)
-  router_loss, router_metrics = moe_terms(aux, model.cfg, count)
+  router_loss, router_metrics = moe_terms(aux, model.cfg, count, batch["segment_ids"])
   total = nll_sum + z_loss * z_sum + router_loss
   # "z_loss" reports mean (log Z)^2 per token whatever its coefficient, to watch logit drift;
   # "loss" is the next-token loss alone (the router losses log as moe_*).

@@ -17,20 +17,29 @@ from train.config import ConfigError
 from train.tasks import Feed, Objective, common, pretrain, sft
 
 
-def scores(model, params, batch):
-  """(r_chosen, r_rejected): f32[B] each, the value at each row's last real token."""
+def scores(model, params, batch, *, with_aux: bool = False):
+  """(r_chosen, r_rejected): f32[B] each, the value at each row's last real token, from one
+  forward over both. with_aux: ((r_chosen, r_rejected), moe.MoEAux or None)."""
   tokens = common.pair_tokens(batch)
-  values, _ = model.apply({"params": params}, tokens["inputs"], tokens["positions"],
-                          segment_ids=tokens["segment_ids"])
-  return jnp.split(common.scores_at_last(values, tokens["segment_ids"]), 2)
+  values, aux = pretrain.forward(model, params, tokens)
+  pair = tuple(jnp.split(common.scores_at_last(values, tokens["segment_ids"]), 2))
+  return (pair, aux) if with_aux else pair
 
 
 def loss_fn(params, batch, *, model):
-  r_c, r_r = scores(model, params, batch)
+  """Sums over pairs and "count", the number of real pairs (valid), which train/step.py
+  divides them by. An MoE scorer adds its router loss per pair (pretrain.moe_terms), from the
+  one forward over the chosen and rejected rows."""
+  (r_c, r_r), aux = scores(model, params, batch, with_aux=True)
   valid = batch["valid"]
+  count = jnp.sum(valid)
   loss = jnp.sum(objectives.bradley_terry_loss(r_c, r_r, batch["margin"]) * valid)
-  return loss, {"loss": loss, "accuracy": jnp.sum((r_c > r_r) * valid),
-                "margin": jnp.sum((r_c - r_r) * valid), "count": jnp.sum(valid)}
+  segment_ids = jnp.concatenate([batch["chosen_segment_ids"], batch["rejected_segment_ids"]])
+  router_loss, router_metrics = pretrain.moe_terms(aux, model.cfg, count, segment_ids)
+  # "loss" is the Bradley-Terry loss alone (the router losses log as moe_*).
+  return loss + router_loss, {"loss": loss, "accuracy": jnp.sum((r_c > r_r) * valid),
+                              "margin": jnp.sum((r_c - r_r) * valid), "count": count,
+                              **router_metrics}
 
 
 def _check(model_cfg):

@@ -93,8 +93,7 @@ class Scorer:
 
       @jax.jit
       def score(params, rows):
-        values, _ = model.apply({"params": params}, rows["inputs"], rows["positions"],
-                                segment_ids=rows["segment_ids"])
+        values, _ = pretrain.forward(model, params, rows)  # an MoE's router stats unused
         return common.scores_at_last(values, rows["segment_ids"])
       self.score = score
 
