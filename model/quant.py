@@ -1,0 +1,195 @@
+"""Quantized weights: a pytree the layers take wherever a weight goes.
+
+Symmetric quantization: X_int = round(X / s), s = max|X| / (2^(b-1) - 1), dequantized as
+X_int * s; asymmetric (int4 only): s = (max - min) / 15, z = round(-min / s), X_int =
+clip(round(X / s) + z, 0, 15), dequantized as (X_int - z) * s; NF4 (QLoRA, Dettmers et al.
+2023): s = max|X|, X_int the index of the nearest of 16 normal-quantile values to X / s.
+The statistics are per group of `group` consecutive input (contracted) elements and per output
+element: `group` = K, the whole input, is per output channel.
+
+A weight of shape [*batch, *in, *out] (e.g. q [D, N, H]: in D, out N H; o [N, H, D]: in N H;
+an MoE's gate [E, D, F]: batch E, in D) is seen as [*batch, K, N], K = prod(in), N = prod(out):
+  values  int8 of the weight's shape ("int8"), or uint8 with the last input axis halved
+          ("int4", "nf4": two 4-bit codes a byte, the even row of K in the low nibble),
+  scales  [*batch, K / group, *out] floats, or `DoubleQuantized` (NF4's double quantization),
+  zeros   [*batch, K / group, *out] floats (asymmetric int4), else None.
+The layout is the Pallas kernels' (pallas_kernels/quantized_matmul.py); the leading axes keep the
+weight's own, so the sharding rules split values as they split the weight.
+
+`Quantized.astype(dtype)` is the dequantized weight, so code written for arrays
+(`jnp.einsum(..., w.astype(dt))`) runs on quantized weights unchanged: under jit XLA fuses the
+dequantization into the matmul's operand where it can.
+"""
+
+import math
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+KINDS = ("int8", "int4", "nf4")
+BITS = {"int8": 8, "int4": 4, "nf4": 4}
+# QLoRA's NF4 code book (Appendix E): quantiles of N(0, 1) scaled to [-1, 1], 0 exact.
+NF4 = np.array([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+                -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+                0.07958029955625534, 0.16093020141124725, 0.24611230194568634,
+                0.33791524171829224, 0.44070982933044434, 0.5626170039176636,
+                0.7229568362236328, 1.0], np.float32)
+DOUBLE_QUANT_BLOCK = 256  # QLoRA's block of second-level (scale) quantization
+
+
+@flax.struct.dataclass
+class DoubleQuantized:
+  """Scales stored as int8 (QLoRA's double quantization): scales - offset, symmetric int8 per
+  block of 256 consecutive scales, with f32 block maxima; offset is the scales' mean."""
+  codes: jax.Array  # int8, the scales' shape
+  absmax: jax.Array  # f32 [ceil(size / 256)]
+  offset: jax.Array  # f32 []
+
+  def astype(self, dtype):
+    flat = self.codes.reshape(-1).astype(jnp.float32)
+    pad = (-flat.shape[0]) % DOUBLE_QUANT_BLOCK
+    blocks = jnp.pad(flat, (0, pad)).reshape(-1, DOUBLE_QUANT_BLOCK)
+    scales = (blocks * (self.absmax[:, None] / 127.0)).reshape(-1)[:flat.shape[0]]
+    return (scales.reshape(self.codes.shape) + self.offset).astype(dtype)
+
+  @property
+  def shape(self):
+    return self.codes.shape
+
+
+def double_quantize(scales) -> DoubleQuantized:
+  scales = jnp.asarray(scales, jnp.float32)
+  offset = jnp.mean(scales)
+  flat = (scales - offset).reshape(-1)
+  pad = (-flat.shape[0]) % DOUBLE_QUANT_BLOCK
+  blocks = jnp.pad(flat, (0, pad)).reshape(-1, DOUBLE_QUANT_BLOCK)
+  absmax = jnp.max(jnp.abs(blocks), axis=1)
+  step = jnp.where(absmax > 0, absmax / 127.0, 1.0)
+  codes = jnp.clip(jnp.round(blocks / step[:, None]), -127, 127).astype(jnp.int8)
+  return DoubleQuantized(codes.reshape(-1)[:flat.shape[0]].reshape(scales.shape), absmax, offset)
+
+
+@flax.struct.dataclass
+class Quantized:
+  """A quantized weight (module docstring). `shape` and `dtype` are the weight's."""
+  values: jax.Array
+  scales: jax.Array | DoubleQuantized
+  zeros: jax.Array | None
+  kind: str = flax.struct.field(pytree_node=False)
+  group: int = flax.struct.field(pytree_node=False)
+  shape: tuple = flax.struct.field(pytree_node=False)
+  n_batch: int = flax.struct.field(pytree_node=False)  # leading batch axes (an MoE's E)
+  n_in: int = flax.struct.field(pytree_node=False)  # input axes after them
+  dtype: jnp.dtype = flax.struct.field(pytree_node=False, default=jnp.dtype(jnp.float32))
+
+  @property
+  def ndim(self) -> int:
+    return len(self.shape)
+
+  @property
+  def size(self) -> int:
+    return math.prod(self.shape)
+
+  def scale_array(self, dtype=jnp.float32):
+    return self.scales.astype(dtype)
+
+  def codes(self):
+    """The integer codes, unpacked, in the weight's shape: int8 (int8; symmetric int4 in
+    [-8, 7]) or uint8 in [0, 15] (asymmetric int4, nf4)."""
+    if BITS[self.kind] == 8:
+      return self.values
+    return unpack_int4(self.values, signed=self.kind == "int4" and self.zeros is None,
+                       axis=self.n_batch + self.n_in - 1)
+
+  def astype(self, dtype):
+    """The dequantized weight in dtype."""
+    b, i = self.n_batch, self.n_in
+    batch, k = self.shape[:b], math.prod(self.shape[b:b + i])
+    out = self.shape[b + i:]
+    g = k // self.group
+    codes = self.codes().reshape(*batch, g, self.group, *out)
+    if self.kind == "nf4":
+      w = jnp.asarray(NF4)[codes.astype(jnp.int32)]
+    else:
+      w = codes.astype(jnp.float32)
+    grouped = lambda a: a.astype(jnp.float32).reshape(*batch, g, 1, *out)
+    if self.zeros is not None:
+      w = w - grouped(self.zeros)
+    w = w * grouped(self.scale_array())
+    return w.reshape(self.shape).astype(dtype)
+
+
+def pack_int4(codes, axis: int):
+  """uint8 with `axis` halved: element 2i in the low nibble, 2i + 1 in the high (codes in
+  [-8, 15]; a negative code is stored as its two's-complement nibble)."""
+  codes = jnp.moveaxis(jnp.asarray(codes).astype(jnp.int32) & 0xF, axis, 0)
+  packed = codes[0::2] | (codes[1::2] << 4)
+  return jnp.moveaxis(packed.astype(jnp.uint8), 0, axis)
+
+
+def unpack_int4(packed, signed: bool, axis: int):
+  """The inverse of pack_int4: int8 in [-8, 7] (signed) or uint8 in [0, 15]."""
+  p = jnp.moveaxis(packed, axis, 0).astype(jnp.int32)
+  lo, hi = p & 0xF, (p >> 4) & 0xF
+  codes = jnp.stack([lo, hi], axis=1).reshape(-1, *p.shape[1:])
+  if signed:
+    codes = jnp.where(codes >= 8, codes - 16, codes).astype(jnp.int8)
+  else:
+    codes = codes.astype(jnp.uint8)
+  return jnp.moveaxis(codes, 0, axis)
+
+
+def quantize(w, kind: str, group: int = 0, *, n_batch: int = 0, n_in: int = 1,
+             symmetric: bool = True, double_quant: bool = False) -> Quantized:
+  """Round-to-nearest quantization of w [*batch, *in, *out] (module docstring).
+
+  group: input elements a scale covers; 0 is all of them (per output channel). symmetric=False:
+  int4 with zero points. double_quant: NF4's scales as int8 (DoubleQuantized)."""
+  if kind not in KINDS:
+    raise ValueError(f"quantization kind {kind!r} is not one of {KINDS}")
+  w = jnp.asarray(w)
+  shape, b, i = w.shape, n_batch, n_in
+  batch, ins, out = shape[:b], shape[b:b + i], shape[b + i:]
+  k = math.prod(ins)
+  group = group or k
+  if k % group:
+    raise ValueError(f"quantization group {group} does not divide the input size {k} of a "
+                     f"weight of shape {shape}")
+  if BITS[kind] == 4 and ins[-1] % 2:
+    raise ValueError(f"{kind} packs two values a byte along the last input axis, of odd size "
+                     f"{ins[-1]} in a weight of shape {shape}")
+  if not symmetric and kind != "int4":
+    raise ValueError(f"asymmetric quantization is for int4, not {kind}")
+  g = k // group
+  x = w.astype(jnp.float32).reshape(*batch, g, group, *out)
+  reduce = b + 1  # the within-group axis
+  zeros = None
+  if kind == "nf4":
+    s = jnp.max(jnp.abs(x), axis=reduce, keepdims=True)
+    s = jnp.where(s > 0, s, 1.0)
+    codes = jnp.argmin(jnp.abs((x / s)[..., None] - jnp.asarray(NF4)), axis=-1)
+  elif symmetric:
+    top = 2 ** (BITS[kind] - 1) - 1
+    s = jnp.max(jnp.abs(x), axis=reduce, keepdims=True) / top
+    s = jnp.where(s > 0, s, 1.0)
+    codes = jnp.clip(jnp.round(x / s), -top, top)
+  else:
+    lo = jnp.minimum(jnp.min(x, axis=reduce, keepdims=True), 0.0)
+    hi = jnp.maximum(jnp.max(x, axis=reduce, keepdims=True), 0.0)
+    s = (hi - lo) / 15.0
+    s = jnp.where(s > 0, s, 1.0)
+    z = jnp.clip(jnp.round(-lo / s), 0, 15)
+    codes = jnp.clip(jnp.round(x / s) + z, 0, 15)
+    zeros = z.reshape(*batch, g, *out)
+  codes = codes.reshape(shape)
+  if BITS[kind] == 8:
+    values = codes.astype(jnp.int8)
+  else:
+    values = pack_int4(codes, axis=b + i - 1)
+  scales = s.reshape(*batch, g, *out)
+  if double_quant:
+    scales = double_quantize(scales)
+  return Quantized(values, scales, zeros, kind=kind, group=group, shape=tuple(shape),
+                   n_batch=b, n_in=i, dtype=jnp.dtype(w.dtype))

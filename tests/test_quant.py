@@ -1,0 +1,99 @@
+"""Round-to-nearest quantization (model/quant.py) against numpy written here: the error bound
+s / 2 per element, int4 packing, the NF4 code book from its definition, double quantization."""
+
+from statistics import NormalDist
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from model import quant
+
+
+def _weight(shape, seed=0):
+  return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+def _groups(w, n_batch, n_in, group):
+  """w as [*batch, G, group, N] (numpy), the layout statistics are taken over."""
+  batch = w.shape[:n_batch]
+  k = int(np.prod(w.shape[n_batch:n_batch + n_in]))
+  return w.reshape(*batch, k // group, group, -1)
+
+
+# (shape, n_batch, n_in, group): a 2-D weight, q's [D, N, H], o's [N, H, D], experts [E, D, F].
+SHAPES = [((64, 48), 0, 1, 16), ((64, 4, 8), 0, 1, 0), ((4, 8, 64), 0, 2, 32),
+          ((3, 32, 24), 1, 1, 8)]
+
+
+@pytest.mark.parametrize("shape,n_batch,n_in,group", SHAPES)
+@pytest.mark.parametrize("kind,symmetric", [("int8", True), ("int4", True), ("int4", False)])
+def test_error_is_within_half_a_step(shape, n_batch, n_in, group, kind, symmetric):
+  w = _weight(shape)
+  q = quant.quantize(w, kind, group, n_batch=n_batch, n_in=n_in, symmetric=symmetric)
+  assert q.astype(jnp.float32).shape == w.shape and q.values.dtype == (
+      np.int8 if kind == "int8" else np.uint8)
+  k = int(np.prod(shape[n_batch:n_batch + n_in]))
+  g = _groups(w, n_batch, n_in, group or k)
+  if symmetric:
+    step = np.abs(g).max(axis=-2, keepdims=True) / (127 if kind == "int8" else 7)
+  else:
+    step = (np.maximum(g.max(axis=-2, keepdims=True), 0)
+            - np.minimum(g.min(axis=-2, keepdims=True), 0)) / 15
+  err = np.abs(_groups(np.asarray(q.astype(jnp.float32)), n_batch, n_in, group or k) - g)
+  assert np.all(err <= step / 2 * (1 + 1e-5) + 1e-7)
+
+
+def test_int4_packing_round_trip_and_nibble_order():
+  codes = np.random.default_rng(1).integers(-8, 8, size=(6, 10, 3))
+  packed = np.asarray(quant.pack_int4(codes, axis=1))
+  assert packed.shape == (6, 5, 3) and packed.dtype == np.uint8
+  # Element 2i in the low nibble, 2i + 1 in the high one, two's complement.
+  np.testing.assert_array_equal(packed & 0xF, codes[:, 0::2] & 0xF)
+  np.testing.assert_array_equal(packed >> 4, codes[:, 1::2] & 0xF)
+  np.testing.assert_array_equal(quant.unpack_int4(packed, signed=True, axis=1), codes)
+  np.testing.assert_array_equal(quant.unpack_int4(packed, signed=False, axis=1), codes & 0xF)
+
+
+def test_nf4_code_book_is_the_papers():
+  """QLoRA's NF4: 8 positive and 7 negative normal quantiles (offset 0.9677...), and 0,
+  normalised to [-1, 1] (Dettmers et al. 2023, eq. 4 and Appendix E)."""
+  ppf, offset = NormalDist().inv_cdf, 0.9677083
+  positive = [ppf(p) for p in np.linspace(offset, 0.5, 9)[:-1]]
+  negative = [-ppf(p) for p in np.linspace(offset, 0.5, 8)[:-1]]
+  book = np.sort(positive + [0.0] + negative)
+  np.testing.assert_allclose(quant.NF4, book / book.max(), atol=1e-6)
+
+
+def test_nf4_takes_the_nearest_code():
+  w = _weight((128, 16), seed=2)
+  q = quant.quantize(w, "nf4", 64)
+  g = _groups(w, 0, 1, 64)
+  absmax = np.abs(g).max(axis=-2, keepdims=True)
+  nearest = quant.NF4[np.abs((g / absmax)[..., None] - quant.NF4).argmin(-1)] * absmax
+  np.testing.assert_allclose(_groups(np.asarray(q.astype(jnp.float32)), 0, 1, 64), nearest,
+                             rtol=1e-6, atol=1e-7)
+
+
+def test_double_quantization_round_trips():
+  """NF4 scales as int8 blocks of 256 around their mean: error within half an int8 step of
+  each block, and the weight about half a byte a parameter."""
+  w = _weight((1024, 96), seed=3)
+  q = quant.quantize(w, "nf4", 64, double_quant=True)
+  plain = quant.quantize(w, "nf4", 64)
+  s, s_dq = np.asarray(plain.scales).reshape(-1), np.asarray(q.scale_array()).reshape(-1)
+  blocks = np.pad(s - s.mean(), (0, -len(s) % 256)).reshape(-1, 256)
+  step = np.repeat(np.abs(blocks).max(axis=1) / 127, 256)[:len(s)]
+  assert np.all(np.abs(s_dq - s) <= step / 2 + 1e-6)
+  nbytes = sum(a.size * a.dtype.itemsize for a in (q.values, q.scales.codes, q.scales.absmax))
+  assert nbytes / w.size < 0.52
+
+
+def test_bad_input_is_named():
+  w = _weight((48, 8))
+  with pytest.raises(ValueError, match="group 32 does not divide the input size 48"):
+    quant.quantize(w, "int8", 32)
+  with pytest.raises(ValueError, match="'int3' is not one of"):
+    quant.quantize(w, "int3")
+  with pytest.raises(ValueError, match="odd size 9"):
+    quant.quantize(_weight((9, 4)), "int4")
