@@ -73,20 +73,34 @@ def double_quantize(scales) -> DoubleQuantized:
 
 @flax.struct.dataclass
 class Quantized:
-  """A quantized weight (module docstring). `shape` and `dtype` are the weight's."""
+  """A quantized weight (module docstring). `shape` and `dtype` are the weight's.
+
+  The axes are counted from the end (n_out output axes, n_in input axes before them), so
+  slicing leading axes off every array (a scan over stacked layers, one expert) leaves a
+  Quantized of the slice."""
   values: jax.Array
   scales: jax.Array | DoubleQuantized
   zeros: jax.Array | None
   kind: str = flax.struct.field(pytree_node=False)
   group: int = flax.struct.field(pytree_node=False)
-  shape: tuple = flax.struct.field(pytree_node=False)
-  n_batch: int = flax.struct.field(pytree_node=False)  # leading batch axes (an MoE's E)
-  n_in: int = flax.struct.field(pytree_node=False)  # input axes after them
+  n_in: int = flax.struct.field(pytree_node=False)
+  n_out: int = flax.struct.field(pytree_node=False)
   dtype: jnp.dtype = flax.struct.field(pytree_node=False, default=jnp.dtype(jnp.float32))
 
   @property
+  def shape(self) -> tuple:
+    shape = list(self.values.shape)
+    if BITS[self.kind] == 4:
+      shape[-self.n_out - 1] *= 2  # the packed axis: the last input one
+    return tuple(shape)
+
+  @property
+  def n_batch(self) -> int:
+    return self.values.ndim - self.n_in - self.n_out
+
+  @property
   def ndim(self) -> int:
-    return len(self.shape)
+    return self.values.ndim
 
   @property
   def size(self) -> int:
@@ -191,5 +205,5 @@ def quantize(w, kind: str, group: int = 0, *, n_batch: int = 0, n_in: int = 1,
   scales = s.reshape(*batch, g, *out)
   if double_quant:
     scales = double_quantize(scales)
-  return Quantized(values, scales, zeros, kind=kind, group=group, shape=tuple(shape),
-                   n_batch=b, n_in=i, dtype=jnp.dtype(w.dtype))
+  return Quantized(values, scales, zeros, kind=kind, group=group, n_in=i,
+                   n_out=len(shape) - b - i, dtype=jnp.dtype(w.dtype))

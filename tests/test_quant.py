@@ -97,3 +97,16 @@ def test_bad_input_is_named():
     quant.quantize(w, "int3")
   with pytest.raises(ValueError, match="odd size 9"):
     quant.quantize(_weight((9, 4)), "int4")
+
+
+def test_slicing_leading_axes_keeps_a_quantized_slice():
+  """Stacked layers [L, D, F] scanned over L: each slice dequantizes to the weight's slice."""
+  import jax
+  w = _weight((3, 32, 24), seed=4)
+  q = quant.quantize(w, "int4", 8, n_batch=1)
+  second = jax.tree.map(lambda a: a[1], q)
+  assert second.shape == (32, 24) and second.n_batch == 0
+  np.testing.assert_array_equal(second.astype(jnp.float32), q.astype(jnp.float32)[1])
+  total = jax.lax.scan(lambda c, layer: (c + layer.astype(jnp.float32), None),
+                       jnp.zeros((32, 24)), q)[0]
+  np.testing.assert_allclose(total, q.astype(jnp.float32).sum(0), rtol=1e-6, atol=1e-6)
