@@ -207,3 +207,71 @@ def quantize(w, kind: str, group: int = 0, *, n_batch: int = 0, n_in: int = 1,
     scales = double_quantize(scales)
   return Quantized(values, scales, zeros, kind=kind, group=group, n_in=i,
                    n_out=len(shape) - b - i, dtype=jnp.dtype(w.dtype))
+
+
+# (n_in, n_out) of the block's matmul weights, by name (model/transformer.py layer_specs); any
+# leading axes (stacked layers, an MoE's experts) are batch axes. Embedding, head, norms, biases
+# and routers stay as they are (as AWQ and GPTQ leave them).
+MATMUL_AXES = {"q": (1, 2), "k": (1, 2), "v": (1, 2), "o": (2, 1),
+               "gate": (1, 1), "up": (1, 1), "down": (1, 1)}
+
+
+def is_quantized(x) -> bool:
+  return isinstance(x, Quantized)
+
+
+def _name(path) -> str:
+  return str(getattr(path[-1], "key", path[-1]))
+
+
+def quantize_params(params, kind: str, group: int = 0, *, symmetric: bool = True,
+                    double_quant: bool = False, quantize_fn=None):
+  """params with every layer's matmul weight (MATMUL_AXES) quantized; the rest unchanged.
+
+  quantize_fn(path, w, n_in, n_out) -> Quantized replaces round-to-nearest (GPTQ, AWQ)."""
+  def one(path, w):
+    in_layers = any(str(getattr(p, "key", p)).startswith("layers") for p in path)
+    if not in_layers or _name(path) not in MATMUL_AXES:
+      return w
+    n_in, n_out = MATMUL_AXES[_name(path)]
+    if quantize_fn is not None:
+      return quantize_fn(path, w, n_in, n_out)
+    return quantize(w, kind, group, n_batch=w.ndim - n_in - n_out, n_in=n_in,
+                    symmetric=symmetric, double_quant=double_quant)
+  return jax.tree_util.tree_map_with_path(one, params)
+
+
+def shardings(weight_shardings, params):
+  """Shardings of a tree with Quantized leaves, from its weights' shardings (NamedSharding
+  leaves, e.g. sharding.shardings_for of the unquantized model): values are split as the
+  weight is (where the halved packed axis still divides), scales and zeros as the weight's
+  batch and output axes with the group axis whole; double-quantized scales are replicated."""
+  from jax.sharding import NamedSharding, PartitionSpec
+
+  def one(named, x):
+    if not is_quantized(x):
+      return named
+    spec = tuple(named.spec) + (None,) * (len(x.shape) - len(named.spec))
+    mesh = named.mesh
+
+    def fits(spec_, shape):
+      out = []
+      for axes, dim in zip(spec_, shape):
+        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        out.append(axes if dim % math.prod(mesh.shape[a] for a in names) == 0 else None)
+      return NamedSharding(mesh, PartitionSpec(*out))
+
+    b, i = x.n_batch, x.n_in
+    grouped = spec[:b] + (None,) + spec[b + i:]
+    stats_shape = x.zeros.shape if x.zeros is not None else (
+        x.scales.shape if not isinstance(x.scales, DoubleQuantized) else None)
+    if isinstance(x.scales, DoubleQuantized):
+      replicated = NamedSharding(mesh, PartitionSpec())
+      scales = DoubleQuantized(replicated, replicated, replicated)
+    else:
+      scales = fits(grouped, stats_shape)
+    zeros = None if x.zeros is None else fits(grouped, stats_shape)
+    return x.replace(values=fits(spec, x.values.shape), scales=scales, zeros=zeros)
+
+  return jax.tree.map(one, weight_shardings, params,
+                      is_leaf=lambda s: isinstance(s, jax.sharding.Sharding))

@@ -110,3 +110,59 @@ def test_slicing_leading_axes_keeps_a_quantized_slice():
   total = jax.lax.scan(lambda c, layer: (c + layer.astype(jnp.float32), None),
                        jnp.zeros((32, 24)), q)[0]
   np.testing.assert_allclose(total, q.astype(jnp.float32).sum(0), rtol=1e-6, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- in the model
+
+def _model(n_experts=0, scan=True):
+  import flax.linen as nn
+  import jax
+  from model import ModelConfig, Transformer
+  cfg = ModelConfig(vocab_size=97, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128,
+                    max_seq_len=32, n_experts=n_experts, scan_layers=scan)
+  tokens = jnp.zeros((1, 8), jnp.int32)
+  boxed = Transformer(cfg).init(jax.random.PRNGKey(0), tokens, tokens)["params"]
+  return cfg, boxed, nn.unbox(boxed)
+
+
+def _logits(cfg, params, tokens):
+  from model.transformer import forward
+  positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+  return forward(cfg, params, tokens, positions)[0]
+
+
+@pytest.mark.parametrize("n_experts,scan,kind,group", [(0, True, "int8", 0),
+                                                      (0, False, "int4", 32),
+                                                      (4, True, "nf4", 64)])
+def test_quantized_model_equals_its_dequantized_weights(n_experts, scan, kind, group):
+  """Every block matmul quantized (stacked layers scanned or a layer at a time, MoE experts):
+  the logits are those of the f32 model holding the dequantized weights."""
+  import jax
+  cfg, _, params = _model(n_experts, scan)
+  qparams = quant.quantize_params(params, kind, group)
+  leaves = jax.tree.leaves(qparams, is_leaf=quant.is_quantized)
+  assert sum(map(quant.is_quantized, leaves)) == (7 if scan else 14)
+  dequantized = jax.tree.map(lambda x: x.astype(jnp.float32) if quant.is_quantized(x) else x,
+                             qparams, is_leaf=quant.is_quantized)
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 12), 0, cfg.vocab_size)
+  got = jax.jit(lambda p: _logits(cfg, p, tokens))(qparams)
+  np.testing.assert_allclose(got, _logits(cfg, dequantized, tokens), rtol=1e-5, atol=1e-5)
+  assert not np.allclose(got, _logits(cfg, params, tokens), atol=1e-4)  # it is quantized
+
+
+def test_sharded_quantized_inference_equals_one_device():
+  """(data, fsdp, tensor) = (2, 2, 2): values split like their weights, scales by their
+  output axes; the logits equal one device's."""
+  import jax
+  from model import sharding
+  cfg, boxed, params = _model()
+  qparams = quant.quantize_params(params, "int4", 32, symmetric=False)
+  mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+  shardings = quant.shardings(sharding.shardings_for(boxed, mesh), qparams)
+  q = shardings["layers"]["attn"]["q"]  # [L, D, N, H]; scales [L, G, N, H]
+  assert tuple(q.values.spec)[:3] == (None, "fsdp", "tensor")
+  assert tuple(q.scales.spec)[:3] == (None, None, "tensor")
+  placed = jax.device_put(qparams, shardings)
+  tokens = jax.random.randint(jax.random.PRNGKey(2), (4, 12), 0, cfg.vocab_size)
+  sharded = jax.jit(sharding.in_mesh(lambda p, t: _logits(cfg, p, t), mesh))(placed, tokens)
+  np.testing.assert_allclose(sharded, _logits(cfg, qparams, tokens), rtol=1e-5, atol=1e-5)
