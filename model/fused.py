@@ -28,6 +28,7 @@ import flax
 import jax
 import jax.numpy as jnp
 
+from model import quant
 from model.config import ModelConfig
 
 LAYOUTS = ("out_in", "in_out")
@@ -51,6 +52,8 @@ class Packed:
     return y[:1] if pad else y
 
   def transposed(self) -> "Packed":
+    if quant.is_quantized(self.w):
+      return self  # quantized matrices are always [in, out] (their groups run along in)
     return Packed(jax.jit(jnp.transpose)(self.w),
                   layout="in_out" if self.layout == "out_in" else "out_in")
 
@@ -83,26 +86,37 @@ def prepare(cfg: ModelConfig, params, dtype=None, layout: str = "out_in"):
   dtype = cfg.weight_dtype if dtype is None else dtype
   d, n, k, h = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
   if cfg.scan_layers:
-    layer = lambda i: jax.tree.map(lambda x: x[i], params["layers"])
+    layer = lambda i: jax.tree.map(lambda x: x[i], params["layers"])  # slices Quantized too
   else:
     layer = lambda i: params[f"layers_{i}"]
-  cast = lambda x: jnp.asarray(x, dtype)
+  # Quantized weights (model/quant.py) stay quantized, as [in, out] matrices in either layout.
+  cast = lambda x: x if quant.is_quantized(x) else jnp.asarray(x, dtype)
   # The module stores every matrix [in, out]: "in_out" takes them as they are.
   packed = lambda x: Packed(cast(x if layout == "in_out" else x.T), layout)
 
+  def matrix(w, shape):  # [in, out]
+    return quant.matrix(w) if quant.is_quantized(w) else w.reshape(shape)
+
+  def fused(ws):  # [in, sum of outs]
+    if quant.is_quantized(ws[0]):
+      return Packed(quant.concat_out(ws), "in_out")
+    return packed(jnp.concatenate(ws, axis=1))
+
+  def one(w):
+    return Packed(w, "in_out") if quant.is_quantized(w) else packed(w)
+
   @jax.jit
   def fuse(p):
-    p = jax.tree.map(cast, p)
+    p = jax.tree.map(cast, p, is_leaf=quant.is_quantized)
     attn = {name: w for name, w in p["attn"].items() if name not in ("q", "k", "v", "o")}
     a = p["attn"]
-    attn["qkv"] = packed(jnp.concatenate(  # [D, (N+2K)H]
-        [a["q"].reshape(d, n * h), a["k"].reshape(d, k * h), a["v"].reshape(d, k * h)], axis=1))
-    attn["o"] = packed(a["o"].reshape(n * h, d))
+    attn["qkv"] = fused([matrix(a["q"], (d, n * h)), matrix(a["k"], (d, k * h)),  # [D, (N+2K)H]
+                         matrix(a["v"], (d, k * h))])
+    attn["o"] = one(matrix(a["o"], (n * h, d)))
     out = {**p, "attn": attn}
     if "mlp" in p:  # the experts of an MoE layer keep the module's layout (ragged_dot's)
       m = p["mlp"]
-      out["mlp"] = {"gate_up": packed(jnp.concatenate([m["gate"], m["up"]], axis=1)),
-                    "down": packed(m["down"])}
+      out["mlp"] = {"gate_up": fused([m["gate"], m["up"]]), "down": one(m["down"])}
     return out
 
   embedding = cast(params["embedding"])

@@ -275,3 +275,34 @@ def shardings(weight_shardings, params):
 
   return jax.tree.map(one, weight_shardings, params,
                       is_leaf=lambda s: isinstance(s, jax.sharding.Sharding))
+
+
+def matrix(q: Quantized) -> Quantized:
+  """q as [*batch, K, N] (one input and one output axis): values, scales and zeros reshaped."""
+  b = q.n_batch
+  batch = q.values.shape[:b]
+  flat = lambda a, n_in: a.reshape(*batch, math.prod(a.shape[b:b + n_in]), -1)
+  scales = q.scales
+  if not isinstance(scales, DoubleQuantized):
+    scales = flat(scales, 1)
+  else:
+    scales = scales.replace(codes=flat(scales.codes, 1))
+  return q.replace(values=flat(q.values, q.n_in), scales=scales,
+                   zeros=None if q.zeros is None else flat(q.zeros, 1), n_in=1, n_out=1)
+
+
+def concat_out(qs) -> Quantized:
+  """Matrices [K, N_i] quantized alike, as one [K, sum N_i] (q, k and v fused)."""
+  first = qs[0]
+  if any((q.kind, q.group, q.zeros is None, isinstance(q.scales, DoubleQuantized))
+         != (first.kind, first.group, first.zeros is None,
+             isinstance(first.scales, DoubleQuantized)) for q in qs):
+    raise ValueError("only weights quantized alike can be fused: "
+                     f"{[(q.kind, q.group) for q in qs]}")
+  cat = lambda arrays: jnp.concatenate(arrays, axis=-1)
+  if isinstance(first.scales, DoubleQuantized):  # fused: plain scales again
+    scales = cat([q.scale_array() for q in qs])
+  else:
+    scales = cat([q.scales for q in qs])
+  return first.replace(values=cat([q.values for q in qs]), scales=scales,
+                       zeros=None if first.zeros is None else cat([q.zeros for q in qs]))

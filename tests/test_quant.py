@@ -166,3 +166,35 @@ def test_sharded_quantized_inference_equals_one_device():
   tokens = jax.random.randint(jax.random.PRNGKey(2), (4, 12), 0, cfg.vocab_size)
   sharded = jax.jit(sharding.in_mesh(lambda p, t: _logits(cfg, p, t), mesh))(placed, tokens)
   np.testing.assert_allclose(sharded, _logits(cfg, qparams, tokens), rtol=1e-5, atol=1e-5)
+
+
+def test_decoding_and_the_engine_run_quantized_weights():
+  """Greedy decoding (plain and prompt-lookup speculation) and the paged engine on an int4
+  model give the tokens of the f32 model holding its dequantized weights: the prepared
+  (fused q/k/v and gate/up) tree keeps the weights quantized."""
+  import jax
+  from infer import decode, speculative
+  from infer.engine import Engine, EngineConfig
+  from infer.sampling import SamplingParams
+  from model import fused
+  cfg, _, params = _model()
+  params = jax.tree.map(lambda a: a * 8, params)  # peaked logits: no near-ties
+  qparams = quant.quantize_params(params, "int4", 32)
+  dequantized = jax.tree.map(lambda x: x.astype(jnp.float32) if quant.is_quantized(x) else x,
+                             qparams, is_leaf=quant.is_quantized)
+  prepared = fused.prepare(cfg, qparams, layout="in_out")
+  assert quant.is_quantized(prepared["layers"][0]["attn"]["qkv"].w)
+  prompts = [[5, 6, 7, 5, 6, 7, 5, 6], [9, 3, 1]]
+  greedy = SamplingParams(temperature=0)
+  want = decode.generate(cfg, dequantized, prompts, max_new_tokens=10, sampling=greedy)
+  assert decode.generate(cfg, qparams, prompts, max_new_tokens=10, sampling=greedy) == want
+  assert decode.generate(cfg, qparams, prompts, max_new_tokens=10, sampling=greedy,
+                         draft=speculative.PromptLookup(2)) == want
+  engine = Engine(cfg, qparams, EngineConfig(num_pages=32, page_size=4, max_batch=2,
+                                             prefill_chunk=8, prefill_rows=1))
+  ids = [engine.add_request(p, max_new_tokens=10, sampling=greedy) for p in prompts]
+  done = {}
+  while engine.has_work():
+    for rid, tokens in engine.step():
+      done.setdefault(rid, []).extend(tokens)
+  assert [done[i] for i in ids] == want
