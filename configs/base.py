@@ -86,6 +86,8 @@ def get_config() -> ml_collections.ConfigDict:
   t.warmup_steps = 50  # Linear warmup steps from 0 to lr.
   t.decay = "cosine"  # Decay after warmup: cosine, linear or constant.
   t.min_lr_ratio = 0.1  # Final learning rate as a fraction of lr.
+  t.optimizer = "adamw"  # "adamw" | "adamw8bit" (Adam's moments in 8 bits, block-wise: ~4x less optimizer memory).
+  t.optimizer_block = 256  # adamw8bit: elements per quantization block along each tensor's last axis (one f32 absmax each); best a divisor of a shard's length of that axis (else the absmax is replicated).
   t.weight_decay = 0.1  # AdamW decoupled weight decay (not applied to norms and biases).
   t.b1 = 0.9  # Adam beta1.
   t.b2 = 0.95  # Adam beta2.

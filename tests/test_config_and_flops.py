@@ -53,7 +53,10 @@ def test_flop_count_of_llama3_8b_matches_the_usual_6n():
                                              ("model.n_kv_heads", "3", "model.n_kv_heads"),
                                              ("mesh.data", "3", "mesh.data"),
                                              ("mesh.expert", "3", "mesh.expert"),
-                                             ("train.decay", "step", "train.decay")])
+                                             ("train.decay", "step", "train.decay"),
+                                             ("train.optimizer", "lion", "train.optimizer"),
+                                             ("train.optimizer_block", "0",
+                                              "train.optimizer_block")])
 def test_invalid_values_are_config_errors_naming_the_key(key, value, named):
   from train.loop import model_and_mesh
   cfg = load_config("configs/tiny.py", {key: value})

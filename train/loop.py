@@ -39,7 +39,7 @@ def model_and_mesh(cfg, devices=None):
     model_cfg = ModelConfig.from_config(cfg.model)
     mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices,
                               expert=cfg.mesh.expert)
-    optim.learning_rate_schedule(cfg.train)
+    optim.make_optimizer(cfg.train)  # train.decay, train.optimizer
   except ValueError as e:
     raise ConfigError(str(e)) from None
   validate(cfg, model_cfg, mesh)

@@ -1,7 +1,12 @@
-"""AdamW with warmup then decay, a weight-decay mask, and global-norm clipping (optax)."""
+"""AdamW with warmup then decay, a weight-decay mask, and global-norm clipping (optax); or the
+same with 8-bit moments (train.optimizer=adamw8bit, train/optim8bit.py)."""
 
 import jax
 import optax
+
+from train import optim8bit
+
+OPTIMIZERS = ("adamw", "adamw8bit")
 
 
 def learning_rate_schedule(train_cfg) -> optax.Schedule:
@@ -35,9 +40,18 @@ def decay_mask(params):
 
 def make_optimizer(train_cfg) -> optax.GradientTransformation:
   schedule = learning_rate_schedule(train_cfg)
+  if train_cfg.optimizer_block < 1:
+    raise ValueError(f"train.optimizer_block={train_cfg.optimizer_block} must be positive")
   parts = []
   if train_cfg.grad_clip > 0:
     parts.append(optax.clip_by_global_norm(train_cfg.grad_clip))
-  parts.append(optax.adamw(schedule, b1=train_cfg.b1, b2=train_cfg.b2, eps=train_cfg.eps,
-                           weight_decay=train_cfg.weight_decay, mask=decay_mask))
+  adam = dict(b1=train_cfg.b1, b2=train_cfg.b2, eps=train_cfg.eps,
+              weight_decay=train_cfg.weight_decay, mask=decay_mask)
+  if train_cfg.optimizer == "adamw":
+    parts.append(optax.adamw(schedule, **adam))
+  elif train_cfg.optimizer == "adamw8bit":
+    parts.append(optim8bit.adamw_8bit(schedule, **adam, block=train_cfg.optimizer_block))
+  else:
+    raise ValueError(f"train.optimizer={train_cfg.optimizer!r} is not one of "
+                     f"{', '.join(OPTIMIZERS)}")
   return optax.chain(*parts)
