@@ -1,5 +1,6 @@
 """Which attention path runs on which platform, and why: one answer for the kernels and the dry run.
-(The grouped matmul's `grouped_matmul_path`, at the end, answers the same for MoE experts.)
+(The grouped matmul's `grouped_matmul_path`, at the end, answers the same for MoE experts, and
+`quantized_matmul_path` for the weight-only quantized matmul.)
 
   attention_path("tpu", head_dim=128, dtype=jnp.bfloat16)        -> pallas (Mosaic flash)
   attention_path("cuda", head_dim=96, dtype=jnp.bfloat16)        -> xla (head_dim 96 not covered
@@ -154,3 +155,89 @@ def grouped_matmul_path(platform, *, x_dtype, w_dtype, impl="auto"):
     return Path("xla", None, f"dtype {'/'.join(sorted(dtypes))} not covered by the {kernel} "
                 "kernel")
   return Path(impl, kernel, "compile-tested")
+
+
+# ---------------------------------------------------------------------------- quantized matmul
+
+QMM_KINDS = ("int8", "int4", "nf4")
+# What tests/test_target_compile_kernels.py compiles the quantized-matmul kernels for (each
+# value somewhere): x dtypes, and group sizes besides per-channel (group == K).
+QMM_COVERED_DTYPES = ("bfloat16", "float32")
+QMM_COVERED_GROUPS = (32, 64, 128)
+QMM_KERNELS = {"tpu": "Mosaic qmm", "cuda": "Triton qmm"}
+# The K tile must be a multiple of 128 lanes of x on TPU: x itself for int8, each of x's even and
+# odd columns (K tile / 2) for the packed kinds. Triton's dot needs >= 16 along K.
+_QMM_K_ALIGN = {("tpu", "int8"): 128, ("tpu", "packed"): 256,
+                ("gpu", "int8"): 16, ("gpu", "packed"): 32}
+
+
+def qmm_block_k(variant, kind, k, group, block_k):
+  """The quantized matmul's K tile (rows of W) for kernel `variant` ("tpu" or "gpu"), at most
+  block_k, or None where none fits. The one statement of the kernels' shape rules.
+
+  gpu: a power of two that divides `group`, so a tile lies in one group and the group's scales
+    multiply the tile's product (>= 16 rows for int8, >= 32 for the packed kinds).
+  tpu: divides K, and lies in one group or holds whole groups, and is lane-aligned (above) or
+    all of K. A tile of several groups stacks their scales in pieces of group (int8) or
+    group / 2 (packed) rows, which must be whole 8-row sublane tiles then.
+  """
+  align = _QMM_K_ALIGN[variant, "int8" if kind == "int8" else "packed"]
+  if variant == "gpu":
+    bk = 1 << (min(block_k, group).bit_length() - 1)
+    while bk >= align and group % bk:
+      bk //= 2
+    return bk if bk >= align else None
+  rows_per_group = group if kind == "int8" else group // 2
+  candidates = ([k] if k <= block_k else []) + list(range(min(block_k, k) // align * align, 0,
+                                                          -align))
+  for bk in candidates:
+    if k % bk == 0 and (group % bk == 0 or (bk % group == 0 and rows_per_group % 8 == 0)):
+      return bk
+  return None
+
+
+_QMM_RULE = {
+    "gpu": "a power of two >= 16 (int8) or >= 32 (int4, nf4) must divide the group",
+    "tpu": "a K tile must divide K, be a multiple of 128 (int8) or 256 (int4, nf4) or all of K, "
+           "and lie in one group or hold whole groups of a multiple of 8 (int8) or 16 rows",
+}
+
+
+def qmm_tile_problem(variant, kind, k, group):
+  """Why no kernel tile fits (a sentence), or None."""
+  if qmm_block_k(variant, kind, k, group, k) is None:
+    return f"group {group} with K={k} fits no {variant.upper()} kernel tile ({_QMM_RULE[variant]})"
+  return None
+
+
+def quantized_matmul_path(platform, *, x_dtype, kind, k, group, impl="auto"):
+  """The path `quantized_matmul` takes on `platform`, for x [M, K] of x_dtype and W [K, N]
+  quantized as `kind` in groups of `group` rows along K.
+
+  auto: the platform's kernel (QMM_KERNELS) where x's dtype and the group size are
+  compile-tested and a kernel tile fits (`qmm_block_k`); XLA (dequantize, then one dot)
+  elsewhere. pallas: the kernel wherever a tile fits.
+  """
+  if impl not in IMPLS:
+    raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+  platform = _CANONICAL.get(platform, platform)
+  if impl == "xla":
+    return Path("xla", None, "impl='xla'")
+  if platform not in _VARIANT:
+    if impl == "pallas":
+      return Path("pallas", "Mosaic qmm, interpreted", f"no {platform} kernel: interpreted")
+    return Path("xla", None, f"no quantized-matmul kernel for {platform}")
+  kernel = QMM_KERNELS.get(platform, "Triton qmm")
+  problem = qmm_tile_problem(_VARIANT[platform], kind, k, group)
+  if problem:
+    return Path("xla", None, problem)
+  if impl == "pallas":
+    return Path("pallas", kernel, "impl='pallas'")
+  if platform == "rocm":
+    return Path("xla", None, "the Triton kernels are not compile-tested for ROCm")
+  dtype = jnp.dtype(x_dtype).name
+  if dtype not in QMM_COVERED_DTYPES:
+    return Path("xla", None, f"dtype {dtype} not covered by the {kernel} kernel")
+  if group != k and group not in QMM_COVERED_GROUPS:
+    return Path("xla", None, f"group {group} not covered by the {kernel} kernel")
+  return Path("pallas", kernel, "compile-tested")

@@ -32,6 +32,7 @@ from pallas_kernels.attention import attention, attention_path
 from pallas_kernels.flash_attention import BlockSizes, flash_attention
 from pallas_kernels.grouped_matmul import grouped_matmul
 from pallas_kernels.paged_attention import paged_attention
+from pallas_kernels.quantized_matmul import quantized_matmul
 
 MOSAIC, TRITON = "tpu_custom_call", "__gpu$xla.gpu.triton"
 CALL = {"tpu": MOSAIC, "cuda": TRITON}
@@ -286,12 +287,87 @@ def test_grouped_matmul_compiles_and_beats_ragged_dot(target_devices, case):
     assert _flops(dense) >= e * 2 * a * d * f
 
 
+# ------------------------------------------------------------------------- quantized matmul
+
+# (M, K, N): a decode step's 8 rows through an FFN up-projection; a prefill chunk of 2048 rows
+# through a square projection.
+DECODE, PREFILL = (8, 4096, 14336), (2048, 4096, 4096)
+# (target, kind, group (None: per channel), asymmetric, x dtype, (M, K, N)). Every target
+# compiles int8 per channel, int4 g128 and nf4 g64 at both shapes; per compiler, one case
+# covers f32 x, g32 and asymmetric int4, and one M and N that no tile divides.
+QMM = [(t, kind, g, False, BF16, shape) for t in ("v5e-1", "v6e-1", "h100-1", "a100-1")
+       for kind, g in (("int8", None), ("int4", 128), ("nf4", 64)) for shape in (DECODE, PREFILL)]
+QMM += [("v5e-1", "int4", 32, True, F32, DECODE), ("h100-1", "int4", 32, True, F32, DECODE),
+        ("v6e-1", "nf4", 64, False, BF16, (300, 4096, 1000)),
+        ("a100-1", "nf4", 64, False, BF16, (300, 4096, 1000))]
+
+
+def _qmm_id(c):
+  target, kind, g, asym, dtype, (m, k, n) = c
+  return (f"{target}-{kind}{'-asym' if asym else ''}-g{g or 'K'}-{jnp.dtype(dtype).name}"
+          f"-M{m}-K{k}-N{n}")
+
+
+@pytest.mark.parametrize("case", QMM, ids=_qmm_id)
+def test_quantized_matmul_compiles(target_devices, case):
+  """The kernel (impl="auto") compiles to one Mosaic or Triton call. At decode its peak is
+  under the bytes of W in bf16 (it never holds W dequantized) and at most XLA's.
+
+  Peaks found (MiB, kernel / XLA's dequantize-then-dot; W is 56 (int8), 28 (int4, nf4), 112
+  in bf16), decode [8, 4096] x [4096, 14336]:
+    v5e, v6e  int8 per channel 56.4 / 56.5   int4 g128 31.0 / 477   nf4 g64 33.6 / 478
+    h100      int8 per channel 57.2 / 170    int4 g128 31.8 / 143   nf4 g64 34.4 / 198
+    a100      int8 per channel 57.2 / 168    int4 g128 31.8 / 143
+  XLA:TPU fuses int8 dequantization into the dot (same peak as the kernel) but materialises
+  the int4 and nf4 weights (in f32 and bf16); XLA:GPU materialises every kind in bf16.
+  Prefill [2048, 4096] x [4096, 4096] (x and y are 16 each): kernel / XLA on v5e: int8 48 / 64,
+  int4 g128 81 / 136 (the kernel's x split into even and odd columns is 16 of it), nf4 82 / 137;
+  h100: 48 / 80, 57 / 72, 58 / 73. Only the decode comparison is asserted (XLA's prefill
+  compiles cost seconds each on TPU).
+  """
+  target, kind, g, asym, dtype, (m, k, n) = case
+  compiler = _compiler(target)
+  group = g or k
+  g_rows = k // group
+  values = ((k, n), jnp.int8) if kind == "int8" else ((k // 2, n), jnp.uint8)
+  shapes = [((m, k), dtype), values, ((g_rows, n), BF16)] + ([((g_rows, n), BF16)] if asym else [])
+  fn = lambda impl: lambda x, v, s, z=None: quantized_matmul(x, v, s, z, kind=kind, group=group,
+                                                             impl=impl)
+  compiled = _compile(target_devices, target, fn("auto"), *shapes)
+  names, targets = _kernels(compiled)
+  assert names == ["quantized_matmul"] and targets == {CALL[compiler]}
+  if (m, k, n) == DECODE:
+    xla = _compile(target_devices, target, fn("xla"), *shapes)
+    assert _peak(compiled) < 2 * k * n, _peak(compiled)
+    assert _peak(compiled) <= _peak(xla), (_peak(compiled), _peak(xla))
+
+
+@pytest.mark.parametrize("target", ["v5e-1", "h100-1"])
+def test_quantized_matmul_dx_compiles(target_devices, target):
+  """QLoRA's backward through a frozen nf4 base: the forward kernel stays in the program and
+  dx = dy W^T is XLA's dot on `dequantize`d W. Peaks found (MiB, with impl="xla" for both
+  passes): v5e 137 (153), h100 90 (89): the backward's dequantized W, not the forward, sets
+  them; a transposed kernel for dx would remove it."""
+  m, k, n = PREFILL
+
+  def fn(x, v, s):
+    loss = lambda x: jnp.sum(jnp.square(quantized_matmul(x, v, s, kind="nf4", group=64)
+                                        .astype(F32)))
+    return jax.grad(loss)(x)
+
+  compiled = _compile(target_devices, target, fn, ((m, k), BF16), ((k // 2, n), jnp.uint8),
+                      ((k // 64, n), BF16))
+  names, targets = _kernels(compiled)
+  assert names == ["quantized_matmul"] and targets == {CALL[_compiler(target)]}
+
+
 # ------------------------------------------------------------------- what auto takes, and why
 
 
 def test_grids_cover_what_auto_takes():
   """Every dtype and head_dim auto takes a kernel for is compiled above, for each compiler and
-  kernel; every page size for the paged kernel; every dtype for the grouped matmul."""
+  kernel; every page size for the paged kernel; every dtype for the grouped matmul; every
+  dtype, group size and kind for the quantized matmul."""
   for compiler in ("tpu", "cuda"):
     for grid in (FLASH, PAGED):
       cases = [c for c in grid if _compiler(c[0]) == compiler]
@@ -303,6 +379,13 @@ def test_grids_cover_what_auto_takes():
   for compiler in paths.GMM_KERNELS:
     cases = [c for c in GMM if _compiler(c[0]) == compiler]
     assert {jnp.dtype(c[1]).name for c in cases} == set(paths.GMM_COVERED_DTYPES), compiler
+  assert set(paths.QMM_KERNELS) == {"tpu", "cuda"}
+  for compiler in paths.QMM_KERNELS:
+    cases = [c for c in QMM if _compiler(c[0]) == compiler]
+    assert {jnp.dtype(c[4]).name for c in cases} == set(paths.QMM_COVERED_DTYPES), compiler
+    assert {c[2] for c in cases} == {None, *paths.QMM_COVERED_GROUPS}, compiler
+    assert {(c[1], c[3]) for c in cases} == {(k, False) for k in paths.QMM_KINDS} | {
+        ("int4", True)}, compiler
 
 
 def test_attention_path_says_why():
