@@ -42,33 +42,44 @@ DOUBLE_QUANT_BLOCK = 256  # QLoRA's block of second-level (scale) quantization
 @flax.struct.dataclass
 class DoubleQuantized:
   """Scales stored as int8 (QLoRA's double quantization): scales - offset, symmetric int8 per
-  block of 256 consecutive scales, with f32 block maxima; offset is the scales' mean."""
-  codes: jax.Array  # int8, the scales' shape
-  absmax: jax.Array  # f32 [ceil(size / 256)]
-  offset: jax.Array  # f32 []
-
-  def astype(self, dtype):
-    flat = self.codes.reshape(-1).astype(jnp.float32)
-    pad = (-flat.shape[0]) % DOUBLE_QUANT_BLOCK
-    blocks = jnp.pad(flat, (0, pad)).reshape(-1, DOUBLE_QUANT_BLOCK)
-    scales = (blocks * (self.absmax[:, None] / 127.0)).reshape(-1)[:flat.shape[0]]
-    return (scales.reshape(self.codes.shape) + self.offset).astype(dtype)
+  block of 256 consecutive scales, with f32 block maxima; offset is the scales' mean. Leading
+  batch axes (stacked layers, experts) each have their own blocks and offset, so slicing them
+  off every array leaves a DoubleQuantized of the slice."""
+  codes: jax.Array  # int8 [*batch, ...], the scales' shape
+  absmax: jax.Array  # f32 [*batch, ceil(size / 256)]
+  offset: jax.Array  # f32 [*batch]
 
   @property
   def shape(self):
     return self.codes.shape
 
+  def astype(self, dtype):
+    batch = self.offset.shape
+    flat = self.codes.reshape(*batch, -1).astype(jnp.float32)
+    n = flat.shape[-1]
+    blocks = _blocks(flat)
+    scales = (blocks * (self.absmax[..., None] / 127.0)).reshape(*batch, -1)[..., :n]
+    return (scales + self.offset[..., None]).reshape(self.codes.shape).astype(dtype)
 
-def double_quantize(scales) -> DoubleQuantized:
+
+def _blocks(flat):
+  """[*batch, n] -> [*batch, ceil(n / 256), 256], zero-padded."""
+  pad = (-flat.shape[-1]) % DOUBLE_QUANT_BLOCK
+  flat = jnp.pad(flat, [(0, 0)] * (flat.ndim - 1) + [(0, pad)])
+  return flat.reshape(*flat.shape[:-1], -1, DOUBLE_QUANT_BLOCK)
+
+
+def double_quantize(scales, n_batch: int = 0) -> DoubleQuantized:
   scales = jnp.asarray(scales, jnp.float32)
-  offset = jnp.mean(scales)
-  flat = (scales - offset).reshape(-1)
-  pad = (-flat.shape[0]) % DOUBLE_QUANT_BLOCK
-  blocks = jnp.pad(flat, (0, pad)).reshape(-1, DOUBLE_QUANT_BLOCK)
-  absmax = jnp.max(jnp.abs(blocks), axis=1)
+  batch = scales.shape[:n_batch]
+  flat = scales.reshape(*batch, -1)
+  offset = jnp.mean(flat, axis=-1)
+  blocks = _blocks(flat - offset[..., None])
+  absmax = jnp.max(jnp.abs(blocks), axis=-1)
   step = jnp.where(absmax > 0, absmax / 127.0, 1.0)
-  codes = jnp.clip(jnp.round(blocks / step[:, None]), -127, 127).astype(jnp.int8)
-  return DoubleQuantized(codes.reshape(-1)[:flat.shape[0]].reshape(scales.shape), absmax, offset)
+  codes = jnp.clip(jnp.round(blocks / step[..., None]), -127, 127).astype(jnp.int8)
+  codes = codes.reshape(*batch, -1)[..., :flat.shape[-1]].reshape(scales.shape)
+  return DoubleQuantized(codes, absmax, offset)
 
 
 @flax.struct.dataclass
@@ -204,7 +215,7 @@ def quantize(w, kind: str, group: int = 0, *, n_batch: int = 0, n_in: int = 1,
     values = pack_int4(codes, axis=b + i - 1)
   scales = s.reshape(*batch, g, *out)
   if double_quant:
-    scales = double_quantize(scales)
+    scales = double_quantize(scales, n_batch=b)
   return Quantized(values, scales, zeros, kind=kind, group=group, n_in=i,
                    n_out=len(shape) - b - i, dtype=jnp.dtype(w.dtype))
 

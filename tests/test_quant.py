@@ -99,11 +99,13 @@ def test_bad_input_is_named():
     quant.quantize(_weight((9, 4)), "int4")
 
 
-def test_slicing_leading_axes_keeps_a_quantized_slice():
-  """Stacked layers [L, D, F] scanned over L: each slice dequantizes to the weight's slice."""
+@pytest.mark.parametrize("kind,double_quant", [("int4", False), ("nf4", True)])
+def test_slicing_leading_axes_keeps_a_quantized_slice(kind, double_quant):
+  """Stacked layers [L, D, F] scanned over L: each slice dequantizes to the weight's slice
+  (double-quantized scales have their blocks and offset per layer)."""
   import jax
   w = _weight((3, 32, 24), seed=4)
-  q = quant.quantize(w, "int4", 8, n_batch=1)
+  q = quant.quantize(w, kind, 8, n_batch=1, double_quant=double_quant)
   second = jax.tree.map(lambda a: a[1], q)
   assert second.shape == (32, 24) and second.n_batch == 0
   np.testing.assert_array_equal(second.astype(jnp.float32), q.astype(jnp.float32)[1])
