@@ -10,6 +10,8 @@ model/moe.py), each added to the residual stream. The families are options of th
 A weight is whatever the parameter tree holds at its place:
   the module's array   q [D, N, H], k/v [D, K, H], o [N, H, D], gate/up [D, F], down [F, D],
                        applied by einsum (training, and any tree from `Transformer.init`);
+  a quant.Quantized    any of those quantized (model/quant.py), dequantized where used;
+  a lora.Adapted       any of those with its LoRA adapter, applied unmerged (`project`);
   a fused.Packed       the inference layout of model/fused.py: q, k and v as one "qkv"
                        matrix, gate and up as one "gate_up", [out, in] or [in, out].
 The block asks which it holds and runs the same math either way. Parameters are stored in
@@ -27,6 +29,7 @@ from jax.sharding import PartitionSpec as P
 from model import kv_cache, moe, sharding
 from model.config import ModelConfig
 from model.fused import Packed
+from model.lora import Adapted
 from model.sharding import constrain
 from pallas_kernels.attention import attention, attention_path, cached_attention
 
@@ -158,6 +161,15 @@ def cache_attention(q_BTNH, k_BTKH, v_BTKH, layer_kv, start, segment_ids, cfg: M
   return out, (k_cache, v_cache)
 
 
+def project(equation: str, x, w, dtype):
+  """jnp.einsum(equation, x, w) in dtype for a block weight of the module's layout: an array,
+  a model/quant.py Quantized (dequantized by astype, inside the product's fusion under jit) or
+  a model/lora.py Adapted (x W + s (x A) B, unmerged)."""
+  if isinstance(w, Adapted):
+    return w.project(equation, x, dtype)
+  return jnp.einsum(equation, x, w.astype(dtype))
+
+
 def attention_layer(cfg: ModelConfig, w, x_BTD, rope, segment_ids, start, layer_kv, local):
   """Attention of one block. w: {"q", "k", "v", "o"} or {"qkv", "o"} (Packed), plus
   "q_bias"/"k_bias"/"v_bias" [N|K, H] and "q_norm"/"k_norm" {"scale": [H]} per the config.
@@ -170,9 +182,9 @@ def attention_layer(cfg: ModelConfig, w, x_BTD, rope, segment_ids, start, layer_
     key = qkv[..., n * h:(n + k) * h].reshape(b, t, k, h)
     val = qkv[..., (n + k) * h:].reshape(b, t, k, h)
   else:
-    q = jnp.einsum("BTD,DNH->BTNH", x_BTD, w["q"].astype(dt))
-    key = jnp.einsum("BTD,DKH->BTKH", x_BTD, w["k"].astype(dt))
-    val = jnp.einsum("BTD,DKH->BTKH", x_BTD, w["v"].astype(dt))
+    q = project("BTD,DNH->BTNH", x_BTD, w["q"], dt)
+    key = project("BTD,DKH->BTKH", x_BTD, w["k"], dt)
+    val = project("BTD,DKH->BTKH", x_BTD, w["v"], dt)
   if cfg.qkv_bias:
     q, key, val = (y + w[f"{name}_bias"].astype(dt)
                    for y, name in ((q, "q"), (key, "k"), (val, "v")))
@@ -191,7 +203,7 @@ def attention_layer(cfg: ModelConfig, w, x_BTD, rope, segment_ids, start, layer_
   if isinstance(w["o"], Packed):
     y = w["o"](out.reshape(b, t, n * h), dt)
   else:
-    y = jnp.einsum("BTNH,NHD->BTD", out, w["o"].astype(dt))
+    y = project("BTNH,NHD->BTD", out, w["o"], dt)
   return constrain(y, ("batch", "length", "act_embed")), new_kv
 
 
@@ -210,13 +222,13 @@ def mlp(cfg: ModelConfig, w, x_BTD):
     f = gate_up.shape[-1] // 2
     gate, up = gate_up[..., :f], gate_up[..., f:]
   else:
-    gate = jnp.einsum("BTD,DF->BTF", x_BTD, w["gate"].astype(dt))
-    up = jnp.einsum("BTD,DF->BTF", x_BTD, w["up"].astype(dt))
+    gate = project("BTD,DF->BTF", x_BTD, w["gate"], dt)
+    up = project("BTD,DF->BTF", x_BTD, w["up"], dt)
   hidden = constrain(activation(cfg, gate) * up, ("batch", "length", "act_mlp"))
   if isinstance(w["down"], Packed):
     y = w["down"](hidden, dt)
   else:
-    y = jnp.einsum("BTF,FD->BTD", hidden, w["down"].astype(dt))
+    y = project("BTF,FD->BTD", hidden, w["down"], dt)
   return constrain(y, ("batch", "length", "act_embed"))
 
 

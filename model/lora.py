@@ -7,17 +7,14 @@ A: [I..., r], B: [r, O...] (Hu et al. 2021, Sec. 4.1: B starts at zero, so W' = 
 The adapters are a pytree of their own, nested like the parameters but holding only the
 targeted projections:
   {"layers": {"attn": {"q": {"a": [L, D, r], "b": [L, r, N, H]}, ...}, "mlp": {...}}}
-(scanned layers keep their leading L axis; unrolled ones live under "layers_0", ...). The
-forward runs the unchanged model on `merge(params, adapters, ...)`, so:
-  - model code knows nothing of LoRA, and every path (training, fused decoding, export) sees
-    ordinary weights;
-  - the base stays frozen with no optimizer state: differentiate w.r.t. the adapters only;
-  - export is one merge.
-The price is one transient copy of each adapted weight per forward (the merged W', and its
-cotangent in the backward pass), where an unmerged x @ W + s (x @ A) @ B would hold only the
-[B, T, r] activations. For the projections of a single model that copy is the size of the
-adapted weights, usually small next to activations and optimizer state; if it is not, target
-fewer projections.
+(scanned layers keep their leading L axis; unrolled ones live under "layers_0", ...).
+
+Training runs the model on `attach(params, adapters, ...)`: each adapted weight becomes an
+`Adapted` leaf that the block applies unmerged, x W + s (x A) B (model/layers.py `project`),
+never forming W + A B. So the step holds only the [B, T, r] activations of the adapters, the
+base W gets no gradient (it stays frozen, with no optimizer state, and may be quantized: QLoRA
+on a model/quant.py base), and the FLOPs are the base's forward plus the adapters'. Export,
+and decoding (rollouts, samples), take `merge(params, adapters, ...)`: ordinary weights.
 
 Dimensions are kept as the weights have them (A: [*lead, in dims..., r], B: [*lead, r,
 out dims...]) so that boxed adapters can inherit the weights' logical axis names and be
@@ -29,6 +26,7 @@ import string
 from typing import Mapping, Sequence
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 
@@ -146,6 +144,54 @@ def delta(a, b, *, n_in: int, rank: int, alpha: float) -> jax.Array:
   return (alpha / rank) * ab
 
 
+@flax.struct.dataclass
+class Adapted:
+  """A frozen weight (an array or a model/quant.py Quantized) with its LoRA adapter, applied
+  unmerged. a [..., I..., r], b [..., r, O...] as stored in the adapters."""
+  base: object
+  a: jax.Array
+  b: jax.Array
+  scale: float = flax.struct.field(pytree_node=False)  # alpha / rank
+  n_in: int = flax.struct.field(pytree_node=False)
+
+  def project(self, equation: str, x, dtype):
+    """jnp.einsum(equation, x, W' in dtype) for W' = W + scale A B, without forming W':
+    x W + scale (x A) B. equation: "<x>,<in dims><out dims>-><y>" (e.g. "BTD,DNH->BTNH")."""
+    inputs, y = equation.split("->")
+    x_dims, w_dims = inputs.split(",")
+    w_in, w_out = w_dims[:self.n_in], w_dims[self.n_in:]
+    xa = "".join(c for c in x_dims if c not in w_in) + "r"  # [..., r]
+    low = jnp.einsum(f"{x_dims},{w_in}r->{xa}", x, self.a.astype(dtype))
+    update = jnp.einsum(f"{xa},r{w_out}->{y}", low, self.b.astype(dtype))
+    return jnp.einsum(equation, x, self.base.astype(dtype)) + self.scale * update
+
+
+def _lookup(params, path):
+  node = params
+  for key in path:
+    if not isinstance(node, Mapping) or key not in node:
+      raise ValueError(f"adapter {'/'.join(path)} has no weight in params")
+    node = node[key]
+  return node
+
+
+def attach(params, adapters, *, rank: int, alpha: float):
+  """params with each adapted weight W replaced by Adapted(W, A, B): the tree training runs
+  (the module docstring). Plain (unboxed) params and adapters."""
+  adapters = nn.unbox(adapters)
+  out = dict(params)
+  for path, pair in pairs(adapters):
+    w = _lookup(params, path)
+    _, n_in, _ = _split_dims(path, w.ndim)
+    delta_shape = pair["a"].shape[:-1] + pair["b"].shape[pair["a"].ndim - n_in:]
+    if pair["a"].shape[-1] != rank or delta_shape != tuple(w.shape):
+      raise ValueError(f"adapter {'/'.join(path)} (a{tuple(pair['a'].shape)}, "
+                       f"b{tuple(pair['b'].shape)}, rank {rank}) does not fit a weight of "
+                       f"shape {tuple(w.shape)}")
+    _replace(out, path, Adapted(w, pair["a"], pair["b"], scale=alpha / rank, n_in=n_in))
+  return out
+
+
 def merge(params, adapters, *, rank: int, alpha: float):
   """params with each adapted W replaced by W + (alpha / rank) A @ B, in W's dtype.
 
@@ -156,11 +202,7 @@ def merge(params, adapters, *, rank: int, alpha: float):
   adapters = nn.unbox(adapters)
   merged = dict(params)
   for path, pair in pairs(adapters):
-    node = params
-    for key in path:
-      if not isinstance(node, Mapping) or key not in node:
-        raise ValueError(f"adapter {'/'.join(path)} has no weight in params")
-      node = node[key]
+    node = _lookup(params, path)
     w = node.unbox() if _is_box(node) else node
     _, n_in, _ = _split_dims(path, w.ndim)
     d = delta(pair["a"], pair["b"], n_in=n_in, rank=rank, alpha=alpha)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from model import ModelConfig, Transformer, lora, sharding
+from model import ModelConfig, Transformer, lora, sharding, transformer
 
 CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
                   max_seq_len=32)
@@ -37,8 +37,7 @@ def model(request):
 
 def _forward(cfg, params, tokens):
   b, t = tokens.shape
-  return Transformer(cfg).apply({"params": params}, tokens,
-                                jnp.broadcast_to(jnp.arange(t), (b, t)))[0]
+  return transformer.forward(cfg, params, tokens, jnp.broadcast_to(jnp.arange(t), (b, t)))[0]
 
 
 def _tokens():
@@ -208,3 +207,64 @@ def test_bad_arguments_are_errors_for_people():
   assert lora.count(adapters) == 3 * 2 + 2 * 2 * 2
   with pytest.raises(ValueError, match="rank=3 does not match"):
     lora.merge(params, adapters, rank=3, alpha=1.0)
+
+
+# --------------------------------------------------------------------- unmerged (attach)
+
+def _loss(cfg, params, tokens):
+  logp = jax.nn.log_softmax(_forward(cfg, params, tokens)[:, :-1])
+  return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1))
+
+
+def test_unmerged_equals_merged_forward_and_gradients(model):
+  """x W + s (x A) B (attach) against the forward and the adapters' gradients of
+  W + s A B (merge), every projection targeted."""
+  cfg, params = model
+  adapters = _random_b(lora.init_adapters(params, rank=RANK, rng=jax.random.PRNGKey(1)))
+  tokens = _tokens()
+  run = lambda combine: jax.jit(jax.value_and_grad(
+      lambda a: _loss(cfg, combine(params, a, rank=RANK, alpha=ALPHA), tokens)))(adapters)
+  (loss_u, grad_u), (loss_m, grad_m) = run(lora.attach), run(lora.merge)
+  np.testing.assert_allclose(loss_u, loss_m, rtol=1e-6)
+  jax.tree.map(lambda u, m: np.testing.assert_allclose(u, m, rtol=2e-4, atol=1e-6),
+               grad_u, grad_m)
+  attached = lora.attach(params, adapters, rank=RANK, alpha=ALPHA)
+  np.testing.assert_allclose(_forward(cfg, attached, tokens),
+                             _forward(cfg, lora.merge(params, adapters, rank=RANK, alpha=ALPHA),
+                                      tokens), rtol=1e-5, atol=1e-5)
+
+
+def test_unmerged_step_holds_no_weight_sized_update():
+  """The compiled gradient step of attach needs no temporary of an adapted weight's size
+  (merge's holds W + s A B and its cotangent): XLA's own memory plan, on CPU."""
+  cfg = dataclasses.replace(CFG, d_model=64, d_ff=4096)
+  params = nn.unbox(_init(cfg))
+  adapters = lora.init_adapters(params, targets=("gate", "up"), rank=RANK,
+                                rng=jax.random.PRNGKey(1))
+  tokens = _tokens()
+
+  def temp_bytes(combine):
+    step = jax.grad(lambda a, p: _loss(cfg, combine(p, a, rank=RANK, alpha=ALPHA), tokens))
+    return jax.jit(step).lower(adapters, params).compile().memory_analysis().temp_size_in_bytes
+  weights = 2 * 2 * 64 * 4096 * 4  # gate and up of both layers, f32: 4 MiB
+  merged, attached = temp_bytes(lora.merge), temp_bytes(lora.attach)
+  # merge also holds W + s A B (4 MiB here) and its cotangent; XLA fuses part of that away.
+  assert attached < merged - weights / 2, (merged, attached)
+
+
+def test_zero_adapters_on_a_quantized_base_give_the_base():
+  """QLoRA: B = 0 adapters on an NF4 base (model/quant.py) give the quantized base's logits,
+  and the adapters train (nonzero gradient for B) through the frozen quantized weights."""
+  from model import quant
+  cfg = _cfg(True)
+  params = nn.unbox(_init(cfg))
+  base = quant.quantize_params(params, "nf4", 32, double_quant=True)
+  adapters = lora.init_adapters(params, rank=RANK, rng=jax.random.PRNGKey(1))
+  tokens = _tokens()
+  attached = lora.attach(base, adapters, rank=RANK, alpha=ALPHA)
+  np.testing.assert_allclose(_forward(cfg, attached, tokens), _forward(cfg, base, tokens),
+                             rtol=1e-6, atol=1e-6)
+  grads = jax.grad(lambda a: _loss(cfg, lora.attach(base, a, rank=RANK, alpha=ALPHA),
+                                   tokens))(adapters)
+  for path, pair in lora.pairs(grads):
+    assert np.any(np.asarray(pair["b"]) != 0), path

@@ -64,7 +64,14 @@ class Policy:
     return self.init_frozen(rng) if self.rank else {"reference": self.init_model(rng)}
 
   def params(self, trained, frozen):
-    """The model's parameters."""
+    """The model's parameters as a training step runs them: with LoRA, the base with its
+    adapters attached, applied unmerged (model/lora.py)."""
+    if not self.rank:
+      return trained
+    return lora.attach(frozen["base"], trained, rank=self.rank, alpha=self.alpha)
+
+  def merged(self, trained, frozen):
+    """The model's parameters as plain weights (adapters merged): export, decoding."""
     if not self.rank:
       return trained
     return lora.merge(frozen["base"], trained, rank=self.rank, alpha=self.alpha)

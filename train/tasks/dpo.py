@@ -107,7 +107,7 @@ def objective(cfg, model_cfg) -> Objective:
     return StepCost.of(t, trained=rows, frozen=[] if precomputed else rows)
 
   return Objective(init=policy.init, loss_fn=loss, batch_shapes=batch_shapes,
-                   init_frozen=init_frozen, export=policy.params if policy.rank else None,
+                   init_frozen=init_frozen, export=policy.merged if policy.rank else None,
                    start=policy.start, step_cost=step_cost)
 
 

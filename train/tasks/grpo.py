@@ -90,7 +90,7 @@ def objective(cfg, model_cfg) -> Objective:
       loss_fn=lambda params, frozen, batch: loss_fn(params, frozen, batch, policy=policy,
                                                     cfg=cfg),
       batch_shapes=lambda b, t: rl.rollout_shapes(b, t, EXTRA),
-      export=policy.params if policy.rank else None)
+      export=policy.merged if policy.rank else None)
 
 
 def feed(cfg, model_cfg, mesh, run) -> Feed:
@@ -101,8 +101,8 @@ def feed(cfg, model_cfg, mesh, run) -> Feed:
   prep = jax.jit(sharding.in_mesh(lambda params, frozen, rows, scores, kl_coef: prepare(
       params, frozen, rows, scores, kl_coef, policy=policy, cfg=cfg), mesh))
   rollouts = rl.Rollouts(cfg, model_cfg, run, formatter, rl.Scorer(cfg, run.tokenizer, mesh),
-                         policy.params, prep, group_size=cfg.rl.group_size)
-  return rl.feed(cfg, model_cfg, run, formatter, rollouts, policy.params,
+                         policy.merged, prep, group_size=cfg.rl.group_size)
+  return rl.feed(cfg, model_cfg, run, formatter, rollouts, policy.merged,
                  load_frozen=lambda shardings: policy.load_frozen(shardings,
                                                                   cfg.train.init_from))
 

@@ -96,7 +96,7 @@ def objective(cfg, model_cfg) -> Objective:
       loss_fn=lambda params, frozen, batch: loss_fn(params, frozen, batch, policy=policy,
                                                     critic=critic, cfg=cfg),
       batch_shapes=lambda b, t: rl.rollout_shapes(b, t, EXTRA),
-      export=lambda params, frozen: policy.params(params["policy"], frozen),
+      export=lambda params, frozen: policy.merged(params["policy"], frozen),
       # The policy and the critic, each forward and backward over the rows.
       step_cost=lambda b, t: StepCost.of(t, trained=[(model_cfg, b), (critic.cfg, b)]))
 
@@ -107,7 +107,7 @@ def feed(cfg, model_cfg, mesh, run) -> Feed:
   formatter = posttrain_data.Formatter(run.tokenizer, run.tokenizer_config, cfg.data)
   prep = jax.jit(sharding.in_mesh(lambda params, frozen, rows, scores, kl_coef: prepare(
       params, frozen, rows, scores, kl_coef, policy=policy, critic=critic, cfg=cfg), mesh))
-  to_policy = lambda params, frozen: policy.params(params["policy"], frozen)
+  to_policy = lambda params, frozen: policy.merged(params["policy"], frozen)
   rollouts = rl.Rollouts(cfg, model_cfg, run, formatter, rl.Scorer(cfg, run.tokenizer, mesh),
                          to_policy, prep, group_size=1)
   return rl.feed(cfg, model_cfg, run, formatter, rollouts, to_policy,

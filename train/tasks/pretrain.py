@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from infer.files import document_ids
-from model import Transformer, head
+from model import Transformer, head, transformer
 from train import data as data_lib
 from train.tasks import Feed, Objective
 
@@ -22,17 +22,14 @@ def forward(model: Transformer, params, batch, **kwargs):
   """(the module's output [B, T, ...]: logits, a value model's values, or with
   return_hidden=True the final-normed hidden states; moe.MoEAux or None for a dense model).
 
-  The one place a task applies a Transformer to batch["inputs"], ["positions"] and
-  ["segment_ids"]: an MoE model's router statistics are sown as "intermediates" (model/
-  transformer.py), so they come back only from an apply that asks for them. A caller that
-  trains nothing (a rollout's scorer, a reference) may ignore them."""
-  args = (batch["inputs"], batch["positions"])
-  kwargs = dict(segment_ids=batch["segment_ids"], **kwargs)
-  if not model.cfg.n_experts:
-    return model.apply({"params": params}, *args, **kwargs)[0], None
-  (out, _), state = model.apply({"params": params}, *args, **kwargs,
-                                mutable=["intermediates"])
-  return out, state["intermediates"]["moe"][0]
+  The one place a task runs a Transformer on batch["inputs"], ["positions"] and
+  ["segment_ids"]. It calls the module's pure forward (model/transformer.py) on the tree:
+  that returns an MoE's router statistics directly, and takes weights the module's
+  declarations would refuse by shape (LoRA adapters attached unmerged, quantized bases). A
+  caller that trains nothing (a rollout's scorer, a reference) may ignore the statistics."""
+  out, _, aux = transformer.forward(model.cfg, params, batch["inputs"], batch["positions"],
+                                    batch["segment_ids"], **kwargs)
+  return out, aux
 
 
 def hidden_states(model: Transformer, params, batch):

@@ -74,13 +74,15 @@ def objective(cfg, model_cfg) -> Objective:
   def init_frozen(rng):
     return {"base": {k: v for k, v in init_model(rng).items() if k != "value_head"}}
 
-  def to_params(params, frozen):
-    merged = lora.merge(frozen["base"], params["adapters"], rank=policy.rank,
-                        alpha=policy.alpha)
-    return {**merged, "value_head": params["value_head"]}
+  def to_params(params, frozen, combine=lora.attach):
+    # attach: unmerged, for the step; merge: plain weights, for export.
+    base = combine(frozen["base"], params["adapters"], rank=policy.rank, alpha=policy.alpha)
+    return {**base, "value_head": params["value_head"]}
 
   return Objective(
-      init=init, init_frozen=init_frozen, export=to_params, start=lambda p, f: p,
+      init=init, init_frozen=init_frozen,
+      export=lambda params, frozen: to_params(params, frozen, lora.merge),
+      start=lambda p, f: p,
       loss_fn=lambda params, frozen, batch: loss_fn(to_params(params, frozen), batch,
                                                     model=model),
       batch_shapes=common.pair_batch_shapes, step_cost=step_cost)

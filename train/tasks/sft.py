@@ -23,7 +23,7 @@ def objective(cfg, model_cfg) -> Objective:
 
   return Objective(init=policy.init, loss_fn=loss_fn, batch_shapes=pretrain.token_batch_shapes,
                    init_frozen=policy.init_frozen if policy.rank else None,
-                   export=policy.params if policy.rank else None, start=policy.start)
+                   export=policy.merged if policy.rank else None, start=policy.start)
 
 
 def feed(cfg, model_cfg, mesh, run) -> Feed:
@@ -46,7 +46,7 @@ def posttrain_feed(cfg, model_cfg, run, policy, kind: str, *, score: bool = True
   evaluate = None
   if score and cfg.rl.reward_fn and cfg.rl.eval_prompts:
     evaluate = common.ScoreEval(cfg, model_cfg, formatter, common.eval_prompt_files(cfg),
-                                policy.params)
+                                policy.merged)
   return Feed(train=train, val=lambda: make(run.val_files, shuffle=False, repeat=False, **host),
               make=lambda files: make(files, shuffle=False, repeat=False),
               evaluate=evaluate, host_metrics=lambda: _data_metrics(train),
