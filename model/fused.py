@@ -28,8 +28,9 @@ import flax
 import jax
 import jax.numpy as jnp
 
-from model import quant
+from model import quant, sharding
 from model.config import ModelConfig
+from pallas_kernels.quantized_matmul import quantized_matmul
 
 LAYOUTS = ("out_in", "in_out")
 
@@ -42,6 +43,8 @@ class Packed:
   layout: str = flax.struct.field(pytree_node=False, default="out_in")
 
   def __call__(self, x_BTI, dtype, accumulate=None):
+    if quant.is_quantized(self.w):
+      return self._quantized(x_BTI, dtype)
     w = self.w.astype(dtype)
     b, t, _ = x_BTI.shape
     pad = b * t == 1 and w.dtype.itemsize < 4  # see the module docstring
@@ -50,6 +53,17 @@ class Packed:
     y = jnp.einsum("BTI,OI->BTO" if self.layout == "out_in" else "BTI,IO->BTO", x_BTI, w,
                    preferred_element_type=accumulate)
     return y[:1] if pad else y
+
+  def _quantized(self, x_BTI, dtype):
+    """x @ W for a quantized [in, out] W: the weight-only Pallas kernel on TPU and GPU
+    (pallas_kernels/quantized_matmul.py: the codes are read, never a dequantized copy), its
+    XLA reference elsewhere. Under a mesh the reference runs (GSPMD splits it; the kernel is
+    one call per device)."""
+    q = self.w
+    mesh = sharding.current_mesh()
+    impl = "auto" if mesh is None or mesh.size == 1 else "xla"
+    return quantized_matmul(x_BTI.astype(dtype), q.values, q.scale_array(), q.zeros,
+                            kind=q.kind, group=q.group, impl=impl, out_dtype=dtype)
 
   def transposed(self) -> "Packed":
     if quant.is_quantized(self.w):

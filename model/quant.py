@@ -28,14 +28,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels.quantized_matmul import NF4_CODE, dequantize
+
 KINDS = ("int8", "int4", "nf4")
 BITS = {"int8": 8, "int4": 4, "nf4": 4}
 # QLoRA's NF4 code book (Appendix E): quantiles of N(0, 1) scaled to [-1, 1], 0 exact.
-NF4 = np.array([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-                -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-                0.07958029955625534, 0.16093020141124725, 0.24611230194568634,
-                0.33791524171829224, 0.44070982933044434, 0.5626170039176636,
-                0.7229568362236328, 1.0], np.float32)
+NF4 = np.array(NF4_CODE, np.float32)
 DOUBLE_QUANT_BLOCK = 256  # QLoRA's block of second-level (scale) quantization
 
 
@@ -120,50 +118,23 @@ class Quantized:
   def scale_array(self, dtype=jnp.float32):
     return self.scales.astype(dtype)
 
-  def codes(self):
-    """The integer codes, unpacked, in the weight's shape: int8 (int8; symmetric int4 in
-    [-8, 7]) or uint8 in [0, 15] (asymmetric int4, nf4)."""
-    if BITS[self.kind] == 8:
-      return self.values
-    return unpack_int4(self.values, signed=self.kind == "int4" and self.zeros is None,
-                       axis=self.n_batch + self.n_in - 1)
-
   def astype(self, dtype):
-    """The dequantized weight in dtype."""
-    b, i = self.n_batch, self.n_in
-    batch, k = self.shape[:b], math.prod(self.shape[b:b + i])
-    out = self.shape[b + i:]
-    g = k // self.group
-    codes = self.codes().reshape(*batch, g, self.group, *out)
-    if self.kind == "nf4":
-      w = jnp.asarray(NF4)[codes.astype(jnp.int32)]
-    else:
-      w = codes.astype(jnp.float32)
-    grouped = lambda a: a.astype(jnp.float32).reshape(*batch, g, 1, *out)
-    if self.zeros is not None:
-      w = w - grouped(self.zeros)
-    w = w * grouped(self.scale_array())
-    return w.reshape(self.shape).astype(dtype)
+    """The dequantized weight in dtype (pallas_kernels/quantized_matmul.py `dequantize`, the
+    one definition of the codes, per matrix of the batch axes)."""
+    m = matrix(self)
+    one = lambda v, s, z: dequantize(v, s, z, self.kind, self.group, dtype)
+    for _ in range(m.n_batch):
+      one = jax.vmap(one)
+    return one(m.values, m.scale_array(), m.zeros).reshape(self.shape)
 
 
 def pack_int4(codes, axis: int):
   """uint8 with `axis` halved: element 2i in the low nibble, 2i + 1 in the high (codes in
-  [-8, 15]; a negative code is stored as its two's-complement nibble)."""
+  [-8, 15]; a negative code is stored as its two's-complement nibble). The inverse is
+  pallas_kernels/quantized_matmul.py `unpack_int4`."""
   codes = jnp.moveaxis(jnp.asarray(codes).astype(jnp.int32) & 0xF, axis, 0)
   packed = codes[0::2] | (codes[1::2] << 4)
   return jnp.moveaxis(packed.astype(jnp.uint8), 0, axis)
-
-
-def unpack_int4(packed, signed: bool, axis: int):
-  """The inverse of pack_int4: int8 in [-8, 7] (signed) or uint8 in [0, 15]."""
-  p = jnp.moveaxis(packed, axis, 0).astype(jnp.int32)
-  lo, hi = p & 0xF, (p >> 4) & 0xF
-  codes = jnp.stack([lo, hi], axis=1).reshape(-1, *p.shape[1:])
-  if signed:
-    codes = jnp.where(codes >= 8, codes - 16, codes).astype(jnp.int8)
-  else:
-    codes = codes.astype(jnp.uint8)
-  return jnp.moveaxis(codes, 0, axis)
 
 
 def quantize(w, kind: str, group: int = 0, *, n_batch: int = 0, n_in: int = 1,

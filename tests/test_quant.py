@@ -51,8 +51,10 @@ def test_int4_packing_round_trip_and_nibble_order():
   # Element 2i in the low nibble, 2i + 1 in the high one, two's complement.
   np.testing.assert_array_equal(packed & 0xF, codes[:, 0::2] & 0xF)
   np.testing.assert_array_equal(packed >> 4, codes[:, 1::2] & 0xF)
-  np.testing.assert_array_equal(quant.unpack_int4(packed, signed=True, axis=1), codes)
-  np.testing.assert_array_equal(quant.unpack_int4(packed, signed=False, axis=1), codes & 0xF)
+  from pallas_kernels.quantized_matmul import unpack_int4  # [K/2, N] -> [K, N]
+  for i in range(6):
+    np.testing.assert_array_equal(unpack_int4(packed[i], signed=True), codes[i])
+    np.testing.assert_array_equal(unpack_int4(packed[i], signed=False), codes[i] & 0xF)
 
 
 def test_nf4_code_book_is_the_papers():

@@ -135,3 +135,30 @@ def test_engine_step_compiles_without_chunk_logits(target, target_devices):
   # GPU 54 MB; now 81 MB and 38 MB).
   temp = compiled.memory_analysis().temp_size_in_bytes
   assert temp < chunk * CFG.vocab_size * 4, (target, temp)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_quantized_decode_loop_compiles_with_the_quantized_kernels(target, target_devices):
+  """An int4 (g64) model's prepared tree (model/quant.py, model/fused.py): every block matmul
+  of the decode loop is the weight-only Pallas kernel (pallas_kernels/quantized_matmul.py),
+  and the loop's temporaries stay under the bf16 weights it would dequantize otherwise."""
+  import re
+  from model import quant
+  device = target_devices(target)[0]
+  fn, args, static = _prefill_step(512, device)
+  state = jax.eval_shape(functools.partial(fn, **static), *args)
+  _, *_, eos_ids, sink_id = args
+  params = _on(jax.eval_shape(lambda p: fused.prepare(
+      CFG, quant.quantize_params(p, "int4", 64), layout="in_out"), _module_params_shape()),
+      device)
+  loop = decode._decode_loop.lower(params, _on(state, device), eos_ids, sink_id, cfg=CFG,
+                                   features=FEATURES, stream=0).compile()
+  text = loop.as_text()
+  calls = [line for line in text.splitlines() if KERNEL_CALL[target] in line
+           and re.search(r'op_name="[^"]*/quantized_matmul/pallas_call"', line)]
+  assert len(calls) >= 4 * CFG.n_layers, len(calls)  # qkv, o, gate_up, down per layer
+  layer_weights = 2 * CFG.d_model * (CFG.n_heads + 2 * CFG.n_kv_heads) * CFG.head_dim + (
+      2 * 3 * CFG.d_model * CFG.d_ff)  # bf16 bytes of one layer's dequantized matmuls
+  cache_bytes = sum(_nbytes(x) for x in jax.tree.leaves((state.cache.k, state.cache.v)))
+  temp = loop.memory_analysis().temp_size_in_bytes
+  assert temp < cache_bytes + _nbytes(params["embedding"]) + layer_weights, (target, temp)
