@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from closeness import assert_close
 from pallas_kernels import paths
 from pallas_kernels.grouped_matmul import (BlockSizes, _group_bounds, _work_items,
                                            grouped_matmul, grouped_matmul_reference)
@@ -48,14 +49,6 @@ def _value_and_grads(**kwargs):
     return (y, *vjp(dy.astype(y.dtype)))
 
   return run
-
-
-def _assert_close(got, want, tol, what):
-  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-  assert got.shape == want.shape, f"{what}: shape {got.shape} != {want.shape}"
-  assert np.all(np.isfinite(got)), f"{what}: non-finite values"
-  err = np.max(np.abs(got - want), initial=0) / max(1.0, np.max(np.abs(want), initial=0))
-  assert err <= tol, f"{what}: relative error {err:.3g} > {tol}"
 
 
 def _inputs(a, d, f, e, dtype, seed=0):
@@ -107,8 +100,8 @@ def test_kernel_matches_ragged_dot_and_numpy(case, impl):
   loop = _numpy_gmm(x, w, gs, dy.astype(dtype))
   for name, g, r, n in zip(("y", "dx", "dw"), got, ref, loop):
     assert g.dtype == r.dtype, f"{name}: {g.dtype} != {r.dtype}"
-    _assert_close(g, r, TOL[dtype], f"{name} vs ragged_dot")
-    _assert_close(g, n, TOL[dtype], f"{name} vs numpy")
+    assert_close(g, r, TOL[dtype], f"{name} vs ragged_dot")
+    assert_close(g, n, TOL[dtype], f"{name} vs numpy")
   y, dx = np.asarray(got[0]), np.asarray(got[1])
   assert not y[sum(gs):].any() and not dx[sum(gs):].any(), "rows past the groups must be 0"
 
@@ -123,9 +116,9 @@ def test_bf16_inputs_f32_output():
       x, w, group_sizes, dy)
   assert [a.dtype for a in got] == [jnp.float32, jnp.bfloat16, jnp.bfloat16]
   loop = _numpy_gmm(x, w, gs, dy)
-  _assert_close(got[0], loop[0], 1e-5, "y")  # bf16 products are exact in f32
+  assert_close(got[0], loop[0], 1e-5, "y")  # bf16 products are exact in f32
   for name, g, n in zip(("dx", "dw"), got[1:], loop[1:]):
-    _assert_close(g, n, TOL[jnp.bfloat16], name)
+    assert_close(g, n, TOL[jnp.bfloat16], name)
 
 
 @pytest.mark.parametrize("a,bm", [(100, 16), (64, 64), (1000, 64)])

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
 
+from closeness import assert_close
 from pallas_kernels import paths
 from pallas_kernels.quantized_matmul import (BlockSizes, dequantize, quantized_matmul,
                                              quantized_matmul_reference, unpack_int4)
@@ -70,14 +71,6 @@ def _quantized(kind, asym, k, n, group, seed=0, scale_dtype=jnp.float32):
   return values, scales, zeros
 
 
-def _assert_close(got, want, tol, what):
-  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-  assert got.shape == want.shape, f"{what}: shape {got.shape} != {want.shape}"
-  assert np.all(np.isfinite(got)), f"{what}: non-finite values"
-  err = np.max(np.abs(got - want), initial=0) / max(1.0, np.max(np.abs(want), initial=0))
-  assert err <= tol, f"{what}: relative error {err:.3g} > {tol}"
-
-
 # --------------------------------------------------------------------------- conventions
 
 
@@ -108,10 +101,10 @@ def test_reference_matches_numpy(kind, asym):
   for group, m in zip((32, 64, 128, k), (1, 7, 64, 7)):
     values, scales, zeros = _quantized(kind, asym, k, n, group, seed=group)
     w = _numpy_dequantize(values, scales, zeros, kind, group)
-    _assert_close(dequantize(values, scales, zeros, kind, group, jnp.float32), w, 1e-6,
+    assert_close(dequantize(values, scales, zeros, kind, group, jnp.float32), w, 1e-6,
                   f"dequantize g{group}")
     x = rng.standard_normal((m, k)).astype(np.float32)
-    _assert_close(ref(jnp.asarray(x), values, scales, zeros, kind=kind, group=group),
+    assert_close(ref(jnp.asarray(x), values, scales, zeros, kind=kind, group=group),
                   x @ w, TOL[jnp.float32], f"reference g{group} M{m}")
 
 
@@ -172,7 +165,7 @@ def test_kernel_matches_reference(case, backend):
                          backend=backend, block_sizes=blocks, **kw)
   want = quantized_matmul(x, values, scales, zeros, impl="xla", **kw)
   assert got.dtype == want.dtype == dtype
-  _assert_close(got, want, TOL[dtype], f"{backend} kernel vs reference")
+  assert_close(got, want, TOL[dtype], f"{backend} kernel vs reference")
 
 
 @pytest.mark.parametrize("backend", ["tpu", "gpu"])
@@ -189,7 +182,7 @@ def test_edges_no_tile_divides(backend):
                          out_dtype=jnp.float32)
   assert got.shape == (5, 10, 320) and got.dtype == jnp.float32
   want = np.asarray(x, np.float64) @ _numpy_dequantize(values, scales, zeros, "int4", 64)
-  _assert_close(got.reshape(50, 320), want, TOL[jnp.bfloat16], f"{backend} vs numpy")
+  assert_close(got.reshape(50, 320), want, TOL[jnp.bfloat16], f"{backend} vs numpy")
 
 
 @pytest.mark.parametrize("impl,backend", [("xla", None), ("pallas", "tpu"), ("pallas", "gpu")])
@@ -209,7 +202,7 @@ def test_dx_matches_numpy(impl, backend):
 
   dx, ds, dz = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(x, scales, zeros)
   w = _numpy_dequantize(values, scales, zeros, "int4", group)
-  _assert_close(dx, dy @ w.T, TOL[jnp.float32], "dx")
+  assert_close(dx, dy @ w.T, TOL[jnp.float32], "dx")
   assert not np.any(ds) and not np.any(dz)
 
 
