@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.quantized_matmul import NF4_CODE, dequantize
+from pallas_kernels.quantized_matmul import NF4_CODE, dequantize, unpack_int4
 
 KINDS = ("int8", "int4", "nf4")
 BITS = {"int8": 8, "int4": 4, "nf4": 4}
@@ -117,6 +117,17 @@ class Quantized:
 
   def scale_array(self, dtype=jnp.float32):
     return self.scales.astype(dtype)
+
+  def codes(self):
+    """The integer codes in the weight's shape: int8 (int8; symmetric int4 in [-8, 7]) or
+    int8 in [0, 15] (asymmetric int4, nf4)."""
+    if BITS[self.kind] == 8:
+      return self.values
+    m = matrix(self)
+    one = lambda v: unpack_int4(v, signed=self.kind == "int4" and self.zeros is None)
+    for _ in range(m.n_batch):
+      one = jax.vmap(one)
+    return one(m.values).reshape(self.shape)
 
   def astype(self, dtype):
     """The dequantized weight in dtype (pallas_kernels/quantized_matmul.py `dequantize`, the
