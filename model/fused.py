@@ -19,6 +19,9 @@ Products with 16-bit weights and a single row are given a second, zero row: XLA'
 runs a bf16 matrix-vector product at ~2 GB/s but a two-row product at ~22 GB/s (the extra row
 is free: the product is bound by the weight reads). Nothing in the loop transposes a weight.
 
+Quantized weights (model/quant.py) stay quantized: q/k/v and gate/up fuse as quantized [in, out]
+matrices in either layout (their groups run along `in`), read by the weight-only Pallas kernels.
+
 The prepared tree keeps everything else as the module has it (norms, biases, experts), holds
 its layers as a tuple (one subtree per layer, so a cache kept as one buffer per layer is
 updated in place) and the head under "head".

@@ -255,15 +255,13 @@ def shardings(weight_shardings, params):
       return NamedSharding(mesh, PartitionSpec(*out))
 
     b, i = x.n_batch, x.n_in
-    grouped = spec[:b] + (None,) + spec[b + i:]
-    stats_shape = x.zeros.shape if x.zeros is not None else (
-        x.scales.shape if not isinstance(x.scales, DoubleQuantized) else None)
+    grouped = spec[:b] + (None,) + spec[b + i:]  # [*batch, G, *out]
     if isinstance(x.scales, DoubleQuantized):
       replicated = NamedSharding(mesh, PartitionSpec())
       scales = DoubleQuantized(replicated, replicated, replicated)
     else:
-      scales = fits(grouped, stats_shape)
-    zeros = None if x.zeros is None else fits(grouped, stats_shape)
+      scales = fits(grouped, x.scales.shape)
+    zeros = None if x.zeros is None else fits(grouped, x.zeros.shape)
     return x.replace(values=fits(spec, x.values.shape), scales=scales, zeros=zeros)
 
   return jax.tree.map(one, weight_shardings, params,
