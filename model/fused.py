@@ -119,8 +119,8 @@ def prepare(cfg: ModelConfig, params, dtype=None, layout: str = "out_in"):
       return Packed(quant.concat_out(ws), "in_out")
     return packed(jnp.concatenate(ws, axis=1))
 
-  def one(w):
-    return Packed(w, "in_out") if quant.is_quantized(w) else packed(w)
+  def one(w):  # concat_out of one: double-quantized scales stored plain, not redone each step
+    return Packed(quant.concat_out([w]), "in_out") if quant.is_quantized(w) else packed(w)
 
   @jax.jit
   def fuse(p):
