@@ -297,8 +297,8 @@ class Spec:
       k, name = math.prod(ins), jax.tree_util.keystr(path, simple=True, separator="/")
       if self.group and k % self.group:
         raise ValueError(f"quantization group {self.group} does not divide the input size {k} "
-                         f"of {name} (shape {tuple(w.shape)}); choose a group that divides it "
-                         "(0: per output channel)")
+                         f"of {name} (shape {tuple(w.shape)}); choose a group that divides it, "
+                         f"e.g. {math.gcd(k, self.group)} (0: per output channel)")
       if BITS[self.kind] == 4 and ins[-1] % 2:
         raise ValueError(f"{self.kind} packs two values a byte along the last input axis, of "
                          f"odd size {ins[-1]} in {name} (shape {tuple(w.shape)})")
