@@ -226,6 +226,31 @@ def test_a_quantized_source_reads_dequantized(trained, quantized, tmp_path):
                quant.dequantize_params(run_dir.load_params(quantized["rtn"])))
 
 
+def test_lora_on_a_quantized_base(quantized, tmp_path, monkeypatch):
+  """train.init_from a quantized run with LoRA: the frozen base loads quantized (QLoRA), the
+  adapters train, and the run exports a dense merged model: the base's dequantized weights,
+  plus the adapters' products on their targets."""
+  from train.tasks import common
+  from tests.test_ladder import run
+  monkeypatch.chdir(tmp_path)  # the arithmetic example writes runs/arith_data here
+  loaded = []
+  load_frozen = common.Policy.load_frozen
+  monkeypatch.setattr(common.Policy, "load_frozen", lambda self, *a, **k: loaded.append(
+      load_frozen(self, *a, **k)) or loaded[-1])
+  last, _ = run("sft", 2, **{"lora.rank": "4", "lora.targets": "q,v,down",
+                             "train.init_from": quantized["rtn"], "workdir": "runs/qlora",
+                             "train.lr": "1e-2"})
+  assert np.isfinite(last["loss"])
+  assert quant.is_quantized(loaded[0]["base"]["layers"]["attn"]["k"])
+  base = quant.dequantize_params(run_dir.load_params(quantized["rtn"]))
+  merged = run_dir.load_params("runs/qlora")
+  assert run_dir.load_quant("runs/qlora") is None
+  assert jax.tree.structure(merged) == jax.tree.structure(base)
+  changed = jax.tree.map(lambda a, b: bool(np.any(a != b)), merged, base)
+  assert changed["layers"]["attn"]["q"] and changed["layers"]["mlp"]["down"]
+  assert not changed["layers"]["attn"]["k"] and not changed["embedding"]
+
+
 # ----------------------------------------------------------------------- the driver, directly
 
 def _random(seed=0, **fields):
@@ -308,7 +333,8 @@ def test_unknown_kind_or_method_is_a_usage_error(trained, tmp_path, capsys, argv
 
 @pytest.mark.parametrize("argv,message", [
     (["--quantize", "int4", "--group", "48"],
-     r"--group=48: quantization group 48 does not divide the input size 64 of layers/attn/q"),
+     r"--group=48: quantization group 48 does not divide the input size 64 of "
+     r"layers/attn/[qkv] \(shape \(2, 64, "),
     (["--quantize", "int4", "--method", "gptq", "--calib", "/nonexistent/*.txt"],
      r"--calib: the glob '/nonexistent/\*\.txt' matches no files"),
     (["--method", "gptq"], r"--method set without --quantize"),
