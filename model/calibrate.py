@@ -7,10 +7,10 @@ gives the tree `spec.quantize(params)` would (the same Quantized layout, so a lo
 from the spec alone), with the codes chosen on calibration data and, for AWQ, the norms before
 the scaled weights changed.
 
-Sequential calibration (GPTQ, Frantar et al. 2022, Sec. 5 "...we quantize sequentially, layer
-by layer, on the outputs of the already quantized layers"): the tokens run through the model one
-block at a time, and block l is calibrated on what blocks 0..l-1, already quantized, make of
-them, so each block compensates for the error before it. Within a block GPTQ goes one matmul
+Sequential calibration (GPTQ, Frantar et al. 2022, as its reference code runs it: block by
+block, each fed the outputs of the blocks already quantized): the tokens run through the model
+one block at a time, and block l is calibrated on what blocks 0..l-1, quantized, make of them,
+so each block compensates for the error before it. Within a block GPTQ goes one matmul
 group at a time (AutoGPTQ's true_sequential): q, k, v (one input: the attention norm's
 output), then o (the attention output [.., N, H], computed with q, k, v quantized), then gate
 and up (the MLP norm's output), then down (the hidden [.., F]); weights that share an input

@@ -201,6 +201,39 @@ def test_eval_cli_on_a_quantized_run(trained, quantized, capsys):
   assert out["batches"] == 2 and np.isfinite(out["loss"])
 
 
+def test_engine_and_decode_bench_on_a_quantized_run(trained, quantized):
+  """The paged engine serves the run as infer/loaders.py loads it (the benchmarks' and the
+  server's reading), with the tokens of its dequantized weights; bench/decode.py runs on it
+  and counts its parameters as the dense model's."""
+  import subprocess
+  import sys
+  from infer import decode, loaders
+  from infer.engine import Engine, EngineConfig
+  from infer.sampling import SamplingParams
+  _, cfg, params, *_ = trained
+  m = loaders.load_checkpoint(quantized["awq"])
+  assert quant.is_quantized(m.params["layers"]["mlp"]["down"])
+  prompts, greedy = [m.encode("import json\n"), m.encode("def f(x):")], SamplingParams(temperature=0)
+  want = decode.generate(cfg, quant.dequantize_params(m.params), prompts, max_new_tokens=6,
+                         sampling=greedy)
+  engine = Engine(cfg, m.params, EngineConfig(num_pages=32, page_size=8, max_batch=2,
+                                              prefill_chunk=16, prefill_rows=1))
+  ids = [engine.add_request(p, max_new_tokens=6, sampling=greedy) for p in prompts]
+  done = {}
+  while engine.has_work():
+    for rid, tokens in engine.step():
+      done.setdefault(rid, []).extend(tokens)
+  assert [done[i] for i in ids] == want
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  res = subprocess.run([sys.executable, "bench/decode.py", "--checkpoint", quantized["gptq"],
+                        "--batch", "2", "--prompt_len", "16", "--new_tokens", "4",
+                        "--repeats", "1"], cwd=root, capture_output=True, text=True,
+                       timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=""))
+  assert res.returncode == 0, res.stderr[-2000:]
+  out = json.loads(res.stdout[res.stdout.index("{"):])
+  assert out["params_m"] == pytest.approx(sum(x.size for x in jax.tree.leaves(params)) / 1e6)
+
+
 def test_dense_conversion_records_no_quantization(trained, tmp_path):
   path = trained[0]
   convert.convert(f"orbax:{path}", f"orbax:{tmp_path / 'dense'}")

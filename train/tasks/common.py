@@ -43,7 +43,12 @@ class Policy:
       lora.parse_targets(cfg.lora.targets)
     except ValueError as e:
       raise ConfigError(f"lora.targets: {e}") from None
-    base_quant = run_dir.load_quant(cfg.train.init_from) if cfg.train.init_from else None
+    base_quant = None
+    if cfg.lora.rank:  # only LoRA keeps the base as stored; elsewhere load_params dequantizes
+      try:
+        base_quant = run_dir.load_quant(cfg.train.init_from)
+      except FileNotFoundError:  # no run there: loading the base says so, when it is loaded
+        pass
     return cls(model_cfg, cfg.train.init_from, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets,
                base_quant)
 
