@@ -31,7 +31,6 @@ output is the block's; nothing here repeats its math.
 """
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp

@@ -213,7 +213,8 @@ def test_engine_and_decode_bench_on_a_quantized_run(trained, quantized):
   _, cfg, params, *_ = trained
   m = loaders.load_checkpoint(quantized["awq"])
   assert quant.is_quantized(m.params["layers"]["mlp"]["down"])
-  prompts, greedy = [m.encode("import json\n"), m.encode("def f(x):")], SamplingParams(temperature=0)
+  prompts = [m.encode("import json\n"), m.encode("def f(x):")]
+  greedy = SamplingParams(temperature=0)
   want = decode.generate(cfg, quant.dequantize_params(m.params), prompts, max_new_tokens=6,
                          sampling=greedy)
   engine = Engine(cfg, m.params, EngineConfig(num_pages=32, page_size=8, max_batch=2,
