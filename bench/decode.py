@@ -37,7 +37,7 @@ import numpy as np  # noqa: E402
 from infer import speculative  # noqa: E402
 from infer.decode import generate_with_stats, layout_for  # noqa: E402
 from infer.sampling import SamplingParams  # noqa: E402
-from model import ModelConfig, Transformer, fused  # noqa: E402
+from model import ModelConfig, Transformer, fused, quant  # noqa: E402
 
 PRESETS = {  # --random_model shapes
     "test": dict(vocab_size=128, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128),
@@ -179,7 +179,8 @@ def main():
   # A tied embedding is one array, read as the head: count it once.
   leaves = jax.tree.leaves({**params, "embedding": params["embedding"][:0]}
                            if cfg.tie_embeddings else params)
-  n_params = sum(x.size for x in leaves)
+  # Parameters as the model counts them: a quantized weight is its logical size.
+  n_params = sum(x.size for x in jax.tree.leaves(module_params, is_leaf=quant.is_quantized))
   # Each decode step reads every weight once (the embedding only as the LM head); the input
   # embedding's one row per token and the KV cache are left out.
   weight_bytes = sum(x.size * x.dtype.itemsize for x in leaves)

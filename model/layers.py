@@ -13,7 +13,9 @@ A weight is whatever the parameter tree holds at its place:
   a quant.Quantized    any of those quantized (model/quant.py), dequantized where used;
   a lora.Adapted       any of those with its LoRA adapter, applied unmerged (`project`);
   a fused.Packed       the inference layout of model/fused.py: q, k and v as one "qkv"
-                       matrix, gate and up as one "gate_up", [out, in] or [in, out].
+                       matrix, gate and up as one "gate_up", [out, in] or [in, out];
+  a Capture            calibration only (model/calibrate.py): stops the block, raising the
+                       weight's input.
 The block asks which it holds and runs the same math either way. Parameters are stored in
 `param_dtype` and cast to the compute dtype where they are used; activations carry logical
 axis names (`constrain`) that the rules in model/sharding.py map onto the mesh.
@@ -22,6 +24,7 @@ axis names (`constrain`) that the rules in model/sharding.py map onto the mesh.
 import functools
 import math
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
@@ -161,11 +164,31 @@ def cache_attention(q_BTNH, k_BTKH, v_BTKH, layer_kv, start, segment_ids, cfg: M
   return out, (k_cache, v_cache)
 
 
+class Captured(Exception):
+  """Raised by a `Capture` weight: `x` is the activation the block applied it to."""
+
+  def __init__(self, x):
+    super().__init__("a Capture weight was applied (catch Captured around the block)")
+    self.x = x
+
+
+@flax.struct.dataclass
+class Capture:
+  """A weight that stops the block where it is first applied, raising Captured(its input):
+  how post-training quantization (model/calibrate.py) reads the input of each block matmul
+  without a second copy of the block. Inside jit the caught input is a tracer of the same
+  trace, so a jitted function that catches it may return it."""
+  base: object
+
+  def project(self, equation, x, dtype):
+    raise Captured(x)
+
+
 def project(equation: str, x, w, dtype):
   """jnp.einsum(equation, x, w) in dtype for a block weight of the module's layout: an array,
-  a model/quant.py Quantized (dequantized by astype, inside the product's fusion under jit) or
-  a model/lora.py Adapted (x W + s (x A) B, unmerged)."""
-  if isinstance(w, Adapted):
+  a model/quant.py Quantized (dequantized by astype, inside the product's fusion under jit), a
+  model/lora.py Adapted (x W + s (x A) B, unmerged) or a `Capture` (raises with x)."""
+  if isinstance(w, (Adapted, Capture)):
     return w.project(equation, x, dtype)
   return jnp.einsum(equation, x, w.astype(dtype))
 

@@ -21,8 +21,10 @@ weight's own, so the sharding rules split values as they split the weight.
 dequantization into the matmul's operand where it can.
 """
 
+import dataclasses
 import math
 
+import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -217,21 +219,105 @@ def _name(path) -> str:
   return str(getattr(path[-1], "key", path[-1]))
 
 
+def is_matmul(path) -> bool:
+  """Whether the leaf at `path` (a tree_map_with_path path) is a block matmul weight."""
+  in_layers = any(str(getattr(p, "key", p)).startswith("layers") for p in path)
+  return in_layers and _name(path) in MATMUL_AXES
+
+
 def quantize_params(params, kind: str, group: int = 0, *, symmetric: bool = True,
                     double_quant: bool = False, quantize_fn=None):
   """params with every layer's matmul weight (MATMUL_AXES) quantized; the rest unchanged.
+  Boxed trees (nn.Partitioned leaves, as `Transformer.init` gives) keep each box, now around
+  a Quantized: its logical names are the weight's (model/sharding.py `shardings_for`).
 
   quantize_fn(path, w, n_in, n_out) -> Quantized replaces round-to-nearest (GPTQ, AWQ)."""
   def one(path, w):
-    in_layers = any(str(getattr(p, "key", p)).startswith("layers") for p in path)
-    if not in_layers or _name(path) not in MATMUL_AXES:
+    if not is_matmul(path):
       return w
+    if isinstance(w, nn.meta.AxisMetadata):
+      return w.replace_boxed(one(path, w.unbox(apply_constraint=False)))
     n_in, n_out = MATMUL_AXES[_name(path)]
     if quantize_fn is not None:
       return quantize_fn(path, w, n_in, n_out)
     return quantize(w, kind, group, n_batch=w.ndim - n_in - n_out, n_in=n_in,
                     symmetric=symmetric, double_quant=double_quant)
-  return jax.tree_util.tree_map_with_path(one, params)
+  return jax.tree_util.tree_map_with_path(
+      one, params, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+
+
+def dequantize_params(params):
+  """params with every Quantized weight dequantized to its own dtype: a plain tree."""
+  return jax.tree.map(lambda x: x.astype(x.dtype) if is_quantized(x) else x, params,
+                      is_leaf=is_quantized)
+
+
+METHODS = ("rtn", "gptq", "awq")
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+  """How a run directory's weights are quantized: its config.json "quant" entry, from which
+  a loader rebuilds the tree's structure (`abstract`) before restoring it.
+
+  kind: KINDS; group: input elements a scale covers (0: per output channel); symmetric
+  (False: int4 with zero points); double_quant: NF4's scales as int8; method: how the codes
+  were chosen (METHODS; the layout is the same for all, so loading ignores it)."""
+  kind: str
+  group: int = 0
+  symmetric: bool = True
+  double_quant: bool = False
+  method: str = "rtn"
+
+  def __post_init__(self):
+    if self.kind not in KINDS:
+      raise ValueError(f"quantization kind {self.kind!r} is not one of {KINDS}")
+    if self.method not in METHODS:
+      raise ValueError(f"quantization method {self.method!r} is not one of {METHODS}")
+    if self.group < 0:
+      raise ValueError(f"quantization group {self.group} must be >= 0 (0: per channel)")
+    if not self.symmetric and self.kind != "int4":
+      raise ValueError(f"asymmetric quantization is for int4, not {self.kind}")
+    if self.double_quant and self.kind != "nf4":
+      raise ValueError(f"double quantization is NF4's, not {self.kind}'s")
+
+  @classmethod
+  def from_dict(cls, entry: dict) -> "Spec":
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(entry) - names)
+    if unknown:
+      raise ValueError(f"unknown quant keys {unknown}; valid keys: {sorted(names)}")
+    return cls(**entry)
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+  def quantize(self, params):
+    """Round-to-nearest of params (plain or boxed, concrete or abstract), this layout."""
+    return quantize_params(params, self.kind, self.group, symmetric=self.symmetric,
+                           double_quant=self.double_quant)
+
+  def check(self, params) -> None:
+    """Raises ValueError naming the first weight of `params` (arrays or ShapeDtypeStructs)
+    this layout cannot hold: a group that does not divide its input size, an odd packed axis."""
+    def one(path, w):
+      if not is_matmul(path) or is_quantized(w):
+        return
+      n_in, n_out = MATMUL_AXES[_name(path)]
+      ins = w.shape[w.ndim - n_in - n_out:w.ndim - n_out]
+      k, name = math.prod(ins), jax.tree_util.keystr(path, simple=True, separator="/")
+      if self.group and k % self.group:
+        raise ValueError(f"quantization group {self.group} does not divide the input size {k} "
+                         f"of {name} (shape {tuple(w.shape)}); choose a group that divides it, "
+                         f"e.g. {math.gcd(k, self.group)} (0: per output channel)")
+      if BITS[self.kind] == 4 and ins[-1] % 2:
+        raise ValueError(f"{self.kind} packs two values a byte along the last input axis, of "
+                         f"odd size {ins[-1]} in {name} (shape {tuple(w.shape)})")
+    jax.tree_util.tree_map_with_path(one, params, is_leaf=is_quantized)
+
+  def abstract(self, abstract_params):
+    """The quantized tree's ShapeDtypeStructs from the dense one's."""
+    return jax.eval_shape(self.quantize, abstract_params)
 
 
 def shardings(weight_shardings, params):

@@ -110,12 +110,18 @@ def logical_to_spec(logical: PartitionSpec, shape: Sequence[int], mesh: Mesh,
 
 
 def shardings_for(abstract_boxed, mesh: Mesh, rules=RULES):
-  """NamedShardings for a pytree of (abstract) values boxed with logical partitioning."""
+  """NamedShardings for a pytree of (abstract) values boxed with logical partitioning. A box
+  around a model/quant.py Quantized (its weight's names) gives the Quantized's shardings,
+  derived from the weight's (`quant.shardings`)."""
+  from model import quant  # deferred: quant imports the kernels
   logical = nn.get_partition_spec(abstract_boxed)
   shapes = nn.unbox(abstract_boxed)
-  return jax.tree.map(
-      lambda spec, x: NamedSharding(mesh, logical_to_spec(spec, x.shape, mesh, rules)),
-      logical, shapes, is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+  def one(spec, x):
+    named = NamedSharding(mesh, logical_to_spec(spec, x.shape, mesh, rules))
+    return quant.shardings(named, x) if quant.is_quantized(x) else named
+
+  return jax.tree.map(one, logical, shapes, is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

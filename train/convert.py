@@ -4,6 +4,8 @@
   python train/convert.py --src orbax:runs/smollm2 --dst hf:out/smollm2 --dtype bfloat16
   python train/convert.py --src hf:out/smollm2 --dst hf:out/smollm2-2gb --max_shard_size 2GB
   python train/convert.py --src hf:path/to/Llama-3.2-1B --dst orbax:runs/llama
+  python train/convert.py --src orbax:runs/llama --dst orbax:runs/llama-int4 \
+      --quantize int4 --group 128 --method gptq
 
 Formats: `gguf` (read), `hf` (a directory with config.json, *.safetensors and an optional
 index; read and write), `orbax` (a run directory: config.json, tokenizer files and
@@ -11,7 +13,16 @@ checkpoints/0/params; read and write, local or gs://bucket/run). Parameters are 
 straight into the mesh's shardings and written tensor by tensor; the destination appears only
 when complete (remotely: its config.json is written last).
 
-From Python: `convert("gguf:model.gguf", "orbax:runs/x")`.
+Quantization (`--quantize int8|int4|nf4`, orbax destinations): every block matmul becomes a
+model/quant.py Quantized weight and config.json records how ("quant": quant.Spec), so every
+reader of run directories (infer/workdir.py) loads the codes as they are. `--method rtn`
+rounds to nearest; `gptq` and `awq` (model/calibrate.py) choose the codes on calibration text,
+`--calib_tokens` tokens of `--calib` (default: the training split of the standard library, as
+the default training run reads it) in rows of `--calib_len`, tokenized with the source's
+tokenizer. A quantized orbax source is read dequantized.
+
+From Python: `convert("gguf:model.gguf", "orbax:runs/x")`,
+`convert("orbax:runs/x", "orbax:runs/x4", quantize=Quantize(quant.Spec("int4", 64)))`.
 """
 
 import os
@@ -30,7 +41,7 @@ from infer.files import (ConversionError, as_path, atomic_directory, check_desti
                          is_remote, read_tokenizer_files, token_ids, write_atomic,
                          write_tokenizer_files)
 from infer.hf import load_hf, relayout, write_hf
-from model import ModelConfig, sharding
+from model import ModelConfig, quant, sharding
 
 READ_FORMATS = ("gguf", "hf", "orbax")
 WRITE_FORMATS = ("hf", "orbax")
@@ -43,6 +54,7 @@ class Pretrained:
   params: Any  # our parameter pytree (jax.Arrays on some mesh)
   tokenizer: Any = None  # tokenizers.Tokenizer
   tokenizer_config: dict = dataclasses.field(default_factory=dict)  # HF tokenizer_config.json
+  quantization: quant.Spec | None = None  # how params' Quantized weights were made, None if dense
 
   @property
   def ids(self) -> dict:
@@ -78,7 +90,7 @@ def read(src: str, mesh=None, **config_overrides) -> Pretrained:
     cfg, params, tokenizer, extra = load_hf(path, mesh, **config_overrides)
     return Pretrained(cfg, params, tokenizer, extra["tokenizer_config"])
   cfg = workdir_lib.load_model_config(path)  # orbax
-  params = workdir_lib.load_params(path, cfg, mesh)
+  params = workdir_lib.load_params(path, cfg, mesh, dense=True)  # a quantized run dequantized
   tokenizer, tokenizer_config = read_tokenizer_files(path)
   model = Pretrained(cfg, params, tokenizer, tokenizer_config)
   return with_config(model, mesh, **config_overrides) if config_overrides else model
@@ -113,8 +125,10 @@ def write_workdir(directory: str, model: Pretrained, final_path: str | None = No
     ckpt.save_params(0, model.params)
   finally:
     ckpt.close()
-  write_atomic(as_path(directory) / workdir_lib.CONFIG,
-               json.dumps(run_config(model.cfg, final_path or directory), indent=2))
+  config = run_config(model.cfg, final_path or directory)
+  if model.quantization is not None:
+    config[workdir_lib.QUANT] = model.quantization.to_dict()
+  write_atomic(as_path(directory) / workdir_lib.CONFIG, json.dumps(config, indent=2))
 
 
 def write(model: Pretrained, dst: str, *, max_shard_size: str | int = "5GB",
@@ -129,22 +143,132 @@ def write(model: Pretrained, dst: str, *, max_shard_size: str | int = "5GB",
                dtype=dtype)
     else:
       if dtype:
+        if model.quantization is not None:
+          raise ValueError("--dtype of a quantized model: set it before quantizing (convert "
+                           "does)")
         model = with_config(model, param_dtype=dtype)
       write_workdir(tmp, model, final_path=path)
   return path
 
 
+# ------------------------------------------------------------------------------ quantization
+
+@dataclasses.dataclass(frozen=True)
+class Quantize:
+  """What --quantize and its flags ask for: the layout and method (spec), and for GPTQ/AWQ the
+  calibration text (calib: "stdlib" or comma-separated globs; .jsonl files give their "text"
+  fields), calib_tokens tokens of it in rows of calib_len."""
+  spec: quant.Spec
+  calib: str = "stdlib"
+  calib_tokens: int = 16384
+  calib_len: int = 512
+
+  @classmethod
+  def of_flags(cls, kind: str, group: int = 128, method: str = "rtn", symmetric: bool = True,
+               double_quant: bool = False, **calibration) -> "Quantize":
+    """From the CLI's flags, each error naming its flag."""
+    if kind not in quant.KINDS:
+      raise ValueError(f"--quantize={kind!r}: not one of {list(quant.KINDS)}")
+    if method not in quant.METHODS:
+      raise ValueError(f"--method={method!r}: not one of {list(quant.METHODS)}")
+    if group < 0:
+      raise ValueError(f"--group={group}: must be >= 0 (0: per output channel)")
+    if not symmetric and kind != "int4":
+      raise ValueError(f"--symmetric=false: zero points are int4's, not {kind}'s")
+    if double_quant and kind != "nf4":
+      raise ValueError(f"--double_quant=true: double quantization is nf4's, not {kind}'s")
+    out = cls(quant.Spec(kind, group, symmetric, double_quant, method), **calibration)
+    if out.calib_tokens < 1 or out.calib_len < 1:
+      raise ValueError(f"--calib_tokens={out.calib_tokens} and --calib_len={out.calib_len} "
+                       "must be >= 1")
+    return out
+
+  @property
+  def calibrated(self) -> bool:
+    return self.spec.method != "rtn"
+
+  def check_files(self) -> list[str]:
+    """The calibration files (before anything is loaded: a bad glob fails first)."""
+    from train import data as data_lib
+    if not self.calibrated:
+      return []
+    if self.calib == data_lib.STDLIB:
+      from configs import base
+      return data_lib.list_files(base.get_config().data)[0]  # the default run's train split
+    return data_lib.match_files(self.calib, key="--calib")
+
+
+def calibration_tokens(model: Pretrained, files: list[str], n_tokens: int, row_len: int):
+  """int32[rows, row_len]: the first n_tokens of the files' documents as training reads them
+  ([bos] text [eos], special-token text encoded as plain text), in the files' order, in rows
+  of min(row_len, n_tokens, model.cfg.max_seq_len) tokens."""
+  import types
+  import numpy as np
+  from infer.files import document_ids
+  from train import data as data_lib
+  bos, eos = document_ids(model.tokenizer, model.tokenizer_config)
+  tokenizer = type(model.tokenizer).from_str(model.tokenizer.to_str())
+  tokenizer.encode_special_tokens = True
+  ids = []
+  for path in files:
+    fmt = "jsonl" if path.endswith(".jsonl") else "text"
+    for text in data_lib.read_documents(path, types.SimpleNamespace(format=fmt,
+                                                                   text_field="text")):
+      if text:
+        ids += ([] if bos is None else [bos]) + tokenizer.encode(
+            text, add_special_tokens=False).ids + [eos]
+    if len(ids) >= n_tokens:
+      break
+  ids = ids[:n_tokens]
+  row_len = min(row_len, len(ids), model.cfg.max_seq_len)
+  if not ids:
+    raise ValueError(f"--calib: the {len(files)} file(s) hold no text")
+  rows = len(ids) // row_len
+  return np.asarray(ids[:rows * row_len], np.int32).reshape(rows, row_len)
+
+
+def quantized(model: Pretrained, request: Quantize, files: list[str] | None = None,
+              src: str = "", log=None) -> Pretrained:
+  """The model with its block matmuls quantized as `request` says."""
+  from model import calibrate
+  try:
+    request.spec.check(model.params)
+  except ValueError as e:
+    raise ValueError(f"--group={request.spec.group}: {e}") from None
+  tokens = None
+  if request.calibrated:
+    if model.tokenizer is None:
+      raise ValueError(f"--method={request.spec.method} calibrates on text tokenized with the "
+                       f"model's tokenizer, and {src or 'the source'} has none "
+                       "(tokenizer.json); use --method rtn")
+    files = request.check_files() if files is None else files
+    tokens = calibration_tokens(model, files, request.calib_tokens, request.calib_len)
+    if log is not None:
+      log(f"calibrating on {tokens.shape[0]} rows of {tokens.shape[1]} tokens")
+  params = calibrate.quantize_model(model.cfg, model.params, tokens, request.spec, log=log)
+  return dataclasses.replace(model, params=params, quantization=request.spec)
+
+
 def convert(src: str, dst: str, *, max_shard_size: str | int = "5GB", dtype: str | None = None,
-            scan_layers: bool | None = None, mesh=None, overwrite: bool = False) -> str:
+            scan_layers: bool | None = None, mesh=None, overwrite: bool = False,
+            quantize: Quantize | None = None, log=None) -> str:
   """Converts `src` to `dst` (both FORMAT:PATH); returns the destination path.
 
   dtype: stored weights of the destination (float32, bfloat16, float16; default: as the
-  source holds them, float32 for GGUF). scan_layers: the orbax destination's layer layout
-  (default: the source's, scanned for gguf/hf)."""
-  _, path = parse_location(dst, WRITE_FORMATS, "--dst")  # fail before loading anything
+  source holds them, float32 for GGUF); with `quantize`, the dtype the weights dequantize to.
+  scan_layers: the orbax destination's layer layout (default: the source's, scanned for
+  gguf/hf). quantize: an orbax destination's quantization (module docstring)."""
+  fmt, path = parse_location(dst, WRITE_FORMATS, "--dst")  # fail before loading anything
   check_destination(path, overwrite)
+  if quantize is not None and fmt != "orbax":
+    raise ValueError(f"--quantize writes orbax run directories, not {fmt}")
+  files = quantize.check_files() if quantize is not None else None
   overrides = {} if scan_layers is None else {"scan_layers": scan_layers}
   model = read(src, mesh, **overrides)
+  if quantize is not None:
+    if dtype:
+      model, dtype = with_config(model, mesh, param_dtype=dtype), None
+    model = quantized(model, quantize, files, src, log)
   return write(model, dst, max_shard_size=max_shard_size, dtype=dtype, overwrite=overwrite)
 
 
@@ -162,11 +286,44 @@ def main(argv=None) -> int:
                       help="layer layout of an orbax destination (default: the source's)")
   parser.add_argument("--overwrite", action="store_true",
                       help="replace an existing destination (only once the new one is done)")
+  q = parser.add_argument_group("quantization (orbax destinations)")
+  q.add_argument("--quantize", default=None, choices=quant.KINDS,
+                 help="quantize every block matmul (default: no quantization)")
+  # Defaults None: a flag given without --quantize is an error, not silently ignored.
+  q.add_argument("--group", type=int, default=None,
+                 help="input elements a scale covers (default 128); 0: one per output channel")
+  q.add_argument("--method", default=None, choices=quant.METHODS,
+                 help="rtn (default): round to nearest; gptq, awq: calibrated on --calib")
+  q.add_argument("--symmetric", default=None, choices=("true", "false"),
+                 help="false: int4 with zero points (default true)")
+  q.add_argument("--double_quant", default=None, choices=("true", "false"),
+                 help="nf4's scales as int8, QLoRA's double quantization (default false)")
+  q.add_argument("--calib", default=None,
+                 help="calibration text of gptq/awq: 'stdlib' (default: the standard library) "
+                      "or comma-separated globs (.jsonl files: their 'text' fields)")
+  q.add_argument("--calib_tokens", type=int, default=None,
+                 help="calibration tokens (default 16384)")
+  q.add_argument("--calib_len", type=int, default=None,
+                 help="tokens per calibration row (default 512)")
   args = parser.parse_args(argv)
+  flags = {k: v for k, v in vars(args).items() if v is not None and k in (
+      "group", "method", "symmetric", "double_quant", "calib", "calib_tokens", "calib_len")}
   try:
+    request = None
+    if args.quantize is None and flags:
+      raise ValueError(f"{', '.join('--' + k for k in flags)} set without --quantize")
+    if args.quantize is not None:
+      calibrated = flags.get("method", "rtn") != "rtn"
+      if not calibrated and {"calib", "calib_tokens", "calib_len"} & set(flags):
+        raise ValueError("--calib, --calib_tokens and --calib_len are for --method gptq|awq")
+      request = Quantize.of_flags(
+          args.quantize, flags.get("group", 128), flags.get("method", "rtn"),
+          flags.get("symmetric", "true") == "true", flags.get("double_quant") == "true",
+          **{k: flags[k] for k in ("calib", "calib_tokens", "calib_len") if k in flags})
     path = convert(args.src, args.dst, max_shard_size=args.max_shard_size, dtype=args.dtype,
                    scan_layers=None if args.scan_layers is None else args.scan_layers == "true",
-                   overwrite=args.overwrite)
+                   overwrite=args.overwrite, quantize=request,
+                   log=lambda m: print(m, file=sys.stderr, flush=True))
   except (ConversionError, FileExistsError, FileNotFoundError, ValueError) as e:
     print(f"convert: error: {e}", file=sys.stderr)
     return 1

@@ -96,9 +96,10 @@ def list_files(data_cfg) -> tuple[list[str], list[str]]:
   return paths[n_val:], paths[:n_val]
 
 
-def match_files(corpus: str) -> list[str]:
-  """Every file of a corpus ("stdlib" or comma-separated globs), sorted, unsplit."""
-  return sorted(_corpus_files(corpus))
+def match_files(corpus: str, key: str = "data.corpus") -> list[str]:
+  """Every file of a corpus ("stdlib" or comma-separated globs), sorted, unsplit; errors name
+  `key` (the config key or flag that gave the corpus)."""
+  return sorted(_corpus_files(corpus, key))
 
 
 def _make_data(spec: str, directory: str) -> None:

@@ -269,7 +269,8 @@ def train(cfg) -> dict:
     if objective.start is not None:
       state = state.replace(params=objective.start(state.params, frozen))
     elif cfg.train.init_from:
-      state = state.replace(params=run_dir.load_params(cfg.train.init_from, model_cfg, mesh))
+      state = state.replace(params=run_dir.load_params(cfg.train.init_from, model_cfg, mesh,
+                                                       dense=True))
     if cfg.train.init_from:
       print(f"initialised from {cfg.train.init_from}", flush=True)
   if is_main:

@@ -12,7 +12,7 @@ import numpy as np
 from infer import workdir as run_dir
 from infer.decode import generate
 from infer.sampling import SamplingParams
-from model import ModelConfig, Transformer, head, lora
+from model import ModelConfig, Transformer, head, lora, quant
 from train import objectives, posttrain_data
 from train.config import ConfigError, import_function
 from train.tasks import pretrain
@@ -28,6 +28,10 @@ class Policy:
   rank: int = 0
   alpha: float = 16.0
   targets: str = ""
+  # init_from's quantization (a run written by train/convert.py --quantize), None if dense.
+  # With LoRA the frozen base stays quantized (QLoRA's setting: Dettmers et al. 2023); full
+  # fine-tuning, and the merged model LoRA exports, start from or hold its dequantized weights.
+  base_quant: quant.Spec | None = None
 
   @classmethod
   def of(cls, cfg, model_cfg: ModelConfig) -> "Policy":
@@ -39,7 +43,14 @@ class Policy:
       lora.parse_targets(cfg.lora.targets)
     except ValueError as e:
       raise ConfigError(f"lora.targets: {e}") from None
-    return cls(model_cfg, cfg.train.init_from, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets)
+    base_quant = None
+    if cfg.lora.rank:  # only LoRA keeps the base as stored; elsewhere load_params dequantizes
+      try:
+        base_quant = run_dir.load_quant(cfg.train.init_from)
+      except FileNotFoundError:  # no run there: loading the base says so, when it is loaded
+        pass
+    return cls(model_cfg, cfg.train.init_from, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets,
+               base_quant)
 
   @property
   def model(self) -> Transformer:
@@ -55,8 +66,12 @@ class Policy:
     base = self.init_model(rng)  # only its shapes and names are read
     return lora.init_adapters(base, targets=self.targets, rank=self.rank, rng=rng)
 
+  def frozen_base(self, boxed):
+    """The frozen base's tree as it loads (shapes and names): quantized like init_from."""
+    return boxed if self.base_quant is None else self.base_quant.quantize(boxed)
+
   def init_frozen(self, rng):
-    return {"base": self.init_model(rng)} if self.rank else {}
+    return {"base": self.frozen_base(self.init_model(rng))} if self.rank else {}
 
   def init_frozen_with_reference(self, rng):
     """Frozen arrays of a task with a reference: LoRA's base (the reference itself), or a
@@ -74,7 +89,8 @@ class Policy:
     """The model's parameters as plain weights (adapters merged): export, decoding."""
     if not self.rank:
       return trained
-    return lora.merge(frozen["base"], trained, rank=self.rank, alpha=self.alpha)
+    merged = lora.merge(frozen["base"], trained, rank=self.rank, alpha=self.alpha)
+    return quant.dequantize_params(merged)  # the weights no adapter touched, of a quantized base
 
   def reference(self, frozen):
     """The frozen reference: the base with adapters off, or frozen["reference"]."""

@@ -10,7 +10,7 @@ valid [B]. The normaliser is the number of real pairs.
 import jax.numpy as jnp
 
 from infer import workdir as run_dir
-from model import Transformer, lora
+from model import Transformer, lora, quant
 from train import objectives
 from train.metrics import StepCost
 from train.config import ConfigError
@@ -72,7 +72,8 @@ def objective(cfg, model_cfg) -> Objective:
     return {"adapters": adapters, "value_head": params["value_head"]}
 
   def init_frozen(rng):
-    return {"base": {k: v for k, v in init_model(rng).items() if k != "value_head"}}
+    return {"base": policy.frozen_base(
+        {k: v for k, v in init_model(rng).items() if k != "value_head"})}
 
   def to_params(params, frozen, combine=lora.attach):
     # attach: unmerged, for the step; merge: plain weights, for export.
@@ -81,7 +82,8 @@ def objective(cfg, model_cfg) -> Objective:
 
   return Objective(
       init=init, init_frozen=init_frozen,
-      export=lambda params, frozen: to_params(params, frozen, lora.merge),
+      export=lambda params, frozen: quant.dequantize_params(to_params(params, frozen,
+                                                                      lora.merge)),
       start=lambda p, f: p,
       loss_fn=lambda params, frozen, batch: loss_fn(to_params(params, frozen), batch,
                                                     model=model),
