@@ -285,3 +285,4 @@ def test_what_llama_cpp_cannot_run_is_refused(tmp_path, tokenizer):
   with pytest.raises(ConversionError, match=r"needs the model's tokenizer"):
     export(tmp_path, cfg, params, None, "f16")
   assert os.listdir(tmp_path) == []  # nothing half-written left behind
+
