@@ -194,6 +194,27 @@ def check_destination(dst: str, overwrite: bool = False) -> str:
 
 
 @contextlib.contextmanager
+def atomic_file(dst: str, overwrite: bool = False):
+  """Yields a temporary local path beside `dst`, renamed to `dst` only when the block
+  succeeds (and removed when it fails): a reader never finds a half-written file."""
+  dst = check_destination(dst, overwrite)
+  if is_remote(dst) or os.path.isdir(dst):
+    raise ValueError(f"{dst}: expected a local file path")
+  parent = os.path.dirname(dst)
+  os.makedirs(parent, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(dst)}.partial-", dir=parent)
+  os.close(fd)
+  try:
+    yield tmp
+    os.chmod(tmp, 0o644)  # mkstemp creates files 0600
+    os.replace(tmp, dst)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+@contextlib.contextmanager
 def atomic_directory(dst: str, overwrite: bool = False):
   """Yields a fresh temporary directory beside `dst`, renamed to `dst` only when the block
   succeeds: a failed conversion never leaves a half-written destination.

@@ -189,7 +189,7 @@ def config_from_hf(hf: dict, path: str = CONFIG, **overrides) -> ModelConfig:
 # Fields that change how a model runs or trains, not the function it computes.
 _NOT_ARCHITECTURE = ("param_dtype", "dtype", "scan_layers", "remat", "attention_impl",
                      "init_std", "capacity_factor", "router_aux_loss_coef",
-                     "router_z_loss_coef")
+                     "router_z_loss_coef", "moe_impl")
 
 
 def canonical(cfg: ModelConfig) -> ModelConfig:

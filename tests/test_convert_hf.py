@@ -337,5 +337,8 @@ def test_failed_write_leaves_no_destination(hf_dir, tmp_path, monkeypatch):
 def test_bad_locations():
   with pytest.raises(ValueError, match=r"--src='safetensors:x': expected FORMAT:PATH"):
     convert("safetensors:x", "hf:y")
-  with pytest.raises(ValueError, match=r"--dst='gguf:y'"):
-    convert("hf:x", "gguf:y")
+  with pytest.raises(ValueError, match=r"--dst='safetensors:y'"):
+    convert("hf:x", "safetensors:y")
+  with pytest.raises(ValueError, match=r"--dst='gguf:gs://b/m.gguf': gguf files are read and "
+                                       "written locally"):
+    convert("hf:x", "gguf:gs://b/m.gguf")

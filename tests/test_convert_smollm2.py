@@ -276,3 +276,30 @@ def test_converted_workdir_generates_the_same(smol, tmp_path):
   assert ids == tokenizer.encode("The capital of France is").ids
   out = _greedy(cfg2, workdir.load_params(path, cfg2), ids, 8, extra["eos_token_ids"])
   assert out == _greedy(cfg, params, ids, 8, extra["eos_token_ids"])
+
+
+# ---- GGUF export: the file back as it came ------------------------------------------------
+
+def test_gguf_export_q4_1_rewrites_the_original_file(smol, reader, tmp_path):
+  # Q4_1 blocks span their own minimum and maximum, so quantizing their dequantized values
+  # again gives the same codes: exporting the import as q4_1 must give back llama.cpp's file,
+  # tensor for tensor (types, Q/K row order, the Q8_0 tied embedding) and key for key.
+  from infer.gguf import tokenizer_from_gguf
+  from infer.gguf_export import save_gguf
+  cfg, params, tokenizer, extra = smol
+  path = save_gguf(str(tmp_path / "smol.gguf"), cfg, params, tokenizer,
+                   extra["tokenizer_config"], gguf_type="q4_1")
+  ours = gguf.GGUFReader(path)
+  theirs = {t.name: t for t in reader.tensors}
+  assert sorted(t.name for t in ours.tensors) == sorted(theirs)
+  for t in ours.tensors:
+    assert t.tensor_type == theirs[t.name].tensor_type, t.name
+    np.testing.assert_array_equal(t.data, theirs[t.name].data, err_msg=t.name)
+  model_keys = [k for k in reader.fields if k.startswith(("llama.", "tokenizer."))
+                and k != "tokenizer.ggml.add_space_prefix"]  # BPE ignores it
+  for key in model_keys + ["general.architecture", "general.file_type"]:
+    assert ours.fields[key].contents() == reader.fields[key].contents(), key
+  rebuilt, _ = tokenizer_from_gguf(ours, path)
+  for text in TEXTS:
+    assert (rebuilt.encode(text, add_special_tokens=False).ids
+            == tokenizer.encode(text, add_special_tokens=False).ids)

@@ -4,14 +4,15 @@
   python train/convert.py --src orbax:runs/smollm2 --dst hf:out/smollm2 --dtype bfloat16
   python train/convert.py --src hf:out/smollm2 --dst hf:out/smollm2-2gb --max_shard_size 2GB
   python train/convert.py --src hf:path/to/Llama-3.2-1B --dst orbax:runs/llama
+  python train/convert.py --src orbax:runs/smollm2 --dst gguf:out/smollm2.gguf --gguf_type q8_0
   python train/convert.py --src orbax:runs/llama --dst orbax:runs/llama-int4 \
       --quantize int4 --group 128 --method gptq
 
-Formats: `gguf` (read), `hf` (a directory with config.json, *.safetensors and an optional
-index; read and write), `orbax` (a run directory: config.json, tokenizer files and
-checkpoints/0/params; read and write, local or gs://bucket/run). Parameters are loaded
-straight into the mesh's shardings and written tensor by tensor; the destination appears only
-when complete (remotely: its config.json is written last).
+Formats: `gguf` (a llama.cpp file; read and write), `hf` (a directory with config.json,
+*.safetensors and an optional index; read and write), `orbax` (a run directory: config.json,
+tokenizer files and checkpoints/0/params; read and write, local or gs://bucket/run).
+Parameters are loaded straight into the mesh's shardings and written tensor by tensor; the
+destination appears only when complete (remotely: its config.json is written last).
 
 Quantization (`--quantize int8|int4|nf4`, orbax destinations): every block matmul becomes a
 model/quant.py Quantized weight and config.json records how ("quant": quant.Spec), so every
@@ -20,6 +21,11 @@ rounds to nearest; `gptq` and `awq` (model/calibrate.py) choose the codes on cal
 `--calib_tokens` tokens of `--calib` (default: the training split of the standard library, as
 the default training run reads it) in rows of `--calib_len`, tokenized with the source's
 tokenizer. A quantized orbax source is read dequantized.
+
+GGUF export (`--dst gguf:FILE`): the architecture llama.cpp runs the model as, the tokenizer
+(byte-level BPE) and chat template, Q/K rows in llama.cpp's order; `--gguf_type` f32, f16
+(default), bf16, q8_0, q4_0, q4_1, q5_0 or q5_1 (see infer/gguf_export.py for the tensors
+kept at other types).
 
 From Python: `convert("gguf:model.gguf", "orbax:runs/x")`,
 `convert("orbax:runs/x", "orbax:runs/x4", quantize=Quantize(quant.Spec("int4", 64)))`.
@@ -44,7 +50,7 @@ from infer.hf import load_hf, relayout, write_hf
 from model import ModelConfig, quant, sharding
 
 READ_FORMATS = ("gguf", "hf", "orbax")
-WRITE_FORMATS = ("hf", "orbax")
+WRITE_FORMATS = ("gguf", "hf", "orbax")
 
 
 @dataclasses.dataclass
@@ -132,10 +138,21 @@ def write_workdir(directory: str, model: Pretrained, final_path: str | None = No
 
 
 def write(model: Pretrained, dst: str, *, max_shard_size: str | int = "5GB",
-          dtype: str | None = None, overwrite: bool = False) -> str:
+          dtype: str | None = None, overwrite: bool = False, gguf_type: str = "f16",
+          log=None) -> str:
   """Writes `model` to `FORMAT:PATH`, all or nothing; returns the path."""
   fmt, path = parse_location(dst, WRITE_FORMATS, "--dst")
   path = os.fspath(as_path(path))
+  if fmt == "gguf":
+    from infer.gguf_export import save_gguf
+    if dtype:
+      raise ValueError("--dtype does not apply to a gguf destination; use --gguf_type")
+    if model.quantization is not None:
+      raise ValueError("GGUF export of quantized parameters: read the source dense (an orbax "
+                       "source is) or export before --quantize")
+    name = os.path.splitext(os.path.basename(path))[0]
+    return save_gguf(path, model.cfg, model.params, model.tokenizer, model.tokenizer_config,
+                     gguf_type=gguf_type, name=name, overwrite=overwrite, log=log)
   with atomic_directory(path, overwrite) as tmp:
     if fmt == "hf":
       write_hf(tmp, model.cfg, model.params, tokenizer=model.tokenizer,
@@ -251,17 +268,27 @@ def quantized(model: Pretrained, request: Quantize, files: list[str] | None = No
 
 def convert(src: str, dst: str, *, max_shard_size: str | int = "5GB", dtype: str | None = None,
             scan_layers: bool | None = None, mesh=None, overwrite: bool = False,
-            quantize: Quantize | None = None, log=None) -> str:
+            quantize: Quantize | None = None, gguf_type: str | None = None,
+            log=None) -> str:
   """Converts `src` to `dst` (both FORMAT:PATH); returns the destination path.
 
   dtype: stored weights of the destination (float32, bfloat16, float16; default: as the
   source holds them, float32 for GGUF); with `quantize`, the dtype the weights dequantize to.
   scan_layers: the orbax destination's layer layout (default: the source's, scanned for
-  gguf/hf). quantize: an orbax destination's quantization (module docstring)."""
+  gguf/hf). quantize: an orbax destination's quantization (module docstring). gguf_type: a
+  gguf destination's tensor type (default f16; infer/gguf_export.py GGUF_TYPES)."""
   fmt, path = parse_location(dst, WRITE_FORMATS, "--dst")  # fail before loading anything
   check_destination(path, overwrite)
   if quantize is not None and fmt != "orbax":
     raise ValueError(f"--quantize writes orbax run directories, not {fmt}")
+  if gguf_type is not None and fmt != "gguf":
+    raise ValueError(f"--gguf_type={gguf_type!r} is for gguf destinations, not {fmt}")
+  if fmt == "gguf":
+    from infer.gguf_export import ggml_type
+    gguf_type = gguf_type or "f16"
+    ggml_type(gguf_type)
+    if dtype:
+      raise ValueError("--dtype does not apply to a gguf destination; use --gguf_type")
   files = quantize.check_files() if quantize is not None else None
   overrides = {} if scan_layers is None else {"scan_layers": scan_layers}
   model = read(src, mesh, **overrides)
@@ -269,7 +296,8 @@ def convert(src: str, dst: str, *, max_shard_size: str | int = "5GB", dtype: str
     if dtype:
       model, dtype = with_config(model, mesh, param_dtype=dtype), None
     model = quantized(model, quantize, files, src, log)
-  return write(model, dst, max_shard_size=max_shard_size, dtype=dtype, overwrite=overwrite)
+  return write(model, dst, max_shard_size=max_shard_size, dtype=dtype, overwrite=overwrite,
+               gguf_type=gguf_type or "f16", log=log)
 
 
 def main(argv=None) -> int:
@@ -284,6 +312,9 @@ def main(argv=None) -> int:
                       help="dtype of the written weights (default: the source's)")
   parser.add_argument("--scan_layers", default=None, choices=("true", "false"),
                       help="layer layout of an orbax destination (default: the source's)")
+  parser.add_argument("--gguf_type", default=None,
+                      help="tensor type of a gguf destination: f32, f16 (default), bf16, q8_0, "
+                           "q4_0, q4_1, q5_0, q5_1")
   parser.add_argument("--overwrite", action="store_true",
                       help="replace an existing destination (only once the new one is done)")
   q = parser.add_argument_group("quantization (orbax destinations)")
@@ -322,7 +353,7 @@ def main(argv=None) -> int:
           **{k: flags[k] for k in ("calib", "calib_tokens", "calib_len") if k in flags})
     path = convert(args.src, args.dst, max_shard_size=args.max_shard_size, dtype=args.dtype,
                    scan_layers=None if args.scan_layers is None else args.scan_layers == "true",
-                   overwrite=args.overwrite, quantize=request,
+                   overwrite=args.overwrite, quantize=request, gguf_type=args.gguf_type,
                    log=lambda m: print(m, file=sys.stderr, flush=True))
   except (ConversionError, FileExistsError, FileNotFoundError, ValueError) as e:
     print(f"convert: error: {e}", file=sys.stderr)
