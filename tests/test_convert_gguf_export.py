@@ -239,7 +239,7 @@ def test_every_family_reimports_as_the_same_model(tmp_path, tokenizer, family):
 def test_transformers_reads_the_same_model(tmp_path, tokenizer):
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
-  pytest.importorskip("accelerate")  # transformers' GGUF loading needs it
+  pytest.importorskip("accelerate")  # transformers' GGUF loading needs it (the test extra has it)
   cfg = ModelConfig(**BASE)
   params = random_params(cfg)
   export(tmp_path, cfg, params, tokenizer, "f32")
