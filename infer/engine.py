@@ -137,6 +137,7 @@ class Engine:
 
   def __init__(self, cfg: ModelConfig, params, config: EngineConfig = EngineConfig(), *,
                eos_ids: Sequence[int] = ()):
+    dtype = kv_cache.storage_dtype(cfg, config.cache_dtype, "EngineConfig.cache_dtype")
     # The inference layout (model/fused.py), its layers one by one with one page pool per
     # layer: each step updates the pools in place. [in, out] matrices: a step carries many rows.
     self.cfg = dataclasses.replace(cfg, scan_layers=False, remat="none")
@@ -149,7 +150,6 @@ class Engine:
     self.allocator = PageAllocator(config.num_pages, p)
     # (k_pages, v_pages, k_scale, v_scale): [K, num_pages, P, H] per layer, and for an int8
     # cache f32 [K, num_pages, P] scales (else None). Tables and lengths are each step's own.
-    dtype = kv_cache.storage_dtype(cfg, config.cache_dtype, "EngineConfig.cache_dtype")
     empty = PagedKVCache.init(cfg, 1, config.num_pages, p, 1, dtype, per_layer=True)
     self.pools = (empty.k_pages, empty.v_pages, empty.k_scale, empty.v_scale)
     self.waiting: collections.deque[Request] = collections.deque()
