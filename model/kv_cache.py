@@ -55,10 +55,6 @@ def quantize(x_NH: jax.Array) -> tuple[jax.Array, jax.Array]:
   return codes.astype(jnp.int8), scale
 
 
-def dequantize(codes_NH: jax.Array, scale_N: jax.Array, dtype=jnp.float32) -> jax.Array:
-  return (codes_NH.astype(jnp.float32) * scale_N[..., None]).astype(dtype)
-
-
 @flax.struct.dataclass
 class KVCache:
   # [L, B, S, K, H], or a tuple of L [B, S, K, H] buffers with unrolled layers (inference:
