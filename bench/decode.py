@@ -37,7 +37,7 @@ import numpy as np  # noqa: E402
 from infer import speculative  # noqa: E402
 from infer.decode import generate_with_stats, layout_for  # noqa: E402
 from infer.sampling import SamplingParams  # noqa: E402
-from model import ModelConfig, Transformer, fused, quant  # noqa: E402
+from model import ModelConfig, Transformer, fused, kv_cache, quant  # noqa: E402
 
 PRESETS = {  # --random_model shapes
     "test": dict(vocab_size=128, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128),
@@ -119,7 +119,7 @@ def measure_bandwidth(gib: float = 1.0) -> float:
 def run(cfg, params, prompts, args, draft=None, stream=None, stream_every=8):
   kw = dict(max_new_tokens=args.new_tokens, sampling=SamplingParams(temperature=args.temperature),
             draft=draft, num_draft_tokens=args.num_draft_tokens, seed=0, stream=stream,
-            stream_every=stream_every)
+            stream_every=stream_every, cache_dtype=args.kv_cache_dtype)
   first = generate_with_stats(cfg, params, prompts, **kw)  # compiles
   best = None
   for _ in range(args.repeats):
@@ -153,6 +153,8 @@ def main():
   ap.add_argument("--measure_bandwidth", action="store_true",
                   help="also measure this machine's streaming read bandwidth")
   ap.add_argument("--num_draft_tokens", type=int, default=4)
+  ap.add_argument("--kv_cache_dtype", choices=kv_cache.CACHE_DTYPES, default=None,
+                  help="the KV cache's dtype (default: --dtype); int8: quantized per token")
   ap.add_argument("--stream", action="store_true", help="also time with a streaming callback")
   args = ap.parse_args()
 
@@ -189,6 +191,7 @@ def main():
       "device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
       "model": args.checkpoint or args.gguf or args.hf or args.random_model,
       "params_m": n_params / 1e6, "dtype": args.dtype,
+      "kv_cache_dtype": args.kv_cache_dtype or args.dtype,
       "batch": args.batch, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
       "prefill_tokens_per_s": plain.stats()["prefill_tokens_per_s"],
       "decode_tokens_per_s": plain.stats()["decode_tokens_per_s"],

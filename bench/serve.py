@@ -29,6 +29,7 @@ from bench.decode import PRESETS, random_model  # noqa: E402
 from infer.decode import generate_with_stats  # noqa: E402
 from infer.engine import Engine, EngineConfig  # noqa: E402
 from infer.sampling import SamplingParams  # noqa: E402
+from model import kv_cache  # noqa: E402
 
 GREEDY = SamplingParams(temperature=0)
 
@@ -76,13 +77,14 @@ def run_engine(cfg, params, requests, config: EngineConfig):
   }, [done[i].tokens for i in ids]
 
 
-def run_static(cfg, params, requests, batch: int):
+def run_static(cfg, params, requests, batch: int, cache_dtype=None):
   t0 = time.perf_counter()
   latencies, outputs, kv_tokens = [], [], 0
   for i in range(0, len(requests), batch):
     group = requests[i:i + batch]
     g = generate_with_stats(cfg, params, [p for p, _ in group],
-                            max_new_tokens=[m for _, m in group], sampling=GREEDY)
+                            max_new_tokens=[m for _, m in group], sampling=GREEDY,
+                            cache_dtype=cache_dtype)
     outputs += g.tokens
     latencies += [time.perf_counter() - t0] * len(group)
     t = max(len(p) for p, _ in group)
@@ -106,6 +108,8 @@ def main():
   ap.add_argument("--page_size", type=int, default=16)
   ap.add_argument("--prefill_chunk", type=int, default=128)
   ap.add_argument("--prefill_rows", type=int, default=1)
+  ap.add_argument("--kv_cache_dtype", choices=kv_cache.CACHE_DTYPES, default=None,
+                  help="both sides' KV cache dtype (default: the compute dtype)")
   ap.add_argument("--skip_static", action="store_true")
   args = ap.parse_args()
 
@@ -118,16 +122,17 @@ def main():
   requests = workload(args.num_requests, cfg.vocab_size, args.seed, args.shared_prefix)
   config = EngineConfig(num_pages=args.num_pages, page_size=args.page_size,
                         max_batch=args.max_batch, prefill_chunk=args.prefill_chunk,
-                        prefill_rows=args.prefill_rows)
+                        prefill_rows=args.prefill_rows, cache_dtype=args.kv_cache_dtype)
   engine, engine_out = run_engine(cfg, params, requests, config)  # compiles first (warmup)
   out = {"device": jax.devices()[0].device_kind, "model": args.checkpoint or args.random_model,
+         "kv_cache_dtype": args.kv_cache_dtype,
          "num_requests": len(requests),
          "prompt_tokens": sum(len(p) for p, _ in requests),
          "requested_tokens": sum(m for _, m in requests),
          "engine": engine}
   if not args.skip_static:
-    run_static(cfg, params, requests, args.max_batch)  # compiles every batch shape
-    static, static_out = run_static(cfg, params, requests, args.max_batch)
+    run_static(cfg, params, requests, args.max_batch, args.kv_cache_dtype)  # compiles
+    static, static_out = run_static(cfg, params, requests, args.max_batch, args.kv_cache_dtype)
     out["static"] = static
     out["throughput_speedup"] = engine["tokens_per_s"] / static["tokens_per_s"]
     out["same_tokens"] = float(np.mean([a == b for a, b in zip(engine_out, static_out)]))

@@ -36,7 +36,7 @@ from infer import sampling as sampling_lib
 from infer import speculative, step
 from infer.sampling import Features, SamplingBatch, SamplingParams
 from infer.step import DecodeState, commit, emit, token_logprobs
-from model import ModelConfig, fused
+from model import ModelConfig, fused, kv_cache
 
 
 def bucket(n: int, minimum: int = 8) -> int:
@@ -141,7 +141,8 @@ def generate_with_stats(cfg: ModelConfig, params, prompts: Sequence[Sequence[int
   None, `speculative.ModelDraft(cfg, params)`, `speculative.EarlyExit(n_layers)` or
   `speculative.PromptLookup(ngram)`. `stream(row, new_token_ids)` is called as tokens come,
   every `stream_every` steps (each callback from the loop costs about one small step on CPU).
-  `return_logprobs`: also return each generated token's log_softmax(logits / T)[token] (T = 1
+  `cache_dtype`: the KV cache's, "bfloat16", "float32" or "int8" (quantized per token and
+  KV head); None: the compute dtype. `return_logprobs`: also return each generated token's log_softmax(logits / T)[token] (T = 1
   for greedy rows; before top-k/top-p/min-p/penalty: sample RL rollouts with temperature only).
   """
   if return_logprobs and draft is not None:
@@ -159,6 +160,8 @@ def generate_with_stats(cfg: ModelConfig, params, prompts: Sequence[Sequence[int
       raise ValueError(f"prompt {i} has {len(p)} tokens; with max_new_tokens={m} that exceeds "
                        f"the model's context of {limit} tokens (model.max_seq_len)")
   eos_ids = tuple(int(e) for e in eos_ids)
+  if cache_dtype is not None:  # "int8": the quantized cache (model/kv_cache.py)
+    cache_dtype = kv_cache.storage_dtype(cfg, cache_dtype, "cache_dtype")
   params = fused.prepare(cfg, params, layout=layout_for(n, draft is not None))
   # The forward needs no layer structure from the config: one static config per model shape.
   cfg = dataclasses.replace(cfg, scan_layers=False, remat="none")

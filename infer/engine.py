@@ -34,7 +34,7 @@ from infer import sampling as sampling_lib
 from infer import step
 from infer.pages import NULL_PAGE, OutOfPages, PageAllocator, chain_hash
 from infer.sampling import Features, SamplingBatch, SamplingParams
-from model import ModelConfig, fused
+from model import ModelConfig, fused, kv_cache
 from model.kv_cache import PagedKVCache
 
 
@@ -50,7 +50,7 @@ class EngineConfig:
   prefill_rows: int = 1  # prefilling requests advanced per step
   max_seq_len: int = 0  # 0: the model's max_seq_len
   prefix_caching: bool = True
-  cache_dtype: str | None = None  # None: the model's compute dtype
+  cache_dtype: str | None = None  # "bfloat16", "float32", "int8"; None: the compute dtype
 
 
 @dataclasses.dataclass
@@ -97,24 +97,25 @@ class _Group:
   seen: jax.Array  # bool[R, V] or bool[R, 1]
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "features"),
-                   donate_argnames=("k_pages", "v_pages"))
-def _device_step(params, k_pages, v_pages, copy_src, copy_dst, groups: tuple[_Group, ...], *,
+@functools.partial(jax.jit, static_argnames=("cfg", "features"), donate_argnames=("pools",))
+def _device_step(params, pools, copy_src, copy_dst, groups: tuple[_Group, ...], *,
                  cfg: ModelConfig, features: Features):
+  """pools: (k_pages, v_pages, k_scale, v_scale), each a tuple of one array per layer (the
+  scales None unless the cache is int8: model/kv_cache.PagedKVCache)."""
   # Copy-on-write first: no row writes a shared page, so sources are still intact.
-  k_pages = tuple(k.at[:, copy_dst].set(k[:, copy_src]) for k in k_pages)
-  v_pages = tuple(v.at[:, copy_dst].set(v[:, copy_src]) for v in v_pages)
+  pools = jax.tree.map(lambda pool: pool.at[:, copy_dst].set(pool[:, copy_src]), pools)
   out = []
   for g in groups:  # rows of different groups own different pages: order does not matter
+    k_pages, v_pages, k_scale, v_scale = pools
     cache = PagedKVCache(k_pages=k_pages, v_pages=v_pages, page_indices=g.table,
-                         lengths=g.start)
+                         lengths=g.start, k_scale=k_scale, v_scale=v_scale)
     # Only each row's last real token is sampled: the head runs there alone ([R, V]).
     last, cache = step.forward(cfg, params, g.tokens, cache, n_real_B=g.n_real,
                                logits_at=jnp.maximum(g.n_real - 1, 0))
-    k_pages, v_pages = cache.k_pages, cache.v_pages
+    pools = (cache.k_pages, cache.v_pages, cache.k_scale, cache.v_scale)
     keys = sampling_lib.token_keys(sampling_lib.row_keys(g.seeds), g.counter)
     out.append(sampling_lib.sample_rows(keys, last, g.sampling, features, g.seen))
-  return k_pages, v_pages, tuple(out)
+  return pools, tuple(out)
 
 
 @dataclasses.dataclass
@@ -136,6 +137,7 @@ class Engine:
 
   def __init__(self, cfg: ModelConfig, params, config: EngineConfig = EngineConfig(), *,
                eos_ids: Sequence[int] = ()):
+    dtype = kv_cache.storage_dtype(cfg, config.cache_dtype, "EngineConfig.cache_dtype")
     # The inference layout (model/fused.py), its layers one by one with one page pool per
     # layer: each step updates the pools in place. [in, out] matrices: a step carries many rows.
     self.cfg = dataclasses.replace(cfg, scan_layers=False, remat="none")
@@ -146,10 +148,10 @@ class Engine:
     p = config.page_size
     self.pages_per_seq = -(-self.max_seq_len // p)
     self.allocator = PageAllocator(config.num_pages, p)
-    shape = (cfg.n_kv_heads, config.num_pages, p, cfg.head_dim)
-    dtype = cfg.compute_dtype if config.cache_dtype is None else jnp.dtype(config.cache_dtype)
-    pools = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers))
-    self.k_pages, self.v_pages = pools(), pools()  # [K, num_pages, P, H] per layer
+    # (k_pages, v_pages, k_scale, v_scale): [K, num_pages, P, H] per layer, and for an int8
+    # cache f32 [K, num_pages, P] scales (else None). Tables and lengths are each step's own.
+    empty = PagedKVCache.init(cfg, 1, config.num_pages, p, 1, dtype, per_layer=True)
+    self.pools = (empty.k_pages, empty.v_pages, empty.k_scale, empty.v_scale)
     self.waiting: collections.deque[Request] = collections.deque()
     self.running: list[Request] = []
     self.requests: dict[int, Request] = {}
@@ -363,9 +365,8 @@ class Engine:
     if copies:
       src[:len(copies)], dst[:len(copies)] = zip(*copies)
     fed = {r.id: min(r.to_feed, cfg.prefill_chunk) for r in decode + prefill}
-    self.k_pages, self.v_pages, sampled = _device_step(
-        self.params, self.k_pages, self.v_pages, src, dst, tuple(groups), cfg=self.cfg,
-        features=self.features)
+    self.pools, sampled = _device_step(self.params, self.pools, src, dst, tuple(groups),
+                                       cfg=self.cfg, features=self.features)
     sampled = jax.device_get(sampled)  # the one host sync per step
     now = time.perf_counter()
     self.num_steps += 1
@@ -418,9 +419,8 @@ class Engine:
       prefill = self._group([None] * cfg.prefill_rows, cfg.prefill_chunk, width)
       decode = self._group([None] * cfg.max_batch, 1, width)
       for groups in ((prefill,), (decode,), (prefill, decode)):
-        self.k_pages, self.v_pages, out = _device_step(
-            self.params, self.k_pages, self.v_pages, src, dst, groups, cfg=self.cfg,
-            features=self.features)
+        self.pools, out = _device_step(self.params, self.pools, src, dst, groups, cfg=self.cfg,
+                                       features=self.features)
     jax.block_until_ready(out)
     return time.perf_counter() - t0
 

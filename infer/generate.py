@@ -51,7 +51,10 @@ def parse_args(argv=None):
   ap.add_argument("--num_draft_tokens", type=int, default=4)
   ap.add_argument("--prompt_lookup", type=int, default=0, metavar="N",
                   help="speculative decoding with prompt-lookup drafts of n-grams up to N")
-  ap.add_argument("--cache_dtype", choices=("float32", "bfloat16"), default=None)
+  ap.add_argument("--kv_cache_dtype", "--cache_dtype", dest="kv_cache_dtype",
+                  choices=("bfloat16", "float32", "int8"), default=None,
+                  help="the KV cache's dtype (default: the compute dtype); int8 quantizes K and "
+                  "V per token and KV head (about half of bf16's bytes)")
   ap.add_argument("--json", action="store_true", help="one JSON line per prompt")
   args = ap.parse_args(argv)
   if args.draft and args.prompt_lookup:
@@ -105,8 +108,6 @@ class TextStream:
 
 def main(argv=None) -> int:
   args = parse_args(argv)
-  import jax.numpy as jnp
-
   from infer import speculative
   from infer.decode import generate_with_stats
   from infer.sampling import SamplingParams
@@ -127,7 +128,7 @@ def main(argv=None) -> int:
     ids = [encode(p) for p in prompts]
     kw = dict(max_new_tokens=args.max_new_tokens, sampling=sampling, eos_ids=model.eos_ids,
               draft=draft, num_draft_tokens=args.num_draft_tokens,
-              cache_dtype=None if args.cache_dtype is None else jnp.dtype(args.cache_dtype))
+              cache_dtype=args.kv_cache_dtype)
     if args.json:
       t0 = time.perf_counter()
       g = generate_with_stats(model.cfg, model.params, ids, seed=args.seed, **kw)

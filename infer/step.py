@@ -51,11 +51,9 @@ class DecodeState:
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
-  """A contiguous cache with one [B, S, K, H] buffer per layer (a tuple: updated in place)."""
-  dtype = cfg.compute_dtype if dtype is None else dtype
-  shape = (batch, max_len, cfg.n_kv_heads, cfg.head_dim)
-  layers = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers))
-  return KVCache(k=layers(), v=layers(), lengths=jnp.zeros((batch,), jnp.int32))
+  """A contiguous cache with one [B, S, K, H] buffer per layer (a tuple: updated in place);
+  dtype as `kv_cache.storage_dtype` (None: the compute dtype; "int8": quantized)."""
+  return KVCache.init(cfg, batch, max_len, dtype, per_layer=True)
 
 
 def forward(cfg: ModelConfig, params, tokens_BT, cache: KVCache | PagedKVCache, *,

@@ -4,6 +4,15 @@ Row b holds `lengths[b]` tokens in slots [0, lengths[b]). A forward over T new t
 them at slots [lengths[b], lengths[b] + T) and advances lengths by the row's real (non-pad)
 tokens, so right padding written past the end is simply overwritten by the next step, and a
 speculative step is rolled back by lowering `lengths` alone.
+
+With `dtype="int8"` either cache holds K and V quantized symmetrically per (token, KV head):
+s = max|x| / 127 over the head dim, codes round(x / s) as int8, and the f32 scales s beside
+them (`k_scale`, `v_scale`: the cache's shape without the head dim). The scales stay f32: they
+are 4 bytes next to H int8 ones (3% at H = 128), and rounding them to bf16 would add a 0.4%
+error to every element on top of the codes' s / 2. Attention never forms the dequantized cache:
+the K scale multiplies each score after the q.k dot and the V scale each probability before the
+p.v dot (exact algebra; `pallas_kernels.attention.cached_attention`, `paged_attention`). Other
+dtypes keep the cache as it was, with no scale leaves (None).
 """
 
 import flax
@@ -11,6 +20,39 @@ import jax
 import jax.numpy as jnp
 
 from model.config import ModelConfig
+
+CACHE_DTYPES = ("bfloat16", "float32", "int8")
+
+
+def storage_dtype(cfg: ModelConfig, dtype=None, name: str = "kv_cache_dtype"):
+  """The dtype K/V are stored in: None means the model's compute dtype; "int8" quantizes.
+  Anything else outside CACHE_DTYPES is an error naming `name` (the flag or key)."""
+  if dtype is None:
+    return jnp.dtype(cfg.compute_dtype)
+  try:
+    dt = jnp.dtype(dtype)
+  except TypeError:
+    dt = None
+  if dt is None or dt.name not in CACHE_DTYPES:
+    raise ValueError(f"{name} must be one of {CACHE_DTYPES} (or None: the compute dtype), "
+                     f"got {dtype!r}")
+  return dt
+
+
+def _zeros(shape, dtype, layers: int | None):
+  """[L, *shape] zeros, or (layers given) a tuple of `layers` [*shape] buffers."""
+  if layers is None:
+    return jnp.zeros(shape, dtype)
+  return tuple(jnp.zeros(shape, dtype) for _ in range(layers))
+
+
+def quantize(x_NH: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Symmetric int8 over the last (head) axis: (codes int8 [..., H], scale f32 [...]) with
+  x ~= codes * scale, scale = max|x| / 127 (0 for an all-zero head: codes 0)."""
+  x = x_NH.astype(jnp.float32)
+  scale = jnp.max(jnp.abs(x), axis=-1) / 127.0
+  codes = jnp.round(x / jnp.where(scale == 0, 1.0, scale)[..., None])
+  return codes.astype(jnp.int8), scale
 
 
 @flax.struct.dataclass
@@ -20,13 +62,24 @@ class KVCache:
   k: jax.Array
   v: jax.Array
   lengths: jax.Array  # int32[B]
+  # int8 caches only: f32 [L, B, S, K] (or a tuple of L [B, S, K]), x = k * k_scale[..., None].
+  k_scale: jax.Array | None = None
+  v_scale: jax.Array | None = None
 
   @classmethod
-  def init(cls, cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> "KVCache":
-    dtype = cfg.compute_dtype if dtype is None else dtype
-    shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim)
-    return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
-               lengths=jnp.zeros((batch,), jnp.int32))
+  def init(cls, cfg: ModelConfig, batch: int, max_len: int, dtype=None,
+           per_layer: bool = False) -> "KVCache":
+    """Zeros; dtype as `storage_dtype`. per_layer: a tuple of L buffers (updated in place)."""
+    dtype = storage_dtype(cfg, dtype)
+    layers = cfg.n_layers if per_layer else None
+    shape = (batch, max_len, cfg.n_kv_heads)
+    if layers is None:
+      shape = (cfg.n_layers, *shape)
+    scales = (dict(k_scale=_zeros(shape, jnp.float32, layers),
+                   v_scale=_zeros(shape, jnp.float32, layers)) if dtype == jnp.int8 else {})
+    return cls(k=_zeros((*shape, cfg.head_dim), dtype, layers),
+               v=_zeros((*shape, cfg.head_dim), dtype, layers),
+               lengths=jnp.zeros((batch,), jnp.int32), **scales)
 
   @property
   def max_len(self) -> int:
@@ -42,9 +95,11 @@ class EmptyCache:
 
 
 def write(cache_BSKH: jax.Array, new_BTKH: jax.Array, start_B: jax.Array) -> jax.Array:
-  """Writes each row's new entries at its own offset: cache[b, start[b]:start[b]+T] = new[b]."""
+  """Writes each row's new entries at its own offset: cache[b, start[b]:start[b]+T] = new[b].
+  Also for scales: cache [B, S, K], new [B, T, K]."""
   def one_row(c_SKH, n_TKH, s):
-    return jax.lax.dynamic_update_slice(c_SKH, n_TKH.astype(c_SKH.dtype), (s, 0, 0))
+    return jax.lax.dynamic_update_slice(c_SKH, n_TKH.astype(c_SKH.dtype),
+                                        (s,) + (0,) * (c_SKH.ndim - 1))
   return jax.vmap(one_row)(cache_BSKH, new_BTKH, start_B)
 
 
@@ -63,15 +118,25 @@ class PagedKVCache:
   v_pages: jax.Array
   page_indices: jax.Array  # int32[B, pages_per_seq]
   lengths: jax.Array  # int32[B]
+  # int8 pools only: f32 [L, K, num_pages, P] (or a tuple of L [K, num_pages, P]).
+  k_scale: jax.Array | None = None
+  v_scale: jax.Array | None = None
 
   @classmethod
   def init(cls, cfg: ModelConfig, batch: int, num_pages: int, page_size: int,
-           pages_per_seq: int, dtype=None) -> "PagedKVCache":
-    dtype = cfg.compute_dtype if dtype is None else dtype
-    shape = (cfg.n_layers, cfg.n_kv_heads, num_pages, page_size, cfg.head_dim)
-    return cls(k_pages=jnp.zeros(shape, dtype), v_pages=jnp.zeros(shape, dtype),
+           pages_per_seq: int, dtype=None, per_layer: bool = False) -> "PagedKVCache":
+    """Zeros; dtype as `storage_dtype`. per_layer: a tuple of L pools (updated in place)."""
+    dtype = storage_dtype(cfg, dtype)
+    layers = cfg.n_layers if per_layer else None
+    shape = (cfg.n_kv_heads, num_pages, page_size)
+    if layers is None:
+      shape = (cfg.n_layers, *shape)
+    scales = (dict(k_scale=_zeros(shape, jnp.float32, layers),
+                   v_scale=_zeros(shape, jnp.float32, layers)) if dtype == jnp.int8 else {})
+    return cls(k_pages=_zeros((*shape, cfg.head_dim), dtype, layers),
+               v_pages=_zeros((*shape, cfg.head_dim), dtype, layers),
                page_indices=jnp.zeros((batch, pages_per_seq), jnp.int32),
-               lengths=jnp.zeros((batch,), jnp.int32))
+               lengths=jnp.zeros((batch,), jnp.int32), **scales)
 
   @property
   def page_size(self) -> int:
@@ -88,6 +153,7 @@ class PageTable:
 
 def write_pages(pages_KNPH: jax.Array, new_BTKH: jax.Array, table: PageTable) -> jax.Array:
   """Scatters the T new tokens of each row into its pages at positions lengths[b] + t.
+  Also for scales: pages [K, num_pages, P], new [B, T, K].
 
   Right padding is written like real tokens, past the row's length, as in the contiguous
   cache: into the row's own page if it has one there (so the slots between its length and

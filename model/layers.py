@@ -130,38 +130,51 @@ def self_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids, cfg: ModelConfig, local=
                        out_specs=qkv_spec, check_vma=False)(q_BTNH, k_BTKH, v_BTKH, segment_ids)
 
 
+def _store(k_BTKH, v_BTKH, layer_kv):
+  """What a forward writes into the cache: (k, v), or for an int8 cache (layer_kv holds
+  scales too) (k codes, v codes, k scales, v scales), quantized per token and head."""
+  if len(layer_kv) == 2:
+    return k_BTKH, v_BTKH
+  (k, k_scale), (v, v_scale) = kv_cache.quantize(k_BTKH), kv_cache.quantize(v_BTKH)
+  return k, v, k_scale, v_scale
+
+
+def _scales(layer_kv) -> dict:
+  return {} if len(layer_kv) == 2 else dict(k_scales=layer_kv[2], v_scales=layer_kv[3])
+
+
 def cache_attention(q_BTNH, k_BTKH, v_BTKH, layer_kv, start, segment_ids, cfg: ModelConfig,
                     local=False):
   """Writes the new K/V into one layer's cache and attends: (out [B, T, N, H], new layer_kv).
 
-  start: a kv_cache.PageTable (layer_kv: this layer's page pools, [K, pages, P, H] each);
-  int32[B], the tokens each row of a contiguous cache (layer_kv = (k, v), [B, S, K, H] each)
-  already holds: the new ones go to slots start[b] + t and attend to the cache; or
-  kv_cache.EmptyCache() (prefill): they attend only to each other through `self_attention`
-  (flash attention on TPU/GPU), so no [B, K, G, T, S] scores are formed; segment_ids
-  (0 = right padding) keep the padding from being attended to.
+  layer_kv: the layer's cache arrays, (k, v) or, int8, (k, v, k_scale, v_scale) (the new K/V
+  are quantized as they are written: model/kv_cache.py).
+  start: a kv_cache.PageTable (layer_kv: this layer's page pools, [K, pages, P, H] each, scales
+  [K, pages, P]); int32[B], the tokens each row of a contiguous cache ([B, S, K, H] each,
+  scales [B, S, K]) already holds: the new ones go to slots start[b] + t and attend to the
+  cache; or kv_cache.EmptyCache() (prefill): they attend only to each other through
+  `self_attention` (flash attention on TPU/GPU, on the unquantized K/V), so no [B, K, G, T, S]
+  scores are formed; segment_ids (0 = right padding) keep the padding from being attended to.
   """
   opts = attention_options(cfg, local)
+  new = _store(k_BTKH, v_BTKH, layer_kv)
   if isinstance(start, kv_cache.PageTable):
     # Imported here: the paged kernel is optional for everything but the paged path.
     from pallas_kernels.paged_attention import paged_attention
-    k_pages = kv_cache.write_pages(layer_kv[0], k_BTKH, start)
-    v_pages = kv_cache.write_pages(layer_kv[1], v_BTKH, start)
-    out = paged_attention(q_BTNH, k_pages, v_pages, start.lengths + q_BTNH.shape[1],
-                          start.page_indices, impl=cfg.attention_impl, **opts)
-    return out, (k_pages, v_pages)
-  k_cache, v_cache = layer_kv
+    layer_kv = tuple(kv_cache.write_pages(c, n, start) for c, n in zip(layer_kv, new))
+    out = paged_attention(q_BTNH, layer_kv[0], layer_kv[1], start.lengths + q_BTNH.shape[1],
+                          start.page_indices, impl=cfg.attention_impl, **_scales(layer_kv),
+                          **opts)
+    return out, layer_kv
   if isinstance(start, kv_cache.EmptyCache):
     t = q_BTNH.shape[1]
-    k_cache = k_cache.at[:, :t].set(k_BTKH.astype(k_cache.dtype))
-    v_cache = v_cache.at[:, :t].set(v_BTKH.astype(v_cache.dtype))
+    layer_kv = tuple(c.at[:, :t].set(n.astype(c.dtype)) for c, n in zip(layer_kv, new))
     out = self_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids, cfg, local)
-    return out, (k_cache, v_cache)
-  k_cache = kv_cache.write(k_cache, k_BTKH, start)
-  v_cache = kv_cache.write(v_cache, v_BTKH, start)
-  out = cached_attention(q_BTNH, k_cache, v_cache, start + q_BTNH.shape[1],
-                         impl=cfg.attention_impl, **opts)
-  return out, (k_cache, v_cache)
+    return out, layer_kv
+  layer_kv = tuple(kv_cache.write(c, n, start) for c, n in zip(layer_kv, new))
+  out = cached_attention(q_BTNH, layer_kv[0], layer_kv[1], start + q_BTNH.shape[1],
+                         impl=cfg.attention_impl, **_scales(layer_kv), **opts)
+  return out, layer_kv
 
 
 class Captured(Exception):

@@ -139,24 +139,29 @@ def _reduce_aux(stacked):
 
 
 def _chain(run_block, weights, x, kvs, layers):
-  """x through the blocks with `weights` at static indices `layers`; kvs: each one's K/V or
-  None. Returns (x, new ks, new vs, auxes)."""
-  ks, vs, auxes = [], [], []
+  """x through the blocks with `weights` at static indices `layers`; kvs: each one's cache
+  arrays (a tuple: k, v and, int8, their scales) or None. Returns (x, new kvs, auxes)."""
+  new_kvs, auxes = [], []
   for w, kv, i in zip(weights, kvs, layers):
     x, kv, aux = run_block(w, x, kv, i)
     auxes.append(aux)
     if kv is not None:
-      ks.append(kv[0])
-      vs.append(kv[1])
-  return x, ks, vs, auxes
+      new_kvs.append(kv)
+  return x, new_kvs, auxes
+
+
+def _stack(new_kvs):
+  """Per-layer tuples of cache arrays -> one [L, ...] array per kind (k, v, ...)."""
+  return tuple(jnp.stack(arrays) for arrays in zip(*new_kvs))
 
 
 def _run_layers(cfg: ModelConfig, params, x, ropes, segment_ids, start, layers_kv, token_mask):
-  """x through every block; returns (x, new per-layer K/V (as given: stacked or tuples), aux)."""
+  """x through every block; returns (x, new cache arrays (as given: a tuple of stacked arrays
+  or of per-layer tuples, one per kind: k, v and, int8, their scales), aux)."""
   stacked, per_layer = _layer_list(cfg, params)
   remat = cfg.remat != "none" and layers_kv is None
   kvs_of = lambda layers: ([None] * len(layers) if layers_kv is None
-                           else [(layers_kv[0][i], layers_kv[1][i]) for i in layers])
+                           else [tuple(kind[i] for kind in layers_kv) for i in layers])
 
   def run_block(w, x, kv, layer):  # layer: the static index that fixes window and RoPE
     local = cfg.is_local(layer)
@@ -170,12 +175,12 @@ def _run_layers(cfg: ModelConfig, params, x, ropes, segment_ids, start, layers_k
           lambda w, x, kv: run_block(w, x, kv, i), policy=_REMAT_POLICIES[cfg.remat],
           prevent_cse=True)(w, x, kv)
     layers = range(len(per_layer))
-    x, ks, vs, auxes = _chain(run, per_layer, x, kvs_of(layers), layers)
+    x, new_kvs, auxes = _chain(run, per_layer, x, kvs_of(layers), layers)
     if layers_kv is None:
       return x, None, _mean_aux(auxes)
     if isinstance(layers_kv[0], (tuple, list)):
-      return x, (tuple(ks), tuple(vs)), _mean_aux(auxes)
-    return x, (jnp.stack(ks), jnp.stack(vs)), _mean_aux(auxes)
+      return x, tuple(tuple(arrays) for arrays in zip(*new_kvs)), _mean_aux(auxes)
+    return x, _stack(new_kvs), _mean_aux(auxes)
 
   # Stacked: scan over groups of `period` layers (the local/global pattern repeats per group).
   period = cfg.layer_period
@@ -186,9 +191,9 @@ def _run_layers(cfg: ModelConfig, params, x, ropes, segment_ids, start, layers_k
     w_group, kv_group = xs
     weights = [layer_of(w_group, j) for j in range(period)]
     kvs = ([None] * period if kv_group is None
-           else [(kv_group[0][j], kv_group[1][j]) for j in range(period)])
-    x, ks, vs, auxes = _chain(run_block, weights, x, kvs, range(period))
-    new_kv = None if kv_group is None else (jnp.stack(ks), jnp.stack(vs))
+           else [tuple(kind[j] for kind in kv_group) for j in range(period)])
+    x, new_kvs, auxes = _chain(run_block, weights, x, kvs, range(period))
+    new_kv = None if kv_group is None else _stack(new_kvs)
     aux = None if auxes[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *auxes)
     return x, (new_kv, aux)
 
@@ -204,11 +209,10 @@ def _run_layers(cfg: ModelConfig, params, x, ropes, segment_ids, start, layers_k
   aux = None if aux is None else jax.tree.map(flat, aux)
   if rest:  # layers past the last whole period, unrolled (their index fixes their type)
     tail = range(head_n, cfg.n_layers)
-    x, tail_k, tail_v, tail_aux = _chain(run_block, [layer_of(stacked, i) for i in tail], x,
-                                         kvs_of(tail), tail)
+    x, tail_kvs, tail_aux = _chain(run_block, [layer_of(stacked, i) for i in tail], x,
+                                   kvs_of(tail), tail)
     if new_kv is not None:
-      new_kv = (jnp.concatenate([new_kv[0], jnp.stack(tail_k)]),
-                jnp.concatenate([new_kv[1], jnp.stack(tail_v)]))
+      new_kv = tuple(jnp.concatenate([a, t]) for a, t in zip(new_kv, _stack(tail_kvs)))
     if aux is not None:
       aux = jax.tree.map(lambda a, *t: jnp.concatenate([a, jnp.stack(t)]), aux, *tail_aux)
   return x, new_kv, None if aux is None else _reduce_aux(aux)
@@ -253,12 +257,14 @@ def forward(cfg: ModelConfig, params, tokens, positions, segment_ids=None,
   attn_segments = segment_ids if cache is None or empty_cache else None
   token_mask = None if segment_ids is None else segment_ids != 0
   paged = isinstance(cache, PagedKVCache)
+  # Per kind, every layer's cache arrays: k, v and (int8 only) their scales.
+  scales = () if cache is None or cache.k_scale is None else (cache.k_scale, cache.v_scale)
   if paged:  # the layers find their pages through the (broadcast) page table
     start = PageTable(lengths=cache.lengths, page_indices=cache.page_indices)
-    layers_kv = (cache.k_pages, cache.v_pages)
+    layers_kv = (cache.k_pages, cache.v_pages, *scales)
   else:
     start = None if cache is None else EmptyCache() if empty_cache else cache.lengths
-    layers_kv = None if cache is None else (cache.k, cache.v)
+    layers_kv = None if cache is None else (cache.k, cache.v, *scales)
 
   x, new_kv, aux = _run_layers(cfg, params, x, rope_tables(positions, cfg), attn_segments,
                                start, layers_kv, token_mask)
@@ -273,10 +279,12 @@ def forward(cfg: ModelConfig, params, tokens, positions, segment_ids=None,
     return out, None, aux
   t = tokens.shape[1]
   added = t if segment_ids is None else jnp.sum(segment_ids != 0, axis=1).astype(jnp.int32)
+  new_scales = dict(k_scale=new_kv[2], v_scale=new_kv[3]) if scales else {}
   if paged:
     return out, cache.replace(k_pages=new_kv[0], v_pages=new_kv[1],
-                              lengths=cache.lengths + added), aux
-  return out, KVCache(k=new_kv[0], v=new_kv[1], lengths=cache.lengths + added), aux
+                              lengths=cache.lengths + added, **new_scales), aux
+  return out, KVCache(k=new_kv[0], v=new_kv[1], lengths=cache.lengths + added,
+                      **new_scales), aux
 
 
 class Transformer(nn.Module):

@@ -155,12 +155,14 @@ def capped_scores(s, softcap):
   return t * softcap, t
 
 
-def online_softmax_step(s, mask, m_prev, l_prev, acc_prev, v, precision=None, matmul=None):
+def online_softmax_step(s, mask, m_prev, l_prev, acc_prev, v, precision=None, matmul=None,
+                        v_scale=None):
   """One KV block of the inner loop of FlashAttention-2, Alg. 1 (online softmax).
 
   s [bq, bk] f32 scores; m_prev, l_prev [bq, w] running max and sum; acc_prev [bq, D] the
-  unnormalised output. `matmul(a, b, dims, precision)` replaces `dot` if given. Returns the
-  updated (m, l, acc).
+  unnormalised output. `matmul(a, b, dims, precision)` replaces `dot` if given. v_scale
+  [1, bk] (int8 V: row j of V is v[j] * v_scale[j]) multiplies p in the p.v product only.
+  Returns the updated (m, l, acc).
   """
   matmul = matmul or dot
   if mask is not None:
@@ -170,7 +172,8 @@ def online_softmax_step(s, mask, m_prev, l_prev, acc_prev, v, precision=None, ma
   p = jnp.exp(s - widen(m_safe, s.shape[1]))
   alpha = jnp.exp(m_prev - m_safe)
   l_next = alpha * l_prev + jnp.sum(p, axis=1, keepdims=True)
-  acc = widen(alpha, acc_prev.shape[1]) * acc_prev + matmul(p.astype(v.dtype), v, NN_DIMS,
+  pv = p if v_scale is None else p * v_scale
+  acc = widen(alpha, acc_prev.shape[1]) * acc_prev + matmul(pv.astype(v.dtype), v, NN_DIMS,
                                                            precision)
   return m_next, l_next, acc
 

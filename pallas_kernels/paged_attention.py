@@ -1,7 +1,7 @@
 """PagedAttention (Kwon et al. 2023) for decoding: new tokens against a paged KV cache.
 
   o = paged_attention(q, k_pages, v_pages, lengths, page_indices, sliding_window=None,
-                      softcap=None)
+                      softcap=None, k_scales=None, v_scales=None)
 
 q [B, Hq, D] (one new token per sequence) or [B, Tq, Hq, D] (several: speculative verification,
 chunked prefill); k_pages, v_pages [Hkv, num_pages, page_size, D] (the shared page pool);
@@ -12,6 +12,15 @@ positions <= its own (causal among the new tokens) and, with a sliding_window (M
 only the last sliding_window of them: key j is visible to query position i iff j <= i and
 i - j < sliding_window, as in `flash_attention`. softcap (Gemma 2) bends the scaled scores to
 softcap * tanh(s / softcap) before the mask and the softmax.
+
+An int8 cache (model/kv_cache.py) passes int8 pages and their scales, k_scales, v_scales f32
+[Hkv, num_pages, page_size]: slot j of a page holds x = codes[j] * scale[j]. The kernels read
+the codes (half of bf16's bytes), take q.codes on the MXU / tensor cores in q's dtype (the codes
+are exact there), multiply each score column by its K scale, and each probability column by its
+V scale before the p.v product: no dequantized page is ever formed. On TPU a page's scales come
+as a [1, page_size] row (lanes along the page's slots), the orientation of the score columns;
+XLA lays the pool out for that before the call (a copy of the scales, 4 bytes per slot and head,
+against the 2 * head_dim bytes of codes the kernel reads per slot).
 
 A program handles a (sequence, KV head) pair and a block of the G * Tq query rows that read
 that head (row t * G + g: query head g of the group at new token t), so each page is read once
@@ -73,9 +82,10 @@ def gather_pages(pages, page_indices):
   return x.reshape(hkv, b, pps * page_size, d).transpose(1, 2, 0, 3)
 
 
-def paged_attention_reference(q, k_pages, v_pages, lengths, page_indices, *, scale=None,
-                              sliding_window=None, softcap=None):
-  """Plain jnp: gather each sequence's pages, then dense causal attention in f32.
+def paged_attention_reference(q, k_pages, v_pages, lengths, page_indices, k_scales=None,
+                              v_scales=None, *, scale=None, sliding_window=None, softcap=None):
+  """Plain jnp: gather each sequence's pages (dequantized: codes * scales), then dense causal
+  attention in f32.
 
   Arguments as `paged_attention`'s; slots no query can see (past the length, or before the
   first query's window) are zeroed first, so stale pages may hold anything, NaN included.
@@ -86,6 +96,9 @@ def paged_attention_reference(q, k_pages, v_pages, lengths, page_indices, *, sca
   scale = d ** -0.5 if scale is None else scale
   k = gather_pages(k_pages, page_indices).astype(jnp.float32)
   v = gather_pages(v_pages, page_indices).astype(jnp.float32)
+  if k_scales is not None:  # [Hkv, pages, P] -> [B, S, Hkv, 1], gathered as the pages are
+    k = k * gather_pages(k_scales[..., None], page_indices)
+    v = v * gather_pages(v_scales[..., None], page_indices)
   s = k.shape[1]
   # Slots at or past the length hold stale data (maybe NaN): zero them so 0 * NaN never occurs.
   # So may slots before the earliest window, whose pages a server may have recycled.
@@ -210,11 +223,13 @@ def _readable(pos, length, start):
 
 
 def _tpu_kernel(lengths_ref, pages_ref, back_ref, q_ref, *refs, scale, softcap, window,
-                page_size, ppcb, steps, visible, window_start):
+                page_size, ppcb, steps, visible, window_start, quantized):
   """One step: `ppcb` pages of one (sequence, KV head, row block, split); FlashAttention-2 Alg. 1
-  update."""
+  update. quantized: int8 pages, followed by their K and V scale rows ([1, P] each)."""
+  n_in = (4 if quantized else 2) * ppcb
   k_refs, v_refs = refs[:ppcb], refs[ppcb:2 * ppcb]
-  o_ref, lse_ref, m_sc, l_sc, acc_sc = refs[2 * ppcb:]
+  ks_refs, vs_refs = refs[2 * ppcb:3 * ppcb], refs[3 * ppcb:n_in]
+  o_ref, lse_ref, m_sc, l_sc, acc_sc = refs[n_in:]
   b, block, split, i = pl.program_id(0), pl.program_id(2), pl.program_id(3), pl.program_id(4)
   length = lengths_ref[b]
   first = (split * steps + i) * ppcb  # first logical page of this step
@@ -236,13 +251,20 @@ def _tpu_kernel(lengths_ref, pages_ref, back_ref, q_ref, *refs, scale, softcap, 
       return jnp.concatenate([r[...].astype(jnp.float32) for r in rs], axis=0)
 
     k, v = join(k_refs).astype(q_ref.dtype), join(v_refs)
-    s, _ = fc.capped_scores(fc.dot(q_ref[...], k, fc.NT_DIMS) * scale, softcap)
+    s = fc.dot(q_ref[...], k, fc.NT_DIMS)
+    v_scale = None
+    if quantized:  # the pages' scales as [1, ppcb * P] rows: one per score column
+      row = lambda rs: jnp.concatenate([r[...] for r in rs], axis=1)
+      s = s * row(ks_refs)
+      col = first * page_size + lax.broadcasted_iota(jnp.int32, (1, s.shape[1]), 1)
+      v_scale = jnp.where(_readable(col, length, start), row(vs_refs), 0.0)
+    s, _ = fc.capped_scores(s * scale, softcap)
     k_pos = first * page_size + lax.broadcasted_iota(jnp.int32, s.shape, 1)
     q_pos = length - 1 - fc.widen(back_ref[...], s.shape[1])
     v_pos = first * page_size + lax.broadcasted_iota(jnp.int32, v.shape, 0)
     v = jnp.where(_readable(v_pos, length, start), v, 0.0).astype(q_ref.dtype)
     m, l, acc = fc.online_softmax_step(s, _sees(k_pos, q_pos, window), m_sc[...], l_sc[...],
-                                       acc_sc[...], v)
+                                       acc_sc[...], v, v_scale=v_scale)
     m_sc[...], l_sc[...], acc_sc[...] = m, l, acc
 
   @pl.when(i == steps - 1)
@@ -252,8 +274,8 @@ def _tpu_kernel(lengths_ref, pages_ref, back_ref, q_ref, *refs, scale, softcap, 
     lse_ref[...] = lse
 
 
-def _paged_tpu(q4, k_pages, v_pages, lengths, page_indices, *, scale, softcap, window, ppcb,
-               num_splits, max_rows, interpret):
+def _paged_tpu(q4, k_pages, v_pages, lengths, page_indices, k_scales=None, v_scales=None, *,
+               scale, softcap, window, ppcb, num_splits, max_rows, interpret):
   b, tq, hq, d = q4.shape
   hkv, _, page_size, _ = k_pages.shape
   pps = page_indices.shape[1]
@@ -284,11 +306,20 @@ def _paged_tpu(q4, k_pages, v_pages, lengths, page_indices, *, scale, softcap, w
     return index_map
 
   page_specs = [pl.BlockSpec((None, None, page_size, d), page_index(j)) for j in range(ppcb)]
+  quantized = k_scales is not None
+  scales = ()
+  if quantized:  # a page's scales as one [1, P] block: Mosaic blocks end in whole dims
+    scales = (k_scales.reshape(hkv, -1, 1, page_size),) * ppcb + (
+        v_scales.reshape(hkv, -1, 1, page_size),) * ppcb
+    scale_specs = [pl.BlockSpec((None, None, 1, page_size), page_index(j)) for j in range(ppcb)]
+    page_specs_in = [*page_specs, *page_specs, *scale_specs, *scale_specs]
+  else:
+    page_specs_in = [*page_specs, *page_specs]
   part_spec = lambda w: pl.BlockSpec((None, None, None, block_rows, w),
                                      lambda bi, h, block, split, i, *_: (bi, h, split, block, 0))
   kernel = functools.partial(_tpu_kernel, scale=scale, softcap=softcap, window=window,
                              page_size=page_size, ppcb=ppcb, steps=steps, visible=visible,
-                             window_start=window_start)
+                             window_start=window_start, quantized=quantized)
   o, lse = pl.pallas_call(
       kernel,
       grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -297,7 +328,7 @@ def _paged_tpu(q4, k_pages, v_pages, lengths, page_indices, *, scale, softcap, w
           in_specs=[pl.BlockSpec((block_rows, LANES), lambda bi, h, block, *_: (block, 0)),
                     pl.BlockSpec((None, None, block_rows, d),
                                  lambda bi, h, block, *_: (bi, h, block, 0)),
-                    *page_specs, *page_specs],
+                    *page_specs_in],
           out_specs=[part_spec(d), part_spec(LANES)],
           scratch_shapes=[pltpu.VMEM((block_rows, LANES), jnp.float32),
                           pltpu.VMEM((block_rows, LANES), jnp.float32),
@@ -308,7 +339,8 @@ def _paged_tpu(q4, k_pages, v_pages, lengths, page_indices, *, scale, softcap, w
           dimension_semantics=("parallel", "parallel", "parallel", "parallel", "arbitrary")),
       interpret=interpret,
       name="paged_attention",
-  )(lengths, page_indices.reshape(-1), back, qs, *([k_pages] * ppcb), *([v_pages] * ppcb))
+  )(lengths, page_indices.reshape(-1), back, qs, *([k_pages] * ppcb), *([v_pages] * ppcb),
+    *scales)
   return _ungroup(_combine(o, lse[..., 0]), b, tq, hq, d).astype(q4.dtype)
 
 
@@ -324,10 +356,12 @@ def _broadcast_dot(a, b, dims, precision=None):
   return jnp.sum(a[:, :, None] * b[None, :, :], axis=1)
 
 
-def _gpu_kernel(lengths_ref, pages_ref, back_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale,
-                softcap, window, page_size, pages_per_split, pps, precision, visible,
-                window_start):
-  """One (sequence, KV head, split, row block): loop over the split's pages its rows can see."""
+def _gpu_kernel(lengths_ref, pages_ref, back_ref, q_ref, k_ref, v_ref, *refs, scale, softcap,
+                window, page_size, pages_per_split, pps, precision, visible, window_start,
+                quantized):
+  """One (sequence, KV head, split, row block): loop over the split's pages its rows can see.
+  quantized: int8 pages; refs start with their K and V scales ([num_pages, P] each)."""
+  ks_ref, vs_ref, o_ref, lse_ref = refs if quantized else (None, None, *refs)
   matmul = fc.dot if page_size >= GPU_MIN_ROWS else _broadcast_dot
   b, split, block = pl.program_id(0), pl.program_id(2), pl.program_id(3)
   length = lengths_ref[b]
@@ -344,11 +378,20 @@ def _gpu_kernel(lengths_ref, pages_ref, back_ref, q_ref, k_ref, v_ref, o_ref, ls
   def body(lp, carry):
     page = pages_ref[lp]
     k, v = k_ref[page], v_ref[page]
-    s, _ = fc.capped_scores(matmul(q, k, fc.NT_DIMS, precision) * scale, softcap)
+    v_scale = None
+    if quantized:  # codes in q's dtype (exact); scales per score / probability column
+      k, v = k.astype(q.dtype), v.astype(q.dtype)
+    s = matmul(q, k, fc.NT_DIMS, precision)
+    if quantized:
+      s = s * ks_ref[page][None, :]
+      col = lp * page_size + lax.broadcasted_iota(jnp.int32, (1, page_size), 1)
+      v_scale = jnp.where(_readable(col, length, start), vs_ref[page][None, :], 0.0)
+    s, _ = fc.capped_scores(s * scale, softcap)
     k_pos = lp * page_size + lax.broadcasted_iota(jnp.int32, s.shape, 1)
     v_pos = lp * page_size + lax.broadcasted_iota(jnp.int32, v.shape, 0)
     v = jnp.where(_readable(v_pos, length, start), v, jnp.zeros_like(v))
-    return fc.online_softmax_step(s, _sees(k_pos, q_pos, window), *carry, v, precision, matmul)
+    return fc.online_softmax_step(s, _sees(k_pos, q_pos, window), *carry, v, precision, matmul,
+                                  v_scale=v_scale)
 
   rows = q.shape[0]
   init = (jnp.full((rows, 1), -jnp.inf, jnp.float32), jnp.zeros((rows, 1), jnp.float32),
@@ -358,16 +401,17 @@ def _gpu_kernel(lengths_ref, pages_ref, back_ref, q_ref, k_ref, v_ref, o_ref, ls
   lse_ref[...] = lse.reshape(rows)
 
 
-def _paged_gpu(q4, k_pages, v_pages, lengths, page_indices, *, scale, softcap, window,
-               num_splits, max_rows, interpret):
+def _paged_gpu(q4, k_pages, v_pages, lengths, page_indices, k_scales=None, v_scales=None, *,
+               scale, softcap, window, num_splits, max_rows, interpret):
   b, tq, hq, d = q4.shape
   hkv, num_pages, page_size, _ = k_pages.shape
   pps = page_indices.shape[1]
   path = attention_path("cuda", head_dim=d, dtype=q4.dtype, page_size=page_size, impl="pallas")
   if path.impl == "xla":
     # Raising instead would break lowering for TPU: platform_dependent traces every branch.
-    return paged_attention_reference(q4, k_pages, v_pages, lengths, page_indices, scale=scale,
-                                     sliding_window=window, softcap=softcap)
+    return paged_attention_reference(q4, k_pages, v_pages, lengths, page_indices, k_scales,
+                                     v_scales, scale=scale, sliding_window=window,
+                                     softcap=softcap)
   g = hq // hkv
   block_rows = min(fc.next_pow2(max(g * tq, GPU_MIN_ROWS)),
                    max_rows or max(GPU_MIN_ROWS, GPU_ROW_ELEMENTS // d))
@@ -381,8 +425,13 @@ def _paged_gpu(q4, k_pages, v_pages, lengths, page_indices, *, scale, softcap, w
   num_splits = num_splits or int(np.clip(-(-256 // (b * hkv * n_blocks)), 1, -(-span // 8)))
   pages_per_split = -(-span // num_splits)
   pool_spec = pl.BlockSpec((None, num_pages, page_size, d), lambda bi, h, s, r: (h, 0, 0, 0))
+  quantized = k_scales is not None
+  scales = () if not quantized else (k_scales, v_scales)
+  scale_specs = [pl.BlockSpec((None, num_pages, page_size), lambda bi, h, s, r: (h, 0, 0))] * len(
+      scales)
   kernel = functools.partial(
-      _gpu_kernel, scale=scale, softcap=softcap, window=window, page_size=page_size,
+      _gpu_kernel, quantized=quantized, scale=scale, softcap=softcap, window=window,
+      page_size=page_size,
       pages_per_split=pages_per_split, pps=pps,
       precision=lax.Precision.HIGHEST if q4.dtype == jnp.float32 else None,
       visible=functools.partial(_visible, rows_per_block=block_rows, tq=tq, g=g),
@@ -395,7 +444,7 @@ def _paged_gpu(q4, k_pages, v_pages, lengths, page_indices, *, scale, softcap, w
                 pl.BlockSpec((None, pps), lambda bi, h, s, r: (bi, 0)),
                 pl.BlockSpec((block_rows,), lambda bi, h, s, r: (r,)),
                 pl.BlockSpec((None, None, block_rows, d), lambda bi, h, s, r: (bi, h, r, 0)),
-                pool_spec, pool_spec],
+                pool_spec, pool_spec, *scale_specs],
       out_specs=[pl.BlockSpec((None, None, None, block_rows, d),
                               lambda bi, h, s, r: (bi, h, s, r, 0)),
                  pl.BlockSpec((None, None, None, block_rows), lambda bi, h, s, r: (bi, h, s, r))],
@@ -404,7 +453,7 @@ def _paged_gpu(q4, k_pages, v_pages, lengths, page_indices, *, scale, softcap, w
       compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
       interpret=bool(interpret),  # TPU interpret params mean plain interpret here
       name="paged_attention",
-  )(lengths, page_indices, back, qs, k_pages, v_pages)
+  )(lengths, page_indices, back, qs, k_pages, v_pages, *scales)
   return _ungroup(_combine(o, lse), b, tq, hq, d).astype(q4.dtype)
 
 
@@ -414,13 +463,16 @@ def _paged_gpu(q4, k_pages, v_pages, lengths, page_indices, *, scale, softcap, w
 @functools.partial(jax.jit, static_argnames=("scale", "sliding_window", "softcap", "impl",
                                              "pages_per_compute_block", "num_splits",
                                              "rows_per_block", "interpret", "backend"))
-def paged_attention(q, k_pages, v_pages, lengths, page_indices, *, scale=None,
-                    sliding_window=None, softcap=None, impl="auto", pages_per_compute_block=None,
-                    num_splits=None, rows_per_block=None, interpret=None, backend=None):
+def paged_attention(q, k_pages, v_pages, lengths, page_indices, *, k_scales=None, v_scales=None,
+                    scale=None, sliding_window=None, softcap=None, impl="auto",
+                    pages_per_compute_block=None, num_splits=None, rows_per_block=None,
+                    interpret=None, backend=None):
   """Attention of new tokens over a paged KV cache. Returns q's shape and dtype.
 
   q [B, Hq, D] or [B, Tq, Hq, D]; k_pages, v_pages [Hkv, num_pages, page_size, D];
   lengths int32[B] (cache tokens including the new ones); page_indices int32[B, pages_per_seq].
+  k_scales, v_scales: f32 [Hkv, num_pages, page_size] with int8 pages (an int8 cache: slot j
+    holds codes[j] * scales[j]); None otherwise.
   scale: softmax scale, default D ** -0.5.
   sliding_window: the query at position i sees key j only if i - j < sliding_window (and
     j <= i). Pages wholly before every query's window are never read, so their table entries
@@ -457,6 +509,13 @@ def paged_attention(q, k_pages, v_pages, lengths, page_indices, *, scale=None,
                      f"{rows_per_block}")
   if sliding_window is not None and sliding_window < 1:
     raise ValueError(f"sliding_window must be >= 1 or None, got {sliding_window}")
+  quantized = k_pages.dtype == jnp.int8
+  if quantized != (k_scales is not None) or (k_scales is None) != (v_scales is None) or (
+      quantized and not k_scales.shape == v_scales.shape == k_pages.shape[:3]):
+    raise ValueError(f"int8 k_pages/v_pages need k_scales and v_scales, both "
+                     f"[Hkv, num_pages, page_size] = {k_pages.shape[:3]}; other dtypes none. Got "
+                     f"{k_pages.dtype} pages with scales {getattr(k_scales, 'shape', None)} and "
+                     f"{getattr(v_scales, 'shape', None)}")
   if softcap is not None and not softcap > 0:
     raise ValueError(f"softcap must be > 0 or None, got {softcap}")
   scale = float(d ** -0.5 if scale is None else scale)
@@ -473,9 +532,10 @@ def paged_attention(q, k_pages, v_pages, lengths, page_indices, *, scale=None,
 
   xla = functools.partial(paged_attention_reference, scale=scale, sliding_window=sliding_window,
                           softcap=softcap)
+  scales = () if not quantized else (k_scales.astype(jnp.float32), v_scales.astype(jnp.float32))
   path_of = lambda platform: attention_path(platform, head_dim=d, dtype=q.dtype,
                                             kv_dtype=k_pages.dtype,
                                             page_size=k_pages.shape[2], impl=impl)
-  o = dispatch((q4, k_pages, v_pages, lengths, page_indices), impl=impl, interpret=interpret,
-               backend=backend, path_of=path_of, kernel=kernel, xla=xla)
+  o = dispatch((q4, k_pages, v_pages, lengths, page_indices, *scales), impl=impl,
+               interpret=interpret, backend=backend, path_of=path_of, kernel=kernel, xla=xla)
   return o[:, 0] if single else o

@@ -27,6 +27,8 @@ IMPLS = ("auto", "xla", "pallas")
 COVERED_HEAD_DIMS = (64, 128, 256)
 COVERED_DTYPES = ("bfloat16", "float32")
 COVERED_PAGE_SIZES = (16, 64)
+# Cache dtypes the paged kernels also read besides q's own: int8 pages with their scales.
+COVERED_PAGED_KV_DTYPES = ("int8",)
 # jax device platforms -> lax.platform_dependent's names. A jax GPU device says "gpu"; CUDA is
 # the GPU platform we compile for (a ROCm GPU taken for CUDA still runs correct code: auto's
 # XLA branch there, or the kernel under a harmless per-shard shard_map).
@@ -60,9 +62,10 @@ def _pow2(n):
 def attention_path(platform, *, head_dim, dtype, page_size=None, kv_dtype=None, impl="auto"):
   """The path attention takes on `platform` ("tpu", "cuda" or "gpu", "rocm", "cpu", ...).
 
-  head_dim, dtype: of q (and of K/V unless kv_dtype says otherwise); page_size: the paged
-  cache's page size, None for self-attention (the flash kernel); impl: "auto", "xla" or
-  "pallas". With impl="pallas" the kernel runs wherever its shapes allow (interpreted on CPU).
+  head_dim, dtype: of q (and of K/V unless kv_dtype says otherwise: the paged kernels also read
+  an int8 cache); page_size: the paged cache's page size, None for self-attention (the flash
+  kernel); impl: "auto", "xla" or "pallas". With impl="pallas" the kernel runs wherever its
+  shapes allow (interpreted on CPU).
   """
   check_impl(impl)
   platform = _CANONICAL.get(platform, platform)
@@ -85,6 +88,8 @@ def attention_path(platform, *, head_dim, dtype, page_size=None, kv_dtype=None, 
   if platform == "rocm":
     return Path("xla", None, "the Triton kernels are not compile-tested for ROCm")
   dtypes = {jnp.dtype(dtype).name, jnp.dtype(kv_dtype or dtype).name}
+  if op == "paged":
+    dtypes -= set(COVERED_PAGED_KV_DTYPES)
   if len(dtypes) > 1 or not dtypes <= set(COVERED_DTYPES):
     return Path("xla", None, f"dtype {'/'.join(sorted(dtypes))} not covered by the {compiler} "
                 "kernel")

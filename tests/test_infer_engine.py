@@ -194,8 +194,8 @@ def test_requests_never_read_pages_they_do_not_own(params, workload):
     if not engine.requests[victim].finished:
       bad[engine.requests[victim].pages] = True
     fill = lambda x: jnp.where(jnp.asarray(bad)[None, :, None, None], jnp.nan, x)
-    engine.k_pages = tuple(map(fill, engine.k_pages))
-    engine.v_pages = tuple(map(fill, engine.v_pages))
+    k_pages, v_pages, *scales = engine.pools
+    engine.pools = (tuple(map(fill, k_pages)), tuple(map(fill, v_pages)), *scales)
 
   assert _run(engine, requests[:6], check=poison, sampling=GREEDY) == want[:6]
 

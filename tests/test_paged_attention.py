@@ -13,6 +13,7 @@ from pallas_kernels.attention import cached_attention
 from pallas_kernels.paged_attention import (_visible, _window_pages, _window_start, logical_page,
                                             paged_attention)
 from pallas_kernels.paged_attention import paged_attention_reference
+from model.kv_cache import quantize
 
 PAGE = 16
 # TPU interpret mode simulates VMEM and the DMAs the block specs issue; out-of-bounds reads raise.
@@ -266,3 +267,49 @@ def test_one_token_bf16_and_xla_impl():
     paged_attention(*args, impl="mosaic")
   with pytest.raises(ValueError, match="sliding_window"):
     paged_attention(*args, sliding_window=0)
+
+
+# An int8 cache: pages of codes with f32 scales per (page slot, KV head). Every slot no query
+# sees is NaN in codes' stead (int8 has none: its scale is NaN). (B, Tq, Hq, Hkv, D, page_size,
+# pages_per_seq, lengths, window, backend, kernel kwargs)
+INT8_CASES = [
+    (3, 1, 8, 2, 64, 16, 6, [5, 40, 96], None, "tpu", dict(pages_per_compute_block=2)),
+    (2, 11, 9, 3, 64, 16, 5, [11, 80], 7, "tpu", dict(rows_per_block=16, num_splits=2)),
+    (3, 1, 8, 2, 64, 16, 6, [5, 40, 96], None, "gpu", dict(num_splits=2)),
+    (3, 4, 8, 2, 64, 8, 6, [4, 25, 48], 20, "gpu", {}),
+]
+
+
+@pytest.mark.parametrize("case", INT8_CASES, ids=lambda c: (
+    f"{c[9]}-Tq{c[1]}-H{c[2]}:{c[3]}-page{c[5]}x{c[6]}-w{c[8]}"))
+def test_int8_pages_match_dense_oracle_over_dequantized_keys(case):
+  b, tq, hq, hkv, d, page, pps, lengths, window, backend, extra = case
+  lengths = np.array(lengths, np.int32)
+  q, _, _, k_pages, v_pages, table, _ = _setup(b, tq, hq, hkv, d, pps, lengths, seed=9, page=page)
+  (kc, ks), (vc, vs) = quantize(jnp.asarray(k_pages)), quantize(jnp.asarray(v_pages))
+  ks, vs = np.array(ks), np.array(vs)
+  # The oracle's keys: numpy's dequantization, held contiguously per row.
+  k_deq = np.asarray(kc, np.float32) * ks[..., None]
+  v_deq = np.asarray(vc, np.float32) * vs[..., None]
+  pos = np.arange(pps * page)
+  page_of, slot_of = table[:, pos // page], pos % page  # [B, S], [S]
+  k = k_deq[:, page_of, slot_of].transpose(1, 2, 0, 3)  # [B, S, Hkv, D]
+  v = v_deq[:, page_of, slot_of].transpose(1, 2, 0, 3)
+  q_pos = lengths[:, None] - tq + np.arange(tq)
+  mask = position_mask(q_pos, np.arange(pps * page), window=window)
+  want = dense_attention(q, k, v, mask, scale=d ** -0.5)
+  seen = mask.any(axis=1)
+  for row in range(b):
+    for pos in np.flatnonzero(~seen[row]):
+      ks[:, table[row, pos // page], pos % page] = np.nan
+      vs[:, table[row, pos // page], pos % page] = np.nan
+  ks[:, np.setdiff1d(np.arange(ks.shape[1]), table)] = np.nan
+  args = (jnp.asarray(q), kc, vc, jnp.asarray(lengths), jnp.asarray(table))
+  scales = dict(k_scales=jnp.asarray(ks), v_scales=jnp.asarray(vs))
+  got = paged_attention(*args, impl="pallas", interpret=INTERPRET[backend], backend=backend,
+                        sliding_window=window, **scales, **extra)
+  np.testing.assert_allclose(got, want, atol=2e-5, err_msg="kernel")
+  np.testing.assert_allclose(paged_attention_reference(*args, **scales, sliding_window=window),
+                             want, atol=2e-5, err_msg="reference")
+  with pytest.raises(ValueError, match="int8 k_pages/v_pages need k_scales"):
+    paged_attention(*args)

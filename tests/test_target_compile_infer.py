@@ -20,6 +20,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from infer import decode, engine, step
 from infer.sampling import Features, SamplingBatch, SamplingParams
 from model import ModelConfig, Transformer, fused
+from model.kv_cache import PagedKVCache
 
 CFG = ModelConfig(vocab_size=49152, d_model=576, n_layers=2, n_heads=9, n_kv_heads=3, d_ff=1536,
                   max_seq_len=8192, param_dtype="bfloat16", dtype="bfloat16",
@@ -117,19 +118,24 @@ def _group(rows, t, device):
   return _on(g, device)
 
 
-@pytest.mark.parametrize("target", TARGETS)
-def test_engine_step_compiles_without_chunk_logits(target, target_devices):
+@pytest.mark.parametrize("target,cache_dtype", [(t, None) for t in TARGETS] + [
+    (t, "int8") for t in TARGETS])
+def test_engine_step_compiles_without_chunk_logits(target, cache_dtype, target_devices):
+  """Also over an int8 cache (model/kv_cache.py): the paged kernel reads its codes and scales."""
   device = target_devices(target)[0]
   cfg = CFG
   params = jax.eval_shape(lambda p: fused.prepare(CFG, p, layout="in_out"),
                           _module_params_shape())
-  pools = (jax.ShapeDtypeStruct((CFG.n_kv_heads, NUM_PAGES, PAGE_SIZE, CFG.head_dim),
-                                CFG.compute_dtype),) * CFG.n_layers
+  pools = jax.eval_shape(lambda: PagedKVCache.init(CFG, 1, NUM_PAGES, PAGE_SIZE, 1, cache_dtype,
+                                                   per_layer=True))
+  pools = (pools.k_pages, pools.v_pages, pools.k_scale, pools.v_scale)
   copies = np.zeros((MAX_BATCH + 1,), np.int32)
   chunk = PREFILL_CHUNK
   groups = (_group(1, chunk, device), _group(MAX_BATCH, 1, device))
-  compiled = engine._device_step.lower(*_on((params, pools, pools, copies, copies), device),
-                                       groups, cfg=cfg, features=FEATURES).compile()
+  lowered = engine._device_step.lower(*_on((params, pools, copies, copies), device), groups,
+                                      cfg=cfg, features=FEATURES)
+  assert KERNEL_CALL[target] in lowered.as_text(), target
+  compiled = lowered.compile()
   # The head runs at each row's last token: the chunk's f32 [1, T, V] logits, which the step
   # held before, would alone outweigh all of its temporaries (measured before: TPU 106 MB,
   # GPU 54 MB; now 81 MB and 38 MB).

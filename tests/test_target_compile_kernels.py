@@ -186,6 +186,29 @@ def test_paged_compiles(target_devices, case):
   assert names == ["paged_attention"] and targets == {CALL[_compiler(target)]}
 
 
+# An int8 cache (codes plus f32 scales per slot and KV head): decode, verification and a
+# prefill chunk. (target, q dtype, head_dim, Hq, Hkv, B, Tq, page_size, pages per sequence)
+PAGED_INT8 = [
+    ("v5e-1", BF16, 128, 32, 4, 8, 1, 16, 2048),
+    ("v6e-1", F32, 64, 9, 3, 2, 128, 64, 512),
+    ("h100-1", BF16, 128, 32, 4, 8, 1, 16, 2048),
+    ("a100-1", F32, 64, 9, 3, 2, 128, 64, 512),
+]
+
+
+@pytest.mark.parametrize("case", PAGED_INT8, ids=_paged_id)
+def test_paged_int8_compiles(target_devices, case):
+  target, dtype, d, hq, hkv, b, tq, page, pps = case
+  q, pages, *_, lengths, table = _paged_shapes(dtype, d, hq, hkv, b, tq, page, pps)
+  scales = (pages[0][:3], F32)
+  fn = lambda q, k, v, lengths, table, ks, vs: paged_attention(q, k, v, lengths, table,
+                                                               k_scales=ks, v_scales=vs)
+  compiled = _compile(target_devices, target, fn, q, (pages[0], jnp.int8),
+                      (pages[0], jnp.int8), lengths, table, scales, scales)
+  names, targets = _kernels(compiled)
+  assert names == ["paged_attention"] and targets == {CALL[_compiler(target)]}
+
+
 # Mistral and Gemma 2 over a 32k-token page table: decode with a sliding window (the sweep
 # starts at the window's first page), verification with soft-capping (Gemma 2's global layers),
 # a prefill chunk with both (its local layers). (target, Tq, options)
@@ -375,6 +398,10 @@ def test_grids_cover_what_auto_takes():
       assert {c[2] for c in cases} == set(paths.COVERED_HEAD_DIMS), compiler
     pages = {c[7] for c in PAGED if _compiler(c[0]) == compiler}
     assert pages == set(paths.COVERED_PAGE_SIZES), compiler
+    int8 = [c for c in PAGED_INT8 if _compiler(c[0]) == compiler]  # int8 pages under every q
+    assert paths.COVERED_PAGED_KV_DTYPES == ("int8",), compiler
+    assert {jnp.dtype(c[1]).name for c in int8} == set(paths.COVERED_DTYPES), compiler
+    assert {c[7] for c in int8} == set(paths.COVERED_PAGE_SIZES), compiler
   assert set(paths.GMM_KERNELS) == set(GMM_KERNELS)
   for compiler in paths.GMM_KERNELS:
     cases = [c for c in GMM if _compiler(c[0]) == compiler]
