@@ -164,9 +164,11 @@ class EngineLoop:
       job.rid = self.engine.add_request(job.prompt, max_new_tokens=job.max_new_tokens,
                                         sampling=job.sampling, seed=job.seed,
                                         eos_ids=job.eos_ids)
-    except ValueError as e:  # this request's own fault: it alone fails
+    except Exception as e:  # noqa: BLE001  this request alone fails (ValueError: its fault)
       self._admitted(job)
-      self._post(job, Event(job.index, error=str(e), status=400))
+      self.failed += 1
+      self._post(job, Event(job.index, error=str(e),
+                            status=400 if isinstance(e, ValueError) else 500))
       return
     self.jobs[job.rid] = job
 
