@@ -110,20 +110,20 @@ class EngineLoop:
   def render_metrics(self) -> str:
     s = self.snapshot
     lines = (
-        metrics.gauge("jaxllm_requests_running", "Requests in the running batch.", s["running"])
-        + metrics.gauge("jaxllm_requests_waiting", "Requests not yet admitted to the running "
+        metrics.scalar("jaxllm_requests_running", "Requests in the running batch.", s["running"])
+        + metrics.scalar("jaxllm_requests_waiting", "Requests not yet admitted to the running "
                         "batch.", s["waiting"])
-        + metrics.gauge("jaxllm_pages_in_use", "KV-cache pages held by requests.", s["used"])
-        + metrics.gauge("jaxllm_pages_free", "KV-cache pages free.", s["free"])
-        + metrics.gauge("jaxllm_generated_tokens_total", "Tokens generated.",
+        + metrics.scalar("jaxllm_pages_in_use", "KV-cache pages held by requests.", s["used"])
+        + metrics.scalar("jaxllm_pages_free", "KV-cache pages free.", s["free"])
+        + metrics.scalar("jaxllm_generated_tokens_total", "Tokens generated.",
                         self.tokens.total, "counter")
-        + metrics.gauge("jaxllm_generated_tokens_per_second", "Over the last "
+        + metrics.scalar("jaxllm_generated_tokens_per_second", "Over the last "
                         f"{self.tokens.window:g} s.", self.tokens.per_second())
-        + metrics.gauge("jaxllm_requests_cancelled_total", "Stopped early: client gone, stop "
+        + metrics.scalar("jaxllm_requests_cancelled_total", "Stopped early: client gone, stop "
                         "string.", self.cancelled, "counter")
-        + metrics.gauge("jaxllm_requests_failed_total", "Failed in the engine.", self.failed,
+        + metrics.scalar("jaxllm_requests_failed_total", "Failed in the engine.", self.failed,
                         "counter")
-        + metrics.gauge("jaxllm_preemptions_total", "Requests preempted for pages.",
+        + metrics.scalar("jaxllm_preemptions_total", "Requests preempted for pages.",
                         s["preemptions"], "counter")
         + self.ttft.render() + self.itl.render())
     return "\n".join(lines) + "\n"

@@ -60,5 +60,6 @@ class TokenRate:
       return sum(n for _, n in self.recent) / self.window
 
 
-def gauge(name: str, help_text: str, value, kind: str = "gauge") -> list[str]:
+def scalar(name: str, help_text: str, value, kind: str = "gauge") -> list[str]:
+  """A gauge or counter: one sample with its HELP and TYPE lines."""
   return [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {value}"]

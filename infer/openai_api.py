@@ -157,13 +157,13 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 class Format:
   """One endpoint's response shapes: `chunk` for a stream's pieces, `response` for the
-  whole answer. `logprobs(tokenizer, delta)` gives a choice's logprobs field."""
+  whole answer; with `logprobs`, each choice carries its sampled tokens' log-probabilities."""
 
   def __init__(self, kind: Literal["text_completion", "chat.completion"], model: str,
                tokenizer, logprobs: bool):
     self.kind, self.model, self.tokenizer, self.want_logprobs = kind, model, tokenizer, logprobs
-    self.id, self.created = new_id("cmpl" if kind == "text_completion" else "chatcmpl"), \
-        int(time.time())
+    self.id = new_id("cmpl" if kind == "text_completion" else "chatcmpl")
+    self.created = int(time.time())
 
   def _head(self, suffix: str = "") -> dict:
     return {"id": self.id, "object": self.kind + suffix, "created": self.created,
