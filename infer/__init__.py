@@ -8,6 +8,9 @@
                   sharing and preemption
   loaders.py      a model from a run directory, an HF directory or a GGUF file
   generate.py     the command line
+  serve.py        an OpenAI-compatible HTTP server on the engine; engine_loop.py runs the
+                  engine on its thread, openai_api.py the wire format, stream_text.py the
+                  incremental text and stop strings, metrics.py the Prometheus text
   workdir.py      reading a run directory (config, tokenizer, orbax params)
   hf.py, gguf.py, chat.py   HF / GGUF checkpoints and chat templates (conversion)
 """

@@ -10,8 +10,11 @@ Each `step()`:
   3. runs one jitted device step: pending copies, a chunk of each prefilling prompt (long
      prompts are split into chunks, interleaved with decoding), one token for every decoding
      request, and sampling with each request's own settings and seed;
-  4. appends the sampled tokens; finished requests free their pages at once, so waiting
-     requests take their slots on the next step.
+  4. appends the sampled tokens (and their log-probabilities); finished requests free their
+     pages at once, so waiting requests take their slots on the next step.
+
+`cancel(rid)` stops a request wherever it is and frees its pages; it also forgets finished
+requests, which a long-running server must do (the engine keeps each one until then).
 
 The device sees plain arrays: the page pool (donated, updated in place), page tables, lengths.
 A request only ever reads pages in its own table (its own or shared copies of the same prefix)
@@ -63,6 +66,7 @@ class Request:
   eos_ids: frozenset
   arrival: float
   output: list[int] = dataclasses.field(default_factory=list)
+  logprobs: list[float] = dataclasses.field(default_factory=list)  # one per output token
   pages: list[int] = dataclasses.field(default_factory=list)  # logical -> physical page
   keys: list[bytes] = dataclasses.field(default_factory=list)  # prefix keys of its full pages
   computed: int = 0  # tokens whose K/V are in its pages
@@ -114,13 +118,17 @@ def _device_step(params, pools, copy_src, copy_dst, groups: tuple[_Group, ...], 
                                logits_at=jnp.maximum(g.n_real - 1, 0))
     pools = (cache.k_pages, cache.v_pages, cache.k_scale, cache.v_scale)
     keys = sampling_lib.token_keys(sampling_lib.row_keys(g.seeds), g.counter)
-    out.append(sampling_lib.sample_rows(keys, last, g.sampling, features, g.seen))
+    tok = sampling_lib.sample_rows(keys, last, g.sampling, features, g.seen)
+    out.append((tok, step.token_logprobs(last, tok, g.sampling.temperature)))
   return pools, tuple(out)
 
 
 @dataclasses.dataclass
 class Completion:
   tokens: list[int]  # generated ids (prompt excluded), cut after the first EOS
+  # log_softmax(logits / T)[token] per token (T = 1 when greedy), before any filter, as
+  # infer/decode.py's return_logprobs
+  logprobs: list[float]
   arrival: float
   first_token_time: float
   finish_time: float
@@ -196,9 +204,18 @@ class Engine:
 
   def completion(self, rid: int) -> Completion:
     r = self.requests[rid]
-    return Completion(tokens=list(r.output), arrival=r.arrival,
+    return Completion(tokens=list(r.output), logprobs=list(r.logprobs), arrival=r.arrival,
                       first_token_time=r.first_token_time, finish_time=r.finish_time,
                       preemptions=r.preemptions, cached_tokens=r.cached_tokens)
+
+  def cancel(self, rid: int):
+    """Stops request `rid` if it is waiting or running, freeing its pages, and forgets it
+    (finished or not): its id is unknown from then on."""
+    r = self.requests.pop(rid)
+    if r in self.waiting:
+      self.waiting.remove(r)
+    elif r in self.running:
+      self._finish(r, time.perf_counter())
 
   def run(self, on_tokens: Callable[[int, list[int]], None] | None = None
           ) -> dict[int, Completion]:
@@ -371,8 +388,8 @@ class Engine:
     now = time.perf_counter()
     self.num_steps += 1
     events = []
-    for rows, toks in zip(members, sampled):
-      for r, tok in zip(rows, toks.tolist()):
+    for rows, (toks, lps) in zip(members, sampled):
+      for r, tok, lp in zip(rows, toks.tolist(), lps.tolist()):
         if r is None:
           continue
         r.copies = []
@@ -380,6 +397,7 @@ class Engine:
         self._register_full_pages(r)
         if r.computed == len(r.prompt) + len(r.output):  # fed to the end: tok is new
           r.output.append(tok)
+          r.logprobs.append(lp)
           if r.seen is not None:
             r.seen[tok] = True
           if r.first_token_time is None:

@@ -8,6 +8,7 @@ Each returns a `LoadedModel`: config, params, tokenizer, EOS/BOS ids and the cha
 """
 
 import dataclasses
+import functools
 import importlib
 from typing import Any
 
@@ -37,10 +38,23 @@ class LoadedModel:
     if not self.chat_template:
       raise ValueError(f"{self.source} has no chat template (tokenizer_config.json "
                        "'chat_template'); drop --chat to use the prompt as plain text")
-    from infer.chat import render_chat, special_tokens
-    rendered = render_chat(self.chat_template, [{"role": "user", "content": text}],
-                           add_generation_prompt=True, **special_tokens(self.tokenizer_config))
+    return self.encode_messages([{"role": "user", "content": text}])
+
+  def encode_messages(self, messages: list[dict]) -> list[int]:
+    """A whole conversation ([{"role": ..., "content": ...}, ...]) through the chat template,
+    ending where the assistant's reply begins."""
+    from infer.chat import special_tokens
+    rendered = self._render_chat(messages, add_generation_prompt=True,
+                                 **special_tokens(self.tokenizer_config))
     return self.tokenizer.encode(rendered, add_special_tokens=False).ids
+
+  @functools.cached_property
+  def _render_chat(self):  # compiled once: a server renders every request with it
+    from infer.chat import compile_chat
+    if not self.chat_template:
+      raise ValueError(f"{self.source} has no chat template (tokenizer_config.json "
+                       "'chat_template')")
+    return compile_chat(self.chat_template)
 
 
 def load_checkpoint(workdir: str, step: int | None = None) -> LoadedModel:

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from infer.decode import generate
+from infer.decode import generate, generate_with_stats
 from infer.engine import Engine, EngineConfig
 from infer.pages import OutOfPages, PageAllocator, chain_hash
 from infer.sampling import SamplingParams
@@ -212,6 +212,40 @@ def test_sampled_requests_match_the_decode_loop_with_the_same_seeds(params, work
   want = generate(CFG, params, [p for p, _ in requests], max_new_tokens=[m for _, m in requests],
                   sampling=settings, seed=[10, 11, 12, 13])
   assert [done[i].tokens for i in ids] == want
+
+
+def test_logprobs_match_the_decode_loop(params, workload):
+  requests, _ = workload
+  requests = requests[:3]
+  settings = [GREEDY, SamplingParams(temperature=0.8), SamplingParams(temperature=1.3)]
+  engine = Engine(CFG, params, SMALL)
+  ids = [engine.add_request(p, max_new_tokens=m, sampling=s, seed=i)
+         for i, ((p, m), s) in enumerate(zip(requests, settings))]
+  done = engine.run()
+  want = generate_with_stats(CFG, params, [p for p, _ in requests],
+                             max_new_tokens=[m for _, m in requests], sampling=settings,
+                             seed=[0, 1, 2], return_logprobs=True)
+  assert [done[i].tokens for i in ids] == want.tokens
+  for i, lps in zip(ids, want.logprobs):
+    np.testing.assert_allclose(done[i].logprobs, lps, atol=1e-5)
+
+
+def test_cancel_frees_the_pages_of_waiting_running_and_finished_requests(params, workload):
+  requests, want = workload
+  engine = Engine(CFG, params, dataclasses.replace(SMALL, max_batch=2))
+  ids = [engine.add_request(p, max_new_tokens=m, sampling=GREEDY) for p, m in requests[:4]]
+  engine.step()
+  engine.step()
+  running, waiting = ids[0], ids[3]
+  assert engine.requests[running].pages and engine.requests[waiting] in engine.waiting
+  engine.cancel(running)
+  engine.cancel(waiting)
+  assert running not in engine.requests and waiting not in engine.requests
+  done = engine.run()
+  assert [done[i].tokens for i in ids[1:3]] == want[1:3]  # the others are untouched
+  assert engine.allocator.num_used == 0
+  engine.cancel(ids[1])  # finished: only forgotten
+  assert ids[1] not in engine.requests and not engine.has_work()
 
 
 def test_impossible_requests_are_errors(params):
