@@ -79,10 +79,10 @@ def _positions(b, t):
   return jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
 
 
-def _dense(seed=0):
+def _dense(seed=0, model=MODEL):
   """A dense tree of the model's shapes, normal(0, 0.2) values (no init to compile)."""
   tok = jnp.zeros((1, 1), jnp.int32)
-  init = lambda: Transformer(ModelConfig(**MODEL)).init(jax.random.PRNGKey(0), tok, tok)
+  init = lambda: Transformer(ModelConfig(**model)).init(jax.random.PRNGKey(0), tok, tok)
   rng = np.random.default_rng(seed)
   return jax.tree.map(lambda x: jnp.asarray(0.2 * rng.standard_normal(x.shape), x.dtype),
                       nn.unbox(jax.eval_shape(init)["params"]))
@@ -206,3 +206,35 @@ def test_pretrain_refuses_lora():
   cfg.task = "pretrain"
   with pytest.raises(ConfigError, match=r"lora.rank=4 adapts a model in post-training"):
     model_and_mesh(cfg, jax.devices()[:1])
+
+
+def test_a_qlora_sft_run_exports_the_dequantized_base_plus_adapters(tmp_path, monkeypatch):
+  """The arithmetic SFT rung with lora.base_quant=nf4 (default group) from a dense run,
+  through the loop: the checkpoint is a dense model, the base NF4-round-tripped (numpy) where
+  no adapter is, plus the adapters' products where one is; the embedding as it was."""
+  from tests.test_ladder import run
+  monkeypatch.chdir(tmp_path)  # the arithmetic example writes runs/arith_data here
+  ladder = dict(vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128,
+                max_seq_len=128)
+  dense = _dense(seed=4, model=ladder)
+  os.makedirs("runs/dense")
+  cfg = base_config.get_config()
+  cfg.model.update(**ladder)
+  with open("runs/dense/config.json", "w") as f:
+    f.write(cfg.to_json())
+  ckpt = Checkpointer("runs/dense", keep=1, async_save=False)
+  ckpt.save_params(0, dense)
+  ckpt.close()
+  last, _ = run("sft", 2, **{"lora.rank": "4", "lora.targets": "q,v,down",
+                             "lora.base_quant": "nf4", "train.init_from": "runs/dense",
+                             "workdir": "runs/qlora", "train.lr": "1e-2"})
+  assert np.isfinite(last["loss"]) and 0.0 <= last["val_score"] <= 1.0
+  assert run_dir.load_quant("runs/qlora") is None
+  merged, want = run_dir.load_params("runs/qlora"), _expected_base(dense, group=64)
+  assert jax.tree.structure(merged) == jax.tree.structure(want)
+  np.testing.assert_array_equal(merged["embedding"], dense["embedding"])
+  for module, name in (("attn", "k"), ("attn", "o"), ("mlp", "gate"), ("mlp", "up")):
+    np.testing.assert_allclose(merged["layers"][module][name], want["layers"][module][name],
+                               rtol=1e-6, atol=1e-7)
+  for module, name in (("attn", "q"), ("attn", "v"), ("mlp", "down")):
+    assert np.any(np.asarray(merged["layers"][module][name]) != want["layers"][module][name])

@@ -4,6 +4,7 @@ answers with a reward function."""
 
 import dataclasses
 import functools
+import warnings
 
 import flax.linen as nn
 import jax
@@ -151,7 +152,12 @@ class Policy:
       return load(shardings)
     mesh = jax.tree.leaves(shardings)[0].mesh
     dense = load(sharding.shardings_for(jax.eval_shape(init_base, jax.random.PRNGKey(0)), mesh))
-    return jax.jit(self.base_quant.quantize, out_shardings=shardings, donate_argnums=0)(dense)
+    with warnings.catch_warnings():
+      # Donated: the weights that stay dense (embedding, norms) pass through uncopied; the
+      # matmuls' buffers cannot hold their codes, which XLA says, harmlessly.
+      warnings.filterwarnings("ignore", "Some donated buffers were not usable")
+      return jax.jit(self.base_quant.quantize, out_shardings=shardings,
+                     donate_argnums=0)(dense)
 
   def start(self, params, frozen):
     """Adapters start fresh (B = 0); full fine-tuning starts from train.init_from."""
