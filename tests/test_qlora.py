@@ -238,3 +238,24 @@ def test_a_qlora_sft_run_exports_the_dequantized_base_plus_adapters(tmp_path, mo
                                rtol=1e-6, atol=1e-7)
   for module, name in (("attn", "q"), ("attn", "v"), ("mlp", "down")):
     assert np.any(np.asarray(merged["layers"][module][name]) != want["layers"][module][name])
+
+
+def test_the_dry_run_counts_the_quantized_base():
+  """The dry run's frozen base (XLA:CPU, simulated devices): NF4 codes at half a byte, an int8
+  scale per group, an f32 absmax per 256 scales and an offset per layer (closed form), and
+  the rest of the base in f32."""
+  from train.dry_run import plan
+  cfg = _cfg()
+  cfg.mesh.data, cfg.train.batch_size = -1, 8
+  report, _ = plan(cfg)
+  mats = [(32, 32), (32, 16), (32, 16), (32, 32), (32, 64), (32, 64), (64, 32)]  # q k v o g u d
+  layers = MODEL["n_layers"]
+  nbytes = layers * sum(k * n / 2 + k * n / GROUP + 4 * math.ceil(k * n / GROUP / 256) + 4
+                        for k, n in mats)
+  q = report["frozen_quantized"]
+  assert q["kind"] == "nf4" and q["params"] == layers * sum(k * n for k, n in mats)
+  assert q["bytes"] == nbytes
+  rest = report["frozen_params"] - q["params"]  # embedding and norms, f32, replicated
+  assert rest == MODEL["vocab_size"] * 32 + layers * 2 * 32 + 32
+  assert report["frozen_bytes_per_device"] == nbytes + 4 * rest
+  assert report["params"] == 4 * sum(layers * (k + n) for k, n in mats)  # rank-4 A and B
