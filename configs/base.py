@@ -101,9 +101,11 @@ def get_config() -> ml_collections.ConfigDict:
   t.init_from = ""  # A run directory (e.g. a converted model) whose params start training.
 
   c.lora = lo = ml_collections.ConfigDict()
-  lo.rank = 0  # LoRA rank (Hu et al. 2021); 0 trains every weight. Needs train.init_from.
+  lo.rank = 0  # LoRA rank (Hu et al. 2021); 0 trains every weight. The base is train.init_from's (without one: random, for tests and dry runs).
   lo.alpha = 16.0  # Adapter scale alpha / rank.
   lo.targets = "q,k,v,o,gate,up,down"  # Projections that get adapters.
+  lo.base_quant = ""  # QLoRA (Dettmers et al. 2023): nf4 (double-quantized scales), int8 or int4 freezes the base's block matmuls quantized on load; "" keeps them as stored.
+  lo.base_quant_group = 64  # lora.base_quant: input elements per scale (QLoRA's block: 64); 0: per output channel.
 
   c.dpo = dp = ml_collections.ConfigDict()
   dp.beta = 0.1  # Strength of the KL constraint to the reference.

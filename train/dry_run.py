@@ -20,6 +20,7 @@ import time
 import jax
 import numpy as np
 
+from model import quant
 from model.config import ModelConfig
 from model.moe import expert_impl
 from pallas_kernels.paths import attention_path, grouped_matmul_path
@@ -37,6 +38,25 @@ def _bytes_per_device(tree, shardings) -> int:
       lambda x, s: int(np.prod(s.shard_shape(x.shape))) * np.dtype(x.dtype).itemsize,
       tree, shardings)
   return int(sum(jax.tree.leaves(sizes)))
+
+
+def _size(tree) -> int:
+  """Parameters of a tree, a quantized weight counted as the weight it stands for."""
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree, is_leaf=quant.is_quantized))
+
+
+def quantized_weights(tree) -> dict | None:
+  """The tree's quantized weights (a QLoRA base: lora.base_quant): their kind, parameters and
+  bytes over all devices, codes and scales together; None if it has none."""
+  weights = [x for x in jax.tree.leaves(tree, is_leaf=quant.is_quantized)
+             if quant.is_quantized(x)]
+  if not weights:
+    return None
+  nbytes = sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize
+               for a in jax.tree.leaves(weights))
+  params = sum(x.size for x in weights)
+  return {"kind": ",".join(sorted({x.kind for x in weights})), "params": params,
+          "bytes": nbytes, "bytes_per_param": nbytes / params}
 
 
 def attention_choice(model_cfg: ModelConfig, devices) -> str:
@@ -117,10 +137,15 @@ def plan(cfg, target: str = ""):
       "mesh": dict(mesh.shape),
       "attention": attention_choice(model_cfg, mesh.devices.flat),
       "experts": experts_choice(model_cfg, mesh.devices.flat),
-      "params": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(prog.abstract.params)),
+      "params": _size(prog.abstract.params),
       "param_bytes_per_device": _bytes_per_device(prog.abstract.params, prog.shardings.params),
       "optimizer_bytes_per_device": _bytes_per_device(prog.abstract.opt_state,
                                                       prog.shardings.opt_state),
+      # What the step reads but does not train: LoRA's base, a DPO reference, a reward model.
+      "frozen_params": _size(prog.abstract.frozen),
+      "frozen_bytes_per_device": _bytes_per_device(prog.abstract.frozen,
+                                                   prog.shardings.frozen),
+      "frozen_quantized": quantized_weights(prog.abstract.frozen),
       "temp_bytes_per_device": temp,
       "peak_bytes_per_device": peak,
       "hbm_bytes_per_device": hbm,
@@ -136,6 +161,10 @@ def plan(cfg, target: str = ""):
   return report, compiled
 
 
+def _count(n: int) -> str:
+  return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
+
+
 def _print(r: dict, tgt) -> None:
   gib = lambda n: f"{n / GIB:8.2f} GiB"
   if tgt:
@@ -149,8 +178,15 @@ def _print(r: dict, tgt) -> None:
   lines = [head, f"mesh {r['mesh']} | attention: {r['attention']}{experts}",
            f"compiled in {r['compile_s']:.1f} s (lowered in {r['lower_s']:.1f} s)",
            "per device:",
-           f"  parameters   {gib(r['param_bytes_per_device'])}",
-           f"  optimizer    {gib(r['optimizer_bytes_per_device'])}"]
+           f"  parameters   {gib(r['param_bytes_per_device'])}  ({_count(r['params'])} trained)"]
+  if r["frozen_params"]:
+    frozen = f"  frozen       {gib(r['frozen_bytes_per_device'])}  ({_count(r['frozen_params'])}"
+    q = r["frozen_quantized"]
+    if q:
+      frozen += (f"; block matmuls {_count(q['params'])} in {q['kind']}: "
+                 f"{q['bytes_per_param']:.3f} B/param with their scales")
+    lines.append(frozen + ")")
+  lines.append(f"  optimizer    {gib(r['optimizer_bytes_per_device'])}")
   if r["temp_bytes_per_device"] is not None:
     lines.append(f"  temporaries  {gib(r['temp_bytes_per_device'])}  (every temporary buffer; "
                  "the peak counts those alive at once)")

@@ -73,6 +73,9 @@ def validate(cfg, model_cfg: ModelConfig, mesh) -> None:
     raise ConfigError(f"checkpoint.preemption_check_every="
                       f"{cfg.checkpoint.preemption_check_every} must be at least 1")
   tasks.module(cfg.task)  # names the valid tasks if it is not one
+  if cfg.task == "pretrain" and cfg.lora.rank:
+    raise ConfigError(f"lora.rank={cfg.lora.rank} adapts a model in post-training: "
+                      "task='pretrain' trains every weight (set task, e.g. sft)")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,7 +4,9 @@ answers with a reward function."""
 
 import dataclasses
 import functools
+import warnings
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,7 +14,7 @@ import numpy as np
 from infer import workdir as run_dir
 from infer.decode import generate
 from infer.sampling import SamplingParams
-from model import ModelConfig, Transformer, head, lora, quant
+from model import ModelConfig, Transformer, head, lora, quant, sharding
 from train import objectives, posttrain_data
 from train.config import ConfigError, import_function
 from train.tasks import pretrain
@@ -28,29 +30,45 @@ class Policy:
   rank: int = 0
   alpha: float = 16.0
   targets: str = ""
-  # init_from's quantization (a run written by train/convert.py --quantize), None if dense.
-  # With LoRA the frozen base stays quantized (QLoRA's setting: Dettmers et al. 2023); full
-  # fine-tuning, and the merged model LoRA exports, start from or hold its dequantized weights.
+  # The frozen base's quantization, None if dense: init_from's own (a run written by
+  # train/convert.py --quantize), or lora.base_quant's. With LoRA the base stays quantized
+  # (QLoRA's setting: Dettmers et al. 2023); full fine-tuning, and the merged model LoRA
+  # exports, start from or hold its dequantized weights.
   base_quant: quant.Spec | None = None
+  # Whether the base is quantized here (lora.base_quant over a dense or random base), not
+  # stored so.
+  quantize_base: bool = False
+  seed: int = 0  # the random base's, when there is no init_from
 
   @classmethod
   def of(cls, cfg, model_cfg: ModelConfig) -> "Policy":
     if cfg.lora.rank < 0:
       raise ConfigError(f"lora.rank={cfg.lora.rank} must be >= 0")
-    if cfg.lora.rank and not cfg.train.init_from:
-      raise ConfigError("lora.rank > 0 adapts a trained model: set train.init_from")
     try:
       lora.parse_targets(cfg.lora.targets)
     except ValueError as e:
       raise ConfigError(f"lora.targets: {e}") from None
-    base_quant = None
-    if cfg.lora.rank:  # only LoRA keeps the base as stored; elsewhere load_params dequantizes
+    wanted = base_quant_spec(cfg.lora)
+    if wanted is not None and not cfg.lora.rank:
+      raise ConfigError(f"lora.base_quant={cfg.lora.base_quant!r} quantizes LoRA's frozen base: "
+                        "set lora.rank > 0 (full fine-tuning trains dense weights)")
+    stored = None
+    if cfg.lora.rank and cfg.train.init_from:  # elsewhere load_params dequantizes
       try:
-        base_quant = run_dir.load_quant(cfg.train.init_from)
+        stored = run_dir.load_quant(cfg.train.init_from)
       except FileNotFoundError:  # no run there: loading the base says so, when it is loaded
         pass
+    if stored is not None and wanted is not None and (
+        dataclasses.replace(stored, method=wanted.method) != wanted):
+      raise ConfigError(
+          f"lora.base_quant={cfg.lora.base_quant!r} (group {wanted.group}) asks for another "
+          f"layout than train.init_from={cfg.train.init_from!r} is stored in "
+          f"({stored.kind}, group {stored.group}, symmetric={stored.symmetric}, double_quant="
+          f"{stored.double_quant}): set lora.base_quant='' to train over it as stored, or "
+          "start from a dense run")
     return cls(model_cfg, cfg.train.init_from, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets,
-               base_quant)
+               stored or wanted, quantize_base=stored is None and wanted is not None,
+               seed=cfg.seed)
 
   @property
   def model(self) -> Transformer:
@@ -67,8 +85,16 @@ class Policy:
     return lora.init_adapters(base, targets=self.targets, rank=self.rank, rng=rng)
 
   def frozen_base(self, boxed):
-    """The frozen base's tree as it loads (shapes and names): quantized like init_from."""
-    return boxed if self.base_quant is None else self.base_quant.quantize(boxed)
+    """The frozen base's tree as it loads (shapes and names): quantized like init_from, or
+    as lora.base_quant says."""
+    if self.base_quant is None:
+      return boxed
+    if self.quantize_base:
+      try:
+        self.base_quant.check(nn.unbox(boxed))
+      except ValueError as e:
+        raise ConfigError(f"lora.base_quant_group: {e}") from None
+    return self.base_quant.quantize(boxed)
 
   def init_frozen(self, rng):
     return {"base": self.frozen_base(self.init_model(rng))} if self.rank else {}
@@ -86,7 +112,8 @@ class Policy:
     return lora.attach(frozen["base"], trained, rank=self.rank, alpha=self.alpha)
 
   def merged(self, trained, frozen):
-    """The model's parameters as plain weights (adapters merged): export, decoding."""
+    """The model's parameters as plain weights (adapters merged): export, decoding. Over a
+    quantized base these are its dequantized weights plus the adapters' products."""
     if not self.rank:
       return trained
     merged = lora.merge(frozen["base"], trained, rank=self.rank, alpha=self.alpha)
@@ -101,12 +128,36 @@ class Policy:
     `reference` names a run to load."""
     out = {}
     if self.rank:
-      out["base"] = run_dir.load_params(self.init_from, self.model_cfg,
-                                        shardings=shardings["base"])
+      out["base"] = self.load_base(shardings["base"])
     elif reference:
       out["reference"] = run_dir.load_params(reference, self.model_cfg,
                                              shardings=shardings["reference"])
     return out
+
+  def load_base(self, shardings, init_base=None, load=None):
+    """LoRA's frozen base placed on `shardings` (those of `frozen_base`'s tree): init_from as
+    stored; or loaded dense and quantized here (lora.base_quant), one jitted pass whose input
+    is donated; or, with no init_from, random (for tests and dry runs).
+
+    init_base: rng -> the dense base, boxed (default: the whole model). load: shardings -> the
+    stored base placed on them (default: init_from's parameters)."""
+    init_base = init_base or self.init_model
+    if load is None:
+      load = lambda s: run_dir.load_params(self.init_from, self.model_cfg, shardings=s)
+    if not self.init_from:
+      print("lora: no train.init_from: the frozen base is randomly initialised", flush=True)
+      init = lambda: nn.unbox(self.frozen_base(init_base(jax.random.PRNGKey(self.seed))))
+      return jax.jit(init, out_shardings=shardings)()
+    if not self.quantize_base:
+      return load(shardings)
+    mesh = jax.tree.leaves(shardings)[0].mesh
+    dense = load(sharding.shardings_for(jax.eval_shape(init_base, jax.random.PRNGKey(0)), mesh))
+    with warnings.catch_warnings():
+      # Donated: the weights that stay dense (embedding, norms) pass through uncopied; the
+      # matmuls' buffers cannot hold their codes, which XLA says, harmlessly.
+      warnings.filterwarnings("ignore", "Some donated buffers were not usable")
+      return jax.jit(self.base_quant.quantize, out_shardings=shardings,
+                     donate_argnums=0)(dense)
 
   def start(self, params, frozen):
     """Adapters start fresh (B = 0); full fine-tuning starts from train.init_from."""
@@ -114,6 +165,20 @@ class Policy:
     if self.rank or not self.init_from:
       return params
     return run_dir.load_params(self.init_from, self.model_cfg, shardings=shardings_of(params))
+
+
+def base_quant_spec(lora_cfg) -> quant.Spec | None:
+  """lora.base_quant's layout (None when empty): QLoRA's NF4 with double-quantized scales
+  (Dettmers et al. 2023, Sec. 3: blocks of lora.base_quant_group weights, their scales in int8
+  blocks of 256, model/quant.py DoubleQuantized), or symmetric int8 / int4."""
+  kind, group = lora_cfg.base_quant, lora_cfg.base_quant_group
+  if not kind:
+    return None
+  if kind not in quant.KINDS:
+    raise ConfigError(f"lora.base_quant={kind!r} is not one of {['', *quant.KINDS]}")
+  if group < 0:
+    raise ConfigError(f"lora.base_quant_group={group} must be >= 0 (0: per output channel)")
+  return quant.Spec(kind, group=group, double_quant=kind == "nf4")
 
 
 def shardings_of(tree):

@@ -7,6 +7,8 @@ Batch: pairs (train/posttrain_data.py): chosen_* and rejected_* rows [B, T], mar
 valid [B]. The normaliser is the number of real pairs.
 """
 
+import functools
+
 import jax.numpy as jnp
 
 from infer import workdir as run_dir
@@ -72,8 +74,7 @@ def objective(cfg, model_cfg) -> Objective:
     return {"adapters": adapters, "value_head": params["value_head"]}
 
   def init_frozen(rng):
-    return {"base": policy.frozen_base(
-        {k: v for k, v in init_model(rng).items() if k != "value_head"})}
+    return {"base": policy.frozen_base(_backbone(model, rng))}
 
   def to_params(params, frozen, combine=lora.attach):
     # attach: unmerged, for the step; merge: plain weights, for export.
@@ -88,6 +89,11 @@ def objective(cfg, model_cfg) -> Objective:
       loss_fn=lambda params, frozen, batch: loss_fn(to_params(params, frozen), batch,
                                                     model=model),
       batch_shapes=common.pair_batch_shapes, step_cost=step_cost)
+
+
+def _backbone(model, rng):
+  """LoRA's frozen base of a reward model, boxed: the model without its value head."""
+  return {k: v for k, v in pretrain.init_model(model, rng).items() if k != "value_head"}
 
 
 def backbone_from(workdir: str, model_cfg, value_params):
@@ -115,8 +121,12 @@ def feed(cfg, model_cfg, mesh, run) -> Feed:
   feed = sft.posttrain_feed(cfg, model_cfg, run, policy, "pairs", score=False)
   feed.sample_prompt = None
   if policy.rank:
+    def load(shardings):
+      lm = _load_lm(cfg.train.init_from, model_cfg, shardings)
+      return {k: v for k, v in lm.items() if k in shardings}
+
     def load_frozen(shardings):
-      lm = _load_lm(cfg.train.init_from, model_cfg, shardings["base"])
-      return {"base": {k: v for k, v in lm.items() if k in shardings["base"]}}
+      init_base = functools.partial(_backbone, Transformer(model_cfg))
+      return {"base": policy.load_base(shardings["base"], init_base, load)}
     feed.load_frozen = load_frozen
   return feed
