@@ -10,6 +10,9 @@ its nucleus needs), which makes the result independent of how a sort orders ties
 `SamplingBatch` holds them as arrays [B] so rows of one batch differ, plus the static
 `Features` that let a batch skip the work nobody asked for (the sort behind top-k/top-p,
 the [B, V] "seen" mask behind the repetition penalty).
+
+Structured output (infer/structured.py) adds a packed token bitmask per row, applied before
+everything else (`apply_bitmask`).
 """
 
 import dataclasses
