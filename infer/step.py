@@ -178,8 +178,9 @@ def emit(stream: int, sink_id, s: DecodeState, width: int, now=True):
 @functools.partial(jax.jit, static_argnames=("cfg", "features", "cache_len", "cache_dtype",
                                              "stream", "return_logprobs"))
 def prefill_state(params, prompts_BT, prompt_lens_B, max_new_B, keys_B, sampling, eos_ids,
-                  sink_id, allowed_BW=None, *, cfg: ModelConfig, features: Features, cache_len: int, cache_dtype,
-                  stream: int, return_logprobs: bool = False) -> DecodeState:
+                  sink_id, allowed_BW=None, *, cfg: ModelConfig, features: Features,
+                  cache_len: int, cache_dtype, stream: int,
+                  return_logprobs: bool = False) -> DecodeState:
   b, t = prompts_BT.shape
   cache = init_cache(cfg, b, cache_len, cache_dtype)
   last_logits, cache = prefill(cfg, params, prompts_BT, prompt_lens_B, cache)

@@ -178,6 +178,9 @@ def test_cli_regex_and_schema(tokenizer, params, tmp_path, capsys):
             "--json"]
   assert main(common + ["--regex", REGEX]) == 0
   assert re.fullmatch(REGEX, json.loads(capsys.readouterr().out)["text"], re.ASCII)
+  assert main(common[:-1] + ["--regex", REGEX]) == 0  # streamed as it is generated
+  out = capsys.readouterr().out
+  assert out.startswith("hello") and re.fullmatch(REGEX, out[5:].rstrip("\n"), re.ASCII)
   assert main(common + ["--json_schema", str(schema_file)]) == 0
   jsonschema.validate(json.loads(json.loads(capsys.readouterr().out)["text"]), SCHEMA)
   assert main(common + ["--json_schema", '{"type": "foo"}']) == 2
