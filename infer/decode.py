@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from infer import sampling as sampling_lib
-from infer import speculative, step
+from infer import speculative, step, structured
 from infer.sampling import Features, SamplingBatch, SamplingParams
 from infer.step import DecodeState, commit, emit, token_logprobs
 from model import ModelConfig, fused, kv_cache
@@ -43,26 +43,74 @@ def bucket(n: int, minimum: int = 8) -> int:
   return max(minimum, 1 << (max(n, 1) - 1).bit_length())
 
 
+def _forward_live(cfg: ModelConfig, params, s: DecodeState):
+  """f32[B, V] logits after each row's last token, and the cache holding it."""
+  logits, cache = step.forward(cfg, params, s.last_tokens()[:, None], s.cache)
+  # A finished row's cache stops advancing, so it can never run past the cache's end.
+  return logits[:, 0], cache.replace(lengths=jnp.where(s.done, s.cache.lengths, cache.lengths))
+
+
+def _sample_commit(s: DecodeState, logits_BV, eos_ids, sink_id, allowed_BW, *,
+                   features: Features, stream: int) -> tuple[DecodeState, jax.Array]:
+  """Samples each row's next token from `logits_BV` (s.cache already holds the last one),
+  masked by the packed bitmask `allowed_BW` (None: unconstrained), and appends it."""
+  keys = sampling_lib.token_keys(s.keys, s.num_generated)
+  tok = sampling_lib.sample_rows(keys, logits_BV, s.sampling, features, s.seen, allowed_BW)
+  live = (~s.done).astype(jnp.int32)
+  # Static: the state's structure says whether log-probs are kept (None otherwise).
+  lp = None if s.logprobs is None else token_logprobs(logits_BV, tok, s.sampling.temperature)
+  s2, _ = commit(s, tok[:, None], jnp.ones_like(live), eos_ids, None if lp is None else lp[:, None])
+  s2 = s2.replace(step=s.step + 1, target_steps=s.target_steps + live)
+  emit(stream, sink_id, s2, stream, (s2.step % max(stream, 1) == 0) | jnp.all(s2.done))
+  return s2, tok
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "features", "stream"),
                    donate_argnames=("s",))
 def _decode_loop(params, s: DecodeState, eos_ids, sink_id, *, cfg: ModelConfig,
                  features: Features, stream: int) -> DecodeState:
   def body(s: DecodeState):
-    logits, cache = step.forward(cfg, params, s.last_tokens()[:, None], s.cache)
-    keys = sampling_lib.token_keys(s.keys, s.num_generated)
-    tok = sampling_lib.sample_rows(keys, logits[:, 0], s.sampling, features, s.seen)
-    # A finished row's cache stops advancing, so it can never run past the cache's end.
-    cache = cache.replace(lengths=jnp.where(s.done, s.cache.lengths, cache.lengths))
-    live = (~s.done).astype(jnp.int32)
-    # Static: the state's structure says whether log-probs are kept (None otherwise).
-    lp = None if s.logprobs is None else token_logprobs(logits[:, 0], tok, s.sampling.temperature)
-    s2, _ = commit(s.replace(cache=cache), tok[:, None], jnp.ones_like(live), eos_ids,
-                   None if lp is None else lp[:, None])
-    s2 = s2.replace(step=s.step + 1, target_steps=s.target_steps + live)
-    emit(stream, sink_id, s2, stream, (s2.step % max(stream, 1) == 0) | jnp.all(s2.done))
-    return s2
+    logits, cache = _forward_live(cfg, params, s)
+    return _sample_commit(s.replace(cache=cache), logits, eos_ids, sink_id, None,
+                          features=features, stream=stream)[0]
 
   return jax.lax.while_loop(lambda s: ~jnp.all(s.done), body, s)
+
+
+# Structured output: the mask of step n depends on the token of step n-1, so the loop comes back
+# to the host each step. The step is split in two programs so that the forward (which needs no
+# mask) runs on the device while the host computes the mask (llguidance releases the GIL).
+@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
+def _forward_step(params, s: DecodeState, cache, *, cfg: ModelConfig):
+  return _forward_live(cfg, params, s.replace(cache=cache))
+
+
+_sample_step = jax.jit(_sample_commit, static_argnames=("features", "stream"),
+                       donate_argnames=("s",))
+
+
+def _constrained_loop(params, s: DecodeState, eos_ids, sink_id,
+                      matchers: Sequence[structured.Matcher | None], *, cfg: ModelConfig,
+                      features: Features, stream: int) -> DecodeState:
+  """The decode loop driven from the host, for rows with a `structured.Matcher` (None: free).
+  `s` comes from prefill, its first token sampled under the matchers' first masks."""
+  consumed = np.zeros(len(matchers), np.int64)  # tokens each matcher has seen
+  tok = s.last_tokens()
+  while True:
+    # Dispatched before the host waits for the tokens: at the end it is one forward wasted.
+    logits, cache = _forward_step(params, s.replace(cache=None), s.cache, cfg=cfg)
+    s = s.replace(cache=cache)
+    tok_B, generated_B, done_B = jax.device_get((tok, s.num_generated, s.done))
+    for i, m in enumerate(matchers):
+      if m is not None and generated_B[i] > consumed[i]:
+        m.consume(tok_B[i])
+        consumed[i] = generated_B[i]
+    if done_B.all():
+      return s
+    allowed_BW = structured.bitmask([None if d else m for m, d in zip(matchers, done_B)],
+                                    cfg.vocab_size)
+    s, tok = _sample_step(s, logits, eos_ids, sink_id, allowed_BW, features=features,
+                          stream=stream)
 
 
 @dataclasses.dataclass
@@ -135,7 +183,9 @@ def generate_with_stats(cfg: ModelConfig, params, prompts: Sequence[Sequence[int
                         num_draft_tokens: int = 4,
                         stream: Callable[[int, list[int]], None] | None = None,
                         stream_every: int = 8, cache_dtype=None,
-                        return_logprobs: bool = False) -> Generation:
+                        return_logprobs: bool = False,
+                        constraint: structured.Constraint | None
+                        | Sequence[structured.Constraint | None] = None) -> Generation:
   """Generates for a batch of token-id prompts. Per-row `max_new_tokens`, `sampling` and
   `seed` may be lists. `params`: the module's tree or `fused.prepare(cfg, params)`. `draft`:
   None, `speculative.ModelDraft(cfg, params)`, `speculative.EarlyExit(n_layers)` or
@@ -152,6 +202,15 @@ def generate_with_stats(cfg: ModelConfig, params, prompts: Sequence[Sequence[int
   n = len(prompts)
   if n == 0 or any(len(p) == 0 for p in prompts):
     raise ValueError("every prompt needs at least one token")
+  constraints = _per_row(constraint, n, "constraint")
+  if any(c is not None for c in constraints):
+    if draft is not None:
+      raise ValueError("structured output (constraint=) is not supported with speculative "
+                       "decoding (draft=...); drop one")
+    for c in constraints:
+      if c is not None and not set(c.eos_ids) <= set(int(e) for e in eos_ids):
+        raise ValueError(f"{c.source}: its grammar ends with EOS {list(c.eos_ids)}, which must "
+                         f"be among eos_ids={list(eos_ids)}")
   max_new = _per_row(max_new_tokens, n, "max_new_tokens")
   params_rows = _per_row(sampling, n, "sampling")
   for i, (p, m) in enumerate(zip(prompts, max_new)):
@@ -199,12 +258,18 @@ def generate_with_stats(cfg: ModelConfig, params, prompts: Sequence[Sequence[int
   try:
     t0 = time.perf_counter()
     if draft is None:
+      matchers = [None if c is None else c.matcher() for c in constraints] + [None] * (b - n)
+      constrained = any(m is not None for m in matchers)
       s = step.prefill_state(params, batch, lens, max_new_arr, keys, sampling_arr, eos_arr, sink_id,
-                        cache_len=cache_len, cache_dtype=cache_dtype,
-                        return_logprobs=return_logprobs, **static)
+                             structured.bitmask(matchers, cfg.vocab_size) if constrained else None,
+                             cache_len=cache_len, cache_dtype=cache_dtype,
+                             return_logprobs=return_logprobs, **static)
       jax.block_until_ready(s)
       t1 = time.perf_counter()
-      s = _decode_loop(params, s, eos_arr, sink_id, **static)
+      if constrained:
+        s = _constrained_loop(params, s, eos_arr, sink_id, matchers, **static)
+      else:
+        s = _decode_loop(params, s, eos_arr, sink_id, **static)
     else:
       s = speculative.prefill(params, draft, batch, lens, max_new_arr, keys, sampling_arr,
                               eos_arr, sink_id, cache_len=cache_len, cache_dtype=cache_dtype,

@@ -16,6 +16,10 @@ Each `step()`:
 `cancel(rid)` stops a request wherever it is and frees its pages; it also forgets finished
 requests, which a long-running server must do (the engine keeps each one until then).
 
+A request may carry a `structured.Constraint` (a JSON schema or regex): its matcher's token
+bitmask enters the step's sampling (rows without one get all ones) and consumes each token the
+request receives, so the output stays in the grammar's language (infer/structured.py).
+
 The device sees plain arrays: the page pool (donated, updated in place), page tables, lengths.
 A request only ever reads pages in its own table (its own or shared copies of the same prefix)
 and the null page, so it can never read another request's tokens.
@@ -34,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from infer import sampling as sampling_lib
-from infer import step
+from infer import step, structured
 from infer.pages import NULL_PAGE, OutOfPages, PageAllocator, chain_hash
 from infer.sampling import Features, SamplingBatch, SamplingParams
 from model import ModelConfig, fused, kv_cache
@@ -78,6 +82,7 @@ class Request:
   first_token_time: float | None = None
   finish_time: float | None = None
   seen: np.ndarray | None = None  # bool[V], for the repetition penalty
+  matcher: structured.Matcher | None = None  # structured output: the grammar's parse so far
 
   @property
   def tokens(self) -> list[int]:
@@ -99,6 +104,7 @@ class _Group:
   counter: jax.Array  # int32[R]: tokens generated so far (the sampling key's counter)
   sampling: SamplingBatch
   seen: jax.Array  # bool[R, V] or bool[R, 1]
+  allowed: jax.Array | None = None  # int32[R, ceil(V/32)] token bitmask; None: no constraints
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "features"), donate_argnames=("pools",))
@@ -118,7 +124,7 @@ def _device_step(params, pools, copy_src, copy_dst, groups: tuple[_Group, ...], 
                                logits_at=jnp.maximum(g.n_real - 1, 0))
     pools = (cache.k_pages, cache.v_pages, cache.k_scale, cache.v_scale)
     keys = sampling_lib.token_keys(sampling_lib.row_keys(g.seeds), g.counter)
-    tok = sampling_lib.sample_rows(keys, last, g.sampling, features, g.seen)
+    tok = sampling_lib.sample_rows(keys, last, g.sampling, features, g.seen, g.allowed)
     out.append((tok, step.token_logprobs(last, tok, g.sampling.temperature)))
   return pools, tuple(out)
 
@@ -165,6 +171,7 @@ class Engine:
     self.requests: dict[int, Request] = {}
     self.free_slots = list(range(config.max_batch))
     self.features = Features()
+    self.constrained = False  # once a request has a constraint, every step takes a bitmask
     self.num_steps = 0
     self.num_preemptions = 0
     self.page_slots_used = 0  # sum over steps of (pages in use) x page_size
@@ -175,7 +182,10 @@ class Engine:
 
   def add_request(self, prompt: Sequence[int], *, max_new_tokens: int,
                   sampling: SamplingParams = SamplingParams(), seed: int = 0,
-                  eos_ids: Sequence[int] | None = None, arrival: float | None = None) -> int:
+                  eos_ids: Sequence[int] | None = None, arrival: float | None = None,
+                  constraint: structured.Constraint | None = None) -> int:
+    """`constraint`: structured output (infer/structured.py), e.g. from
+    `GrammarCompiler.response_format`; None: free."""
     prompt = [int(t) for t in prompt]
     if not prompt:
       raise ValueError("a request needs at least one prompt token")
@@ -189,11 +199,18 @@ class Engine:
       raise ValueError(f"a request of {total} tokens needs more pages than the pool has "
                        f"({self.allocator.capacity} of {self.config.page_size} tokens); raise "
                        "num_pages")
+    eos_ids = self.eos_ids if eos_ids is None else frozenset(int(e) for e in eos_ids)
+    if constraint is not None and not set(constraint.eos_ids) <= eos_ids:
+      raise ValueError(f"{constraint.source}: its grammar ends with EOS "
+                       f"{list(constraint.eos_ids)}, which must be among the request's eos_ids "
+                       f"{sorted(eos_ids)}")
     rid = self._next_id
     self._next_id += 1
     r = Request(id=rid, prompt=prompt, max_new_tokens=max_new_tokens, sampling=sampling,
-                seed=seed, eos_ids=self.eos_ids if eos_ids is None else frozenset(eos_ids),
-                arrival=time.perf_counter() if arrival is None else arrival)
+                seed=seed, eos_ids=eos_ids,
+                arrival=time.perf_counter() if arrival is None else arrival,
+                matcher=None if constraint is None else constraint.matcher())
+    self.constrained = self.constrained or constraint is not None
     self.features = self.features | Features.of([sampling])
     self.requests[rid] = r
     self._enqueue(r)
@@ -355,8 +372,12 @@ class Engine:
           r.seen = np.zeros(v, bool)
           r.seen[r.tokens] = True
         seen[i] = r.seen
+    allowed = None
+    if self.constrained:
+      allowed = structured.bitmask([None if r is None else r.matcher for r in rows], v)
     return _Group(tokens=tokens, n_real=n_real, start=start, table=table, seeds=seeds,
-                  counter=counter, sampling=SamplingBatch.of(settings), seen=seen)
+                  counter=counter, sampling=SamplingBatch.of(settings), seen=seen,
+                  allowed=allowed)
 
   def step(self) -> list[tuple[int, list[int]]]:
     """One scheduling round and device step; returns (request id, new tokens) pairs."""
@@ -398,6 +419,8 @@ class Engine:
         if r.computed == len(r.prompt) + len(r.output):  # fed to the end: tok is new
           r.output.append(tok)
           r.logprobs.append(lp)
+          if r.matcher is not None:
+            r.matcher.consume(tok)
           if r.seen is not None:
             r.seen[tok] = True
           if r.first_token_time is None:
@@ -465,13 +488,14 @@ class Engine:
 
 def serve(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *,
           max_new_tokens: int | Sequence[int], sampling=SamplingParams(), seed=0, eos_ids=(),
-          config: EngineConfig = EngineConfig()) -> list[list[int]]:
-  """Runs a list of prompts through a fresh engine; generated ids per prompt, in order."""
+          config: EngineConfig = EngineConfig(), constraint=None) -> list[list[int]]:
+  """Runs a list of prompts through a fresh engine; generated ids per prompt, in order.
+  `max_new_tokens`, `sampling`, `seed` and `constraint` may be one per prompt."""
   n = len(prompts)
   per_row = lambda x: list(x) if isinstance(x, (list, tuple)) else [x] * n
   engine = Engine(cfg, params, config, eos_ids=eos_ids)
-  ids = [engine.add_request(p, max_new_tokens=m, sampling=s, seed=sd)
-         for p, m, s, sd in zip(prompts, per_row(max_new_tokens), per_row(sampling),
-                                per_row(seed))]
+  ids = [engine.add_request(p, max_new_tokens=m, sampling=s, seed=sd, constraint=c)
+         for p, m, s, sd, c in zip(prompts, per_row(max_new_tokens), per_row(sampling),
+                                   per_row(seed), per_row(constraint))]
   done = engine.run()
   return [done[i].tokens for i in ids]

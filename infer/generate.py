@@ -5,12 +5,16 @@
   python infer/generate.py --checkpoint runs/tiny --prompt "..." --prompt_lookup 3
   python infer/generate.py --checkpoint runs/big --draft runs/tiny --num_draft_tokens 4 ...
   python infer/generate.py --hf ~/SmolLM2-135M-Instruct --chat --prompt "Hi!"
+  python infer/generate.py --gguf smollm2.gguf --chat --prompt "A user as JSON" \
+      --json_schema '{"type": "object", "properties": {"name": {"type": "string"}}}'
 
 Without --json the text streams to the terminal as it is generated (one prompt after the
 other). With --json all prompts run as one batch and each prints one JSON line: prompt, text,
 token_ids (generated only), timings, tokens/s, and acceptance stats when speculating.
 --prompts_file: one prompt per line; a .jsonl file holds one JSON string (or an object with
 a "prompt" key) per line, for prompts with newlines.
+--json_schema (a file or the schema's JSON text) and --regex constrain the output to parse
+and validate, or to match in full (structured output: infer/structured.py).
 """
 
 import os
@@ -56,6 +60,10 @@ def parse_args(argv=None):
                   help="the KV cache's dtype (default: the compute dtype); int8 quantizes K and "
                   "V per token and KV head (about half of bf16's bytes)")
   ap.add_argument("--json", action="store_true", help="one JSON line per prompt")
+  fmt = ap.add_mutually_exclusive_group()
+  fmt.add_argument("--json_schema", metavar="FILE|JSON", help="structured output: JSON that "
+                   "validates against this schema (a file, or the schema itself)")
+  fmt.add_argument("--regex", metavar="R", help="structured output: text matching R in full")
   args = ap.parse_args(argv)
   if args.draft and args.prompt_lookup:
     ap.error("--draft and --prompt_lookup are alternatives; pick one")
@@ -77,6 +85,21 @@ def read_prompts(args) -> list[str]:
   if not prompts:
     raise ValueError("no prompt: give --prompt (repeatable) or --prompts_file")
   return prompts
+
+
+def read_constraint(args, model):
+  """The structured-output constraint the flags ask for, or None."""
+  if args.json_schema is None and args.regex is None:
+    return None
+  from infer.structured import GrammarCompiler
+  compiler = GrammarCompiler(model.tokenizer, model.cfg.vocab_size, model.eos_ids)
+  if args.regex is not None:
+    return compiler.regex(args.regex, "--regex")
+  schema = args.json_schema
+  if os.path.isfile(schema):
+    with open(schema) as f:
+      schema = f.read()
+  return compiler.json_schema(schema, "--json_schema")
 
 
 def load(args):
@@ -124,11 +147,12 @@ def main(argv=None) -> int:
       draft = speculative.ModelDraft(d.cfg, d.params)
     elif args.prompt_lookup:
       draft = speculative.PromptLookup(ngram=args.prompt_lookup)
+    constraint = read_constraint(args, model)
     encode = model.encode_chat if args.chat else model.encode
     ids = [encode(p) for p in prompts]
     kw = dict(max_new_tokens=args.max_new_tokens, sampling=sampling, eos_ids=model.eos_ids,
               draft=draft, num_draft_tokens=args.num_draft_tokens,
-              cache_dtype=args.kv_cache_dtype)
+              cache_dtype=args.kv_cache_dtype, constraint=constraint)
     if args.json:
       t0 = time.perf_counter()
       g = generate_with_stats(model.cfg, model.params, ids, seed=args.seed, **kw)

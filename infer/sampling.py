@@ -10,6 +10,9 @@ its nucleus needs), which makes the result independent of how a sort orders ties
 `SamplingBatch` holds them as arrays [B] so rows of one batch differ, plus the static
 `Features` that let a batch skip the work nobody asked for (the sort behind top-k/top-p,
 the [B, V] "seen" mask behind the repetition penalty).
+
+Structured output (infer/structured.py) adds a packed token bitmask per row, applied before
+everything else (`apply_bitmask`).
 """
 
 import dataclasses
@@ -157,8 +160,27 @@ def sample_processed(keys_B, logits_BV, s: SamplingBatch, greedy_only: bool = Fa
   return jnp.where(s.temperature > 0, sampled, greedy).astype(jnp.int32)
 
 
-def sample_rows(keys_B, logits_BV, s: SamplingBatch, features: Features, seen_BV=None):
-  """int32[B] tokens from f32[B, V] logits, each row with its own settings and key."""
+def apply_bitmask(logits_BV, allowed_BW):
+  """Logits with every token the packed bitmask int32[B, W] disallows at -inf: bit j of word w
+  (least significant first) allows token 32w + j, W = ceil(V / 32), the layout structured
+  output's matchers fill (infer/structured.py). Bits past V are ignored."""
+  b, v = logits_BV.shape
+  if allowed_BW.shape != (b, -(-v // 32)):
+    raise ValueError(f"the token bitmask for {b} rows of {v} logits must be int32"
+                     f"[{b}, {-(-v // 32)}], got {allowed_BW.dtype}{list(allowed_BW.shape)}")
+  shifts = jnp.arange(32, dtype=jnp.int32)[None, None, :]
+  bits_BW32 = jnp.right_shift(allowed_BW.astype(jnp.int32)[:, :, None], shifts) & 1
+  allowed_BV = bits_BW32.reshape(b, -1)[:, :v].astype(bool)
+  return jnp.where(allowed_BV, logits_BV, jnp.asarray(-jnp.inf, logits_BV.dtype))
+
+
+def sample_rows(keys_B, logits_BV, s: SamplingBatch, features: Features, seen_BV=None,
+                allowed_BW=None):
+  """int32[B] tokens from f32[B, V] logits, each row with its own settings and key.
+  allowed_BW: an optional packed token bitmask (`apply_bitmask`), applied before every other
+  filter, so top-k/top-p/min-p choose among the tokens the row's grammar allows."""
+  if allowed_BW is not None:
+    logits_BV = apply_bitmask(logits_BV, allowed_BW)
   if features.greedy_only and not features.penalty:  # every filter keeps the argmax
     return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
   return sample_processed(keys_B, process_logits(logits_BV, s, features, seen_BV), s,

@@ -178,8 +178,9 @@ def emit(stream: int, sink_id, s: DecodeState, width: int, now=True):
 @functools.partial(jax.jit, static_argnames=("cfg", "features", "cache_len", "cache_dtype",
                                              "stream", "return_logprobs"))
 def prefill_state(params, prompts_BT, prompt_lens_B, max_new_B, keys_B, sampling, eos_ids,
-                  sink_id, *, cfg: ModelConfig, features: Features, cache_len: int, cache_dtype,
-                  stream: int, return_logprobs: bool = False) -> DecodeState:
+                  sink_id, allowed_BW=None, *, cfg: ModelConfig, features: Features,
+                  cache_len: int, cache_dtype, stream: int,
+                  return_logprobs: bool = False) -> DecodeState:
   b, t = prompts_BT.shape
   cache = init_cache(cfg, b, cache_len, cache_dtype)
   last_logits, cache = prefill(cfg, params, prompts_BT, prompt_lens_B, cache)
@@ -191,8 +192,9 @@ def prefill_state(params, prompts_BT, prompt_lens_B, max_new_B, keys_B, sampling
                   seen=seen, keys=keys_B, sampling=sampling, target_steps=zeros, drafted=zeros,
                   accepted=zeros,
                   logprobs=jnp.zeros((b, cache_len), jnp.float32) if return_logprobs else None)
+  # allowed_BW: the first token's packed bitmask under structured output (None: free).
   tok = sampling_lib.sample_rows(sampling_lib.token_keys(keys_B, zeros), last_logits, sampling,
-                                 features, seen)
+                                 features, seen, allowed_BW)
   lp = token_logprobs(last_logits, tok, sampling.temperature)[:, None] if return_logprobs else None
   s, _ = commit(s, tok[:, None], jnp.ones((b,), jnp.int32), eos_ids, lp)
   emit(stream, sink_id, s, 1)
