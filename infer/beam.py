@@ -19,10 +19,13 @@ so greedy beam search gives the same tokens as `generate(num_beams=W, do_sample=
   soon as its pool is full. A done prompt's pool no longer changes.
 * At max_new_tokens the top W candidates all end, so every pool holds W hypotheses.
 
-Transformers marks what may not enter the pool by adding -1e9 to its score; so does this,
-in the same order, so even those scores agree bit for bit. The length penalties
-n ** length_penalty are computed on the host in float64, as Python does for transformers,
-and passed in as a table.
+Transformers marks what may not enter the pool or the beams by adding -1e9 to its score; so
+does this, in the same order. The length penalties n ** length_penalty are computed on the
+host in float64, as Python does for transformers, and passed in as a table.
+
+The reordering gather copies every beam's cache row each step (transformers' reorder_cache
+does the same): reads of the order of one attention pass over the cache. Sharing pages
+copy-on-write in the paged engine would avoid the copy; this loop keeps the contiguous cache.
 
 Letters: P prompts, W beams, C candidates per prompt, R = P * W cache rows, V vocabulary,
 N the generated-token buffer.
@@ -161,12 +164,12 @@ class Beams:
   scores: list[list[float]]
 
 
-def check_early_stopping(value, name: str = "early_stopping"):
+def check_early_stopping(value):
   """True, False or "never" (also "true"/"false", as a command line gives them)."""
   if isinstance(value, str):
     value = {"true": True, "false": False}.get(value.lower(), value)
   if not (isinstance(value, bool) or value == "never"):
-    raise ValueError(f"{name} must be one of True, False or 'never', got {value!r}")
+    raise ValueError(f"early_stopping must be one of True, False or 'never', got {value!r}")
   return value
 
 
@@ -196,7 +199,8 @@ def beam_search(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, n
   num_candidates = max(2, 1 + len(eos_ids)) * num_beams
   if num_candidates > num_beams * cfg.vocab_size:
     raise ValueError(f"num_beams={num_beams} with {len(eos_ids)} EOS ids needs "
-                     f"{num_candidates} candidates, more than the vocabulary's {cfg.vocab_size}")
+                     f"{num_candidates} candidates, more than num_beams x vocab_size = "
+                     f"{num_beams * cfg.vocab_size}")
   if cache_dtype is not None:
     cache_dtype = kv_cache.storage_dtype(cfg, cache_dtype, "cache_dtype")
 
