@@ -22,6 +22,7 @@ import time
 from infer import metrics
 from infer.engine import Engine
 from infer.sampling import SamplingParams
+from infer.structured import Constraint
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,7 @@ class Job:
   eos_ids: tuple[int, ...]
   queue: asyncio.Queue
   loop: asyncio.AbstractEventLoop
+  constraint: Constraint | None = None  # structured output (infer/structured.py)
   submitted: float = dataclasses.field(default_factory=time.perf_counter)
   # Engine thread only from here.
   rid: int | None = None
@@ -163,7 +165,7 @@ class EngineLoop:
     try:
       job.rid = self.engine.add_request(job.prompt, max_new_tokens=job.max_new_tokens,
                                         sampling=job.sampling, seed=job.seed,
-                                        eos_ids=job.eos_ids)
+                                        eos_ids=job.eos_ids, constraint=job.constraint)
     except Exception as e:  # noqa: BLE001  this request alone fails (ValueError: its fault)
       self._admitted(job)
       self.failed += 1

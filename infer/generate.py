@@ -7,10 +7,13 @@
   python infer/generate.py --hf ~/SmolLM2-135M-Instruct --chat --prompt "Hi!"
   python infer/generate.py --gguf smollm2.gguf --chat --prompt "A user as JSON" \
       --json_schema '{"type": "object", "properties": {"name": {"type": "string"}}}'
+  python infer/generate.py --checkpoint runs/tiny --prompt "..." --num_beams 4 --json
 
 Without --json the text streams to the terminal as it is generated (one prompt after the
 other). With --json all prompts run as one batch and each prints one JSON line: prompt, text,
 token_ids (generated only), timings, tokens/s, and acceptance stats when speculating.
+--num_beams K: beam search (infer/beam.py), as transformers' generate(num_beams=K,
+do_sample=False); all prompts run as one batch and print the best beam (and its score).
 --prompts_file: one prompt per line; a .jsonl file holds one JSON string (or an object with
 a "prompt" key) per line, for prompts with newlines.
 --json_schema (a file or the schema's JSON text) and --regex constrain the output to parse
@@ -44,7 +47,8 @@ def parse_args(argv=None):
   ap.add_argument("--prompts_file", help="one prompt per line (.jsonl: JSON strings)")
   ap.add_argument("--chat", action="store_true", help="apply the model's chat template")
   ap.add_argument("--max_new_tokens", type=int, default=128)
-  ap.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
+  ap.add_argument("--temperature", type=float, default=None,
+                  help="0: greedy (default 0.8; with --num_beams 0)")
   ap.add_argument("--top_k", type=int, default=0)
   ap.add_argument("--top_p", type=float, default=1.0)
   ap.add_argument("--min_p", type=float, default=0.0)
@@ -59,6 +63,13 @@ def parse_args(argv=None):
                   choices=("bfloat16", "float32", "int8"), default=None,
                   help="the KV cache's dtype (default: the compute dtype); int8 quantizes K and "
                   "V per token and KV head (about half of bf16's bytes)")
+  ap.add_argument("--num_beams", type=int, default=1, metavar="K",
+                  help="beam search with K beams (greedy; 1: no beam search)")
+  ap.add_argument("--length_penalty", type=float, default=None,
+                  help="beam search: a hypothesis scores sum log p / length**this (default 1.0)")
+  ap.add_argument("--early_stopping", choices=("true", "false", "never"), default=None,
+                  help="beam search: stop a prompt once it has K hypotheses (true), once no "
+                  "beam can beat them (false, default), or by the stricter bound (never)")
   ap.add_argument("--json", action="store_true", help="one JSON line per prompt")
   fmt = ap.add_mutually_exclusive_group()
   fmt.add_argument("--json_schema", metavar="FILE|JSON", help="structured output: JSON that "
@@ -67,6 +78,22 @@ def parse_args(argv=None):
   args = ap.parse_args(argv)
   if args.draft and args.prompt_lookup:
     ap.error("--draft and --prompt_lookup are alternatives; pick one")
+  if args.num_beams < 1:
+    ap.error(f"--num_beams must be >= 1, got {args.num_beams}")
+  if args.num_beams > 1:
+    sampling = {"--temperature": args.temperature not in (None, 0), "--top_k": args.top_k != 0,
+                "--top_p": args.top_p != 1, "--min_p": args.min_p != 0,
+                "--repetition_penalty": args.repetition_penalty != 1,
+                "--draft": bool(args.draft), "--prompt_lookup": bool(args.prompt_lookup),
+                "--json_schema": bool(args.json_schema), "--regex": bool(args.regex)}
+    bad = [flag for flag, given in sampling.items() if given]
+    if bad:
+      ap.error(f"--num_beams is greedy beam search; it does not combine with {', '.join(bad)}")
+    args.temperature = 0.0
+  elif args.length_penalty is not None or args.early_stopping is not None:
+    ap.error("--length_penalty and --early_stopping apply to beam search: add --num_beams K")
+  if args.temperature is None:
+    args.temperature = 0.8
   return args
 
 
@@ -129,6 +156,28 @@ class TextStream:
     self.printed = len(text)
 
 
+def print_beams(args, model, prompts: list[str], ids: list[list[int]]) -> None:
+  """Beam search over all prompts as one batch; prints each prompt's best beam."""
+  from infer.beam import beam_search
+  t0 = time.perf_counter()
+  out = beam_search(model.cfg, model.params, ids, num_beams=args.num_beams,
+                    max_new_tokens=args.max_new_tokens,
+                    length_penalty=1.0 if args.length_penalty is None else args.length_penalty,
+                    early_stopping=args.early_stopping or "false", eos_ids=model.eos_ids,
+                    cache_dtype=args.kv_cache_dtype)
+  total = time.perf_counter() - t0
+  for prompt, prompt_ids, (tokens,), (score,) in zip(prompts, ids, out.tokens, out.scores):
+    text = model.tokenizer.decode(tokens, skip_special_tokens=True)
+    if args.json:
+      print(json.dumps({"prompt": prompt, "text": text, "token_ids": tokens, "score": score,
+                        "prompt_tokens": len(prompt_ids), "num_tokens": len(tokens),
+                        "timings": {"total_s": total}},  # one batch: the batch's
+                       ensure_ascii=False), flush=True)
+    else:
+      print(prompt + text, flush=True)
+      print(f"[{len(tokens)} tokens, score {score:.4f}]", file=sys.stderr, flush=True)
+
+
 def main(argv=None) -> int:
   args = parse_args(argv)
   from infer import speculative
@@ -150,6 +199,9 @@ def main(argv=None) -> int:
     constraint = read_constraint(args, model)
     encode = model.encode_chat if args.chat else model.encode
     ids = [encode(p) for p in prompts]
+    if args.num_beams > 1:
+      print_beams(args, model, prompts, ids)
+      return 0
     kw = dict(max_new_tokens=args.max_new_tokens, sampling=sampling, eos_ids=model.eos_ids,
               draft=draft, num_draft_tokens=args.num_draft_tokens,
               cache_dtype=args.kv_cache_dtype, constraint=constraint)

@@ -8,7 +8,7 @@ through EOS to max_tokens (for load tests), as vLLM accepts them.
 
 import time
 import uuid
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field
@@ -62,6 +62,8 @@ class _Common(_Strict):
   min_p: float = Field(0.0, ge=0, le=1)
   repetition_penalty: float = Field(1.0, gt=0)
   ignore_eos: bool = False
+  # infer/structured.py reads it: text, json_object, json_schema, and our regex.
+  response_format: dict[str, Any] | None = None
 
   @pydantic.field_validator("presence_penalty", "frequency_penalty")
   @classmethod

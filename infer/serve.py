@@ -34,6 +34,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from infer.engine_loop import EngineLoop, Job, QueueFull  # noqa: E402
 from infer.openai_api import (APIError, ChatRequest, CompletionRequest, Format,  # noqa: E402
                               parse, usage)
+from infer import structured  # noqa: E402
 from infer.stream_text import StreamText  # noqa: E402
 from model import kv_cache  # noqa: E402
 
@@ -69,6 +70,7 @@ def parse_args(argv=None):
 def create_app(model, engine_loop: EngineLoop, name: str) -> fastapi.FastAPI:
   """The routes over a started-on-startup EngineLoop. `model`: a loaders.LoadedModel."""
   engine = engine_loop.engine
+  grammars = None  # built on the first response_format (llguidance reads the whole vocabulary)
   # The most tokens one request can hold: its context, and its pages must fit in the pool.
   room = min(engine.max_seq_len, engine.allocator.capacity * engine.config.page_size)
 
@@ -126,10 +128,29 @@ def create_app(model, engine_loop: EngineLoop, name: str) -> fastapi.FastAPI:
     fmt = Format("chat.completion", name, model.tokenizer, req.logprobs)
     return await answer(request, req, [ids], req.budget(), fmt, "messages")
 
+  def compile_format(response_format: dict):
+    nonlocal grammars
+    try:
+      if grammars is None:
+        grammars = structured.GrammarCompiler(model.tokenizer, model.cfg.vocab_size,
+                                              model.eos_ids)
+      return grammars.response_format(response_format)
+    except Exception as e:  # noqa: BLE001  a bad format, or a tokenizer llguidance cannot read
+      # infer/structured.py's messages begin with the field ("response_format.type must ...").
+      param, _, rest = str(e).partition(" ")
+      if not param.startswith("response_format"):
+        param, rest = "response_format", str(e)
+      param = param.rstrip(":")
+      raise APIError(400, f"{param}: {rest}", param) from None
+
   async def answer(request, req, prompts: list[list[int]], budget: int | None, fmt: Format,
                    field: str):
     eos_ids = () if req.ignore_eos else tuple(model.eos_ids)
     jobs = _jobs(req, prompts, budget, eos_ids, field, model.cfg.vocab_size, room)
+    if req.response_format is not None:
+      constraint = compile_format(req.response_format)
+      for job in jobs:
+        job.constraint = constraint
     texts = [StreamText(model.tokenizer, stop=req.stops(), eos_ids=eos_ids) for _ in jobs]
     try:
       engine_loop.submit(jobs)

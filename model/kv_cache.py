@@ -85,6 +85,18 @@ class KVCache:
   def max_len(self) -> int:
     return self.k[0].shape[1] if isinstance(self.k, (tuple, list)) else self.k.shape[2]
 
+  def take_rows(self, rows_R: jax.Array) -> "KVCache":
+    """A cache of R rows, row r a copy of row rows_R[r] (K, V, scales and length): beam
+    search copies a prompt's cache to its beams and reorders beams by their parents."""
+    def take(buf):  # stacked [L, B, ...], or a tuple of L [B, ...]
+      if buf is None:
+        return None
+      if isinstance(buf, (tuple, list)):
+        return tuple(jnp.take(b, rows_R, axis=0) for b in buf)
+      return jnp.take(buf, rows_R, axis=1)
+    return self.replace(k=take(self.k), v=take(self.v), lengths=self.lengths[rows_R],
+                        k_scale=take(self.k_scale), v_scale=take(self.v_scale))
+
 
 @flax.struct.dataclass
 class EmptyCache:

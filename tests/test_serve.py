@@ -5,6 +5,7 @@ infer.decode.generate of each prompt alone, never against the server's own outpu
 import asyncio
 import concurrent.futures
 import json
+import re
 import os
 import signal
 import subprocess
@@ -31,7 +32,7 @@ TEXTS = ["def add(a, b):\n    return a + b\n", "the cat sat on the mat", "hello 
 WORDS = ["the", "cat", "sat", "on", "mat", "hello", "world", "def", "add", "return"]
 TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
             "{% if add_generation_prompt %}assistant:{% endif %}")
-CFG = ModelConfig(vocab_size=96, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
+CFG = ModelConfig(vocab_size=320, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
                   max_seq_len=128, init_std=0.3)
 GREEDY = SamplingParams(temperature=0)
 
@@ -42,11 +43,13 @@ def run(tmp_path_factory):
   import orbax.checkpoint as ocp
   from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
   path = tmp_path_factory.mktemp("run")
-  tok = Tokenizer(models.BPE(unk_token="<unk>"))
-  tok.pre_tokenizer = pre_tokenizers.Metaspace()
-  tok.decoder = decoders.Metaspace()
+  # Byte-level BPE, as SmolLM2's and Llama 3's: llguidance (response_format) reads it.
+  tok = Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
   tok.train_from_iterator(TEXTS * 4, trainers.BpeTrainer(
-      vocab_size=80, special_tokens=["<|endoftext|>", "<unk>"], show_progress=False))
+      vocab_size=300, special_tokens=["<|endoftext|>"], show_progress=False,
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
   tok.save(str(path / "tokenizer.json"))
   (path / "tokenizer_config.json").write_text(json.dumps({"chat_template": TEMPLATE}))
   tokens = jnp.zeros((1, 1), jnp.int32)
@@ -238,6 +241,8 @@ def test_a_client_that_leaves_mid_stream_frees_its_pages(server):
     ("chat/completions", {"model": "tiny", "messages": [{"role": "bot", "content": "x"}]},
      "messages.0.role"),
     ("chat/completions", {"model": "tiny", "messages": [], "max_tokens": 2}, "messages"),
+    ("completions", {"model": "tiny", "prompt": "hi", "response_format": {"type": "xml"}},
+     "response_format.type"),
 ])
 def test_bad_requests_are_400_naming_the_field(server, path, body, param):
   content = body if isinstance(body, str) else json.dumps(body)
@@ -248,6 +253,18 @@ def test_bad_requests_are_400_naming_the_field(server, path, body, param):
   assert error["type"] == "invalid_request_error" and error["param"] == param
   assert param is None or error["message"].startswith(param + ":")
   assert server.client.completions.create(model="tiny", prompt="hi", max_tokens=1).usage
+
+
+def test_response_format_constrains_every_choice(server):
+  pattern = "(cat|mat|hello)( (sat|on|the)){1,3}"
+  for stream in (False, True):
+    r = server.client.completions.create(
+        model="tiny", prompt="the", max_tokens=24, temperature=1.0, n=3, seed=1, stream=stream,
+        extra_body={"response_format": {"type": "regex", "regex": pattern}})
+    texts = ["".join(c.choices[0].text for c in r if c.choices[0].index == i)
+             for i in range(3)] if stream else [c.text for c in r.choices]
+    for text in texts:
+      assert re.fullmatch(pattern, text.strip()), texts
 
 
 def test_full_queue_is_429_and_sigterm_drains_then_exits_0(run, tmp_path):
