@@ -261,8 +261,11 @@ def test_response_format_constrains_every_choice(server):
     r = server.client.completions.create(
         model="tiny", prompt="the", max_tokens=24, temperature=1.0, n=3, seed=1, stream=stream,
         extra_body={"response_format": {"type": "regex", "regex": pattern}})
-    texts = ["".join(c.choices[0].text for c in r if c.choices[0].index == i)
-             for i in range(3)] if stream else [c.text for c in r.choices]
+    if stream:
+      chunks = [c.choices[0] for c in r if c.choices]
+      texts = ["".join(c.text for c in chunks if c.index == i) for i in range(3)]
+    else:
+      texts = [c.text for c in r.choices]
     for text in texts:
       assert re.fullmatch(pattern, text.strip()), texts
 
