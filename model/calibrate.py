@@ -15,7 +15,9 @@ group at a time (AutoGPTQ's true_sequential): q, k, v (one input: the attention 
 output), then o (the attention output [.., N, H], computed with q, k, v quantized), then gate
 and up (the MLP norm's output), then down (the hidden [.., F]); weights that share an input
 share its Hessian. AWQ (Lin et al. 2023, Sec. 3.2; AutoAWQ's order) searches every scale of a
-block on the inputs of the block as it is, folds them, then rounds to nearest:
+block on the inputs of the block as it is, folds them, clips each weight but q and k group by
+group where that lowers its output error (the reference's auto_clip: ptq.awq_clip, on the
+inputs divided by their scales), then rounds to nearest:
   q, k, v    one s [D], 1/s folded into attn_norm (ptq.fold_into_norm; (1 + w) norms too);
   o          s [N, H] folded into v's output columns (and v's bias) when n_heads == n_kv_heads;
              with grouped queries a v column feeds several heads' inputs, so o is plain RTN;
@@ -131,20 +133,26 @@ def _gptq_layer(cal: _Calibration, w, layer: int, spec: quant.Spec, damp: float)
 
 def _awq_layer(cfg: ModelConfig, cal: _Calibration, w, layer: int, spec: quant.Spec,
                grid: int):
-  """The block's AWQ scales, searched on its unquantized inputs, folded; then RTN."""
+  """The block's AWQ scales, searched on its unquantized inputs, folded; then each weight but
+  q and k clipped (`ptq.awq_clip`, on the scaled inputs), then RTN."""
   w = {k: dict(v) if isinstance(v, dict) else v for k, v in w.items()}
   attn = w["attn"]
   f32 = lambda a: jnp.asarray(a, jnp.float32)
-  search = lambda names, module, n_in: ptq.awq_shared(
-      [w[module][n] for n in names],
-      jnp.concatenate(cal.inputs(w, layer, module, names[0])), spec.kind, spec.group,
-      n_in=n_in, symmetric=spec.symmetric, grid=grid)[1]
-  s_qkv = search(("q", "k", "v"), "attn", 1)  # [D]
-  s_o = search(("o",), "attn", 2) if cfg.n_heads == cfg.n_kv_heads else None  # [N, H]
+  inputs = lambda module, name: jnp.concatenate(cal.inputs(w, layer, module, name))
+  search = lambda names, x, n_in: ptq.awq_shared(
+      [w[module][n] for module, n in names], x, spec.kind, spec.group, n_in=n_in,
+      symmetric=spec.symmetric, grid=grid)[1]
+  clip = lambda value, x, n_in: ptq.awq_clip(value, x, spec.kind, spec.group, n_in=n_in,
+                                             symmetric=spec.symmetric, grid=grid)
+  x_attn = inputs("attn", "q")  # [rows..., D]
+  s_qkv = search((("attn", "q"), ("attn", "k"), ("attn", "v")), x_attn, 1)  # [D]
+  x_o = inputs("attn", "o")  # [rows..., N, H]
+  s_o = search((("attn", "o"),), x_o, 2) if cfg.n_heads == cfg.n_kv_heads else None  # [N, H]
   mlp = "mlp" in w
   if mlp:
-    s_mlp = search(("gate", "up"), "mlp", 1)  # [D]
-    s_down = search(("down",), "mlp", 1)  # [F]
+    x_mlp, x_down = inputs("mlp", "gate"), inputs("mlp", "down")  # [rows..., D], [rows..., F]
+    s_mlp = search((("mlp", "gate"), ("mlp", "up")), x_mlp, 1)  # [D]
+    s_down = search((("mlp", "down"),), x_down, 1)  # [F]
 
   # Scaled weights stay f32 until rounded; each Quantized keeps the weight's dtype.
   dtype = lambda name, module="attn": w[module][name].dtype
@@ -153,17 +161,20 @@ def _awq_layer(cfg: ModelConfig, cal: _Calibration, w, layer: int, spec: quant.S
   if s_o is not None:
     scaled["v"] = scaled["v"] / s_o[None]
     scaled["o"] = scaled["o"] * s_o[..., None]
+    x_o = x_o / s_o
     if cfg.qkv_bias:
       attn["v_bias"] = (f32(attn["v_bias"]) / s_o).astype(attn["v_bias"].dtype)
+  scaled["v"] = clip(scaled["v"], x_attn / s_qkv, 1)
+  scaled["o"] = clip(scaled["o"], x_o, 2)
   for n in ("q", "k", "v", "o"):
     attn[n] = _rtn(spec, scaled[n], n, dtype(n))
   w["attn_norm"] = {"scale": ptq.fold_into_norm(w["attn_norm"]["scale"], s_qkv,
                                                 cfg.norm_plus_one)}
   if mlp:
     m = w["mlp"]
-    gate = f32(m["gate"]) * s_mlp[:, None]
-    up = f32(m["up"]) * s_mlp[:, None] / s_down[None, :]
-    down = f32(m["down"]) * s_down[:, None]
+    gate = clip(f32(m["gate"]) * s_mlp[:, None], x_mlp / s_mlp, 1)
+    up = clip(f32(m["up"]) * s_mlp[:, None] / s_down[None, :], x_mlp / s_mlp, 1)
+    down = clip(f32(m["down"]) * s_down[:, None], x_down / s_down, 1)
     for n, value in (("gate", gate), ("up", up), ("down", down)):
       m[n] = _rtn(spec, value, n, dtype(n, "mlp"))
     w["mlp_norm"] = {"scale": ptq.fold_into_norm(w["mlp_norm"]["scale"], s_mlp,

@@ -10,7 +10,8 @@ row's rounding error over the rows not yet quantized, weighted by the inverse He
 layer's squared output error, H = 2 X^T X. AWQ (Lin et al. 2023, Sec. 3) instead scales the
 input channels the activations use most, W -> W diag(s), x -> x / s, before round-to-nearest,
 with s = mean|x|^alpha and alpha searched on the calibration inputs; the caller folds 1/s into
-the op before the layer (`fold_into_norm`).
+the op before the layer (`fold_into_norm`), then clips each group's range where that lowers the
+output error (`awq_clip`).
 
 The model-wide driver (collecting each layer's inputs, folding the scales) is not here.
 """
@@ -358,7 +359,7 @@ def awq_shared(ws, x, kind: str = "int4", group: int = 128, *, n_in: int = 1,
   alpha in {0, 1/grid, ..., (grid - 1)/grid} minimising the summed squared output error
   ||x W - (x / s) Q(W s)||^2 (alpha = 0 is round-to-nearest). The layer is then
   (x / s) @ Q(W s): fold 1/s into the op that makes x (`fold_into_norm` for an RMSNorm).
-  The reference's clipping search (auto_clip) is not done.
+  The reference's clipping search follows it separately (`awq_clip`).
   """
   ws = [jnp.asarray(w) for w in ws]
   if not ws:
@@ -392,6 +393,49 @@ def awq(w, x, kind: str = "int4", group: int = 128, *, n_in: int = 1, symmetric:
   w * s, s [*in]); `awq_shared` for the details."""
   (q,), s = awq_shared([w], x, kind, group, n_in=n_in, symmetric=symmetric, grid=grid)
   return q, s
+
+
+@functools.partial(jax.jit, static_argnames=("kind", "group", "symmetric", "ratios"))
+def _clip_search(w_KN, x_MK, *, kind, group, symmetric, ratios):
+  k, n = w_KN.shape
+  w_GkN = w_KN.reshape(k // group, group, n)
+  x_MGk = x_MK.reshape(x_MK.shape[0], k // group, group)
+  top_GN = jnp.max(jnp.abs(w_GkN), axis=1)
+  best_err_GN, best_top_GN = None, top_GN
+  for r in ratios:
+    lim_G1N = (top_GN * r)[:, None]
+    q_GkN = quant.quantize(jnp.clip(w_GkN, -lim_G1N, lim_G1N).reshape(k, n), kind, group,
+                           symmetric=symmetric).astype(jnp.float32).reshape(w_GkN.shape)
+    err_MGN = jnp.einsum("MGk,GkN->MGN", x_MGk, w_GkN - q_GkN,
+                         precision=jax.lax.Precision.HIGHEST)
+    err_GN = jnp.sum(jnp.square(err_MGN), axis=0)
+    if best_err_GN is None:
+      best_err_GN = err_GN
+    else:  # strictly better only: ratio 1 (no clipping) wins ties
+      better = err_GN < best_err_GN
+      best_err_GN = jnp.where(better, err_GN, best_err_GN)
+      best_top_GN = jnp.where(better, top_GN * r, best_top_GN)
+  lim_G1N = best_top_GN[:, None]
+  return jnp.clip(w_GkN, -lim_G1N, lim_G1N).reshape(k, n)
+
+
+def awq_clip(w, x, kind: str = "int4", group: int = 128, *, n_in: int = 1,
+             symmetric: bool = False, grid: int = 20, max_shrink: float = 0.5,
+             max_rows: int = 512):
+  """AWQ's clipping search (the reference code's auto_clip): each (input group, output) of w
+  [*in, *out] is clipped to ±r·max|w| before round-to-nearest, with r in {1, 1 - 1/grid, ...,
+  1 - (max_shrink·grid - 1)/grid} minimising that group's squared share of the output error
+  on the calibration inputs x [rows..., *in] (at most `max_rows` of them, evenly strided).
+  Returns w clipped, f32, its shape; quantize it as usual. w and x are the scaled ones
+  (W diag(s), x / s) when it follows `awq_shared`. The reference skips q and k (their error
+  reaches the output only through the softmax); so should the caller."""
+  w = jnp.asarray(w, jnp.float32)
+  _, ins, _, k, _, group = _layout(tuple(w.shape), kind, group, 0, n_in, symmetric)
+  x = _calibration_rows(x, (), ins, tuple(w.shape)).astype(jnp.float32)
+  x = x[::max(1, x.shape[0] // max_rows)][:max_rows]
+  ratios = tuple(1.0 - i / grid for i in range(int(max_shrink * grid)))
+  return _clip_search(w.reshape(k, -1), x, kind=kind, group=group, symmetric=symmetric,
+                      ratios=ratios).reshape(w.shape)
 
 
 def fold_into_norm(norm_scale, s, norm_plus_one: bool = False):
