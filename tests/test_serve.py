@@ -5,8 +5,8 @@ infer.decode.generate of each prompt alone, never against the server's own outpu
 import asyncio
 import concurrent.futures
 import json
-import re
 import os
+import re
 import signal
 import subprocess
 import sys
