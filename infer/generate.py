@@ -142,7 +142,9 @@ class TextStream:
   """Prints a token stream as text: decodes the whole output so far and prints what is new,
   holding back an incomplete UTF-8 character until its last byte arrives."""
 
-  def __init__(self, tokenizer, out=sys.stdout):
+  def __init__(self, tokenizer, out=None):
+    # sys.stdout as it is now, not as it was at import (a default argument would keep that).
+    out = sys.stdout if out is None else out
     self.tokenizer, self.out, self.ids, self.printed = tokenizer, out, [], 0
 
   def __call__(self, row, ids):

@@ -320,7 +320,7 @@ class _FlakyEngine:
     self.allocator = type("Pool", (), {"num_used": 0, "num_free": 8})()
     self.num_preemptions, self.next_id = 0, 0
 
-  def add_request(self, prompt, *, max_new_tokens, sampling, seed, eos_ids):
+  def add_request(self, prompt, *, max_new_tokens, sampling, seed, eos_ids, constraint=None):
     if prompt == [0]:
       raise ValueError("prompt: no")
     self.next_id += 1
