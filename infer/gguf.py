@@ -98,7 +98,9 @@ _ROPE_FREQS = "rope_freqs.weight"  # Llama-3.1 scaling as per-frequency divisors
 
 # Pre-tokenizer regexes, as llama.cpp's llama-vocab.cpp splits text for each `pre` name,
 # written the way the models' own HF tokenizer.json files write them.
-_GPT2 = ("gpt2", "default", "mpt", "olmo", "jais", "trillion")
+# "gpt-2" first: export writes the first name that splits alike, and llama.cpp knows "gpt-2",
+# not "gpt2" (files in the wild carry both; import reads both).
+_GPT2 = ("gpt-2", "gpt2", "default", "mpt", "olmo", "jais", "trillion")
 _GPT2_DIGITS = ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva")
 _SPLIT_REGEX = {
     "llama-bpe": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"

@@ -144,7 +144,7 @@ def test_cli_writes_metadata_types_and_llama_cpp_rows(tmp_path, tokenizer):
       "llama.embedding_length": 64, "llama.block_count": 2, "llama.feed_forward_length": 48,
       "llama.attention.head_count": 4, "llama.attention.head_count_kv": 2,
       "llama.rope.freq_base": 10000.0, "llama.rope.dimension_count": 16,
-      "llama.vocab_size": 320, "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "gpt2",
+      "llama.vocab_size": 320, "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "gpt-2",
       # Training puts <|endoftext|> (id 0) on both sides of a document.
       "tokenizer.ggml.bos_token_id": 0, "tokenizer.ggml.eos_token_id": 0,
       "tokenizer.ggml.add_bos_token": True, "tokenizer.chat_template": TEMPLATE,
