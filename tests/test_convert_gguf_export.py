@@ -254,6 +254,23 @@ def test_transformers_reads_the_same_model(tmp_path, tokenizer):
   assert hf_tok(PROMPT, add_special_tokens=False).input_ids == ids
 
 
+def test_llama_cpp_runs_the_same_model(tmp_path, tokenizer):
+  """llama.cpp itself, where llama-cpp-python is installed (it compiles llama.cpp, so the
+  test extra leaves it out): the file loads, and its logits and tokenizer are ours."""
+  llama_cpp = pytest.importorskip("llama_cpp")
+  cfg = ModelConfig(**BASE)
+  params = random_params(cfg)
+  export(tmp_path, cfg, params, tokenizer, "f32")
+  llm = llama_cpp.Llama(model_path=str(tmp_path / "m.gguf"), n_ctx=64, logits_all=True,
+                        verbose=False, n_threads=1)
+  ids = tokenizer.encode(PROMPT).ids
+  assert llm.tokenize(PROMPT.encode(), add_bos=False, special=True) == ids
+  llm.eval(ids)
+  np.testing.assert_allclose(np.asarray(llm.scores[:len(ids)]), logits(cfg, params, ids),
+                             atol=1e-2)
+
+
+
 # ---- bad input -----------------------------------------------------------------------------
 
 def test_bad_flags_are_errors_that_write_nothing(tmp_path, capsys):
