@@ -2,36 +2,19 @@
 SmolLM2, and against a plain-Python beam search over full forwards (no cache) on a small
 random model."""
 
-import functools
-
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from infer.beam import beam_search
-from model import KVCache, ModelConfig, Transformer
+from model import KVCache
 from tests.test_convert_smollm2 import PATH
+# The wide-init random model (clear orderings, no near-ties) and its full forward.
+from tests.test_infer_decode import CFG, full_logits, params  # noqa: F401  (a fixture)
 
-CFG = ModelConfig(vocab_size=96, d_model=48, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=96,
-                  max_seq_len=128, init_std=0.3)  # wide init: clear orderings, no near-ties
 PROMPTS = [[5, 6, 7], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [42]]
 MAX_NEW = 12
-
-
-@pytest.fixture(scope="module")
-def params():
-  tokens = jnp.zeros((1, 1), jnp.int32)
-  init = jax.jit(lambda key: Transformer(CFG).init(key, tokens, tokens)["params"])
-  return nn.unbox(init(jax.random.PRNGKey(0)))
-
-
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def full_logits(params, tokens, cfg=CFG):
-  b, t = tokens.shape
-  return Transformer(cfg).apply({"params": params}, tokens,
-                                jnp.broadcast_to(jnp.arange(t), (b, t)))[0]
 
 
 def reference_beam_search(params, prompt, *, num_beams, max_new, length_penalty,
@@ -119,7 +102,7 @@ def test_bad_arguments_are_errors(params):
   with pytest.raises(ValueError, match="early_stopping"):
     beam_search(CFG, params, PROMPTS, num_beams=2, early_stopping="sometimes", **kw)
   with pytest.raises(ValueError, match="max_seq_len"):
-    beam_search(CFG, params, [[1] * 120], num_beams=2, max_new_tokens=10)
+    beam_search(CFG, params, [[1] * (CFG.max_seq_len - 8)], num_beams=2, max_new_tokens=10)
 
 
 def test_cli_flags_are_checked():

