@@ -84,9 +84,10 @@ def get_config() -> ml_collections.ConfigDict:
   t.microbatches = 1  # Gradient accumulation: the batch is split into this many microbatches.
   t.lr = 3e-3  # Peak learning rate.
   t.warmup_steps = 50  # Linear warmup steps from 0 to lr.
-  t.decay = "cosine"  # Decay after warmup: cosine, linear or constant.
+  t.decay = "cosine"  # Decay after warmup: cosine, linear, constant or wsd (warmup-stable-decay: lr held, then the last decay_fraction of the steps decays linearly).
+  t.decay_fraction = 0.2  # wsd: the final fraction of the steps that decays to min_lr.
   t.min_lr_ratio = 0.1  # Final learning rate as a fraction of lr.
-  t.optimizer = "adamw"  # "adamw" | "adamw8bit" (Adam's moments in 8 bits, block-wise: ~4x less optimizer memory).
+  t.optimizer = "adamw"  # "adamw" | "adamw8bit" (Adam's moments in 8 bits, block-wise: ~4x less optimizer memory) | "adafactor" (factored second moments, no momentum) | "lion" (b1, b2 as Lion's) | "muon" (block matrices orthogonalized, momentum b1; the rest AdamW; updates at AdamW's RMS so lr carries over).
   t.optimizer_block = 256  # adamw8bit: elements per quantization block along each tensor's last axis (one f32 absmax each); best a divisor of a shard's length of that axis (else the absmax is replicated).
   t.weight_decay = 0.1  # AdamW decoupled weight decay (not applied to norms and biases).
   t.b1 = 0.9  # Adam beta1.

@@ -118,6 +118,8 @@ def shardings_for(abstract_boxed, mesh: Mesh, rules=RULES):
   shapes = nn.unbox(abstract_boxed)
 
   def one(spec, x):
+    if not jax.tree.leaves(x):  # an empty placeholder (optax.MaskedNode: a leaf Muon skips)
+      return x
     named = NamedSharding(mesh, logical_to_spec(spec, x.shape, mesh, rules))
     return quant.shardings(named, x) if quant.is_quantized(x) else named
 
