@@ -1,11 +1,17 @@
-"""Shared settings of the post-training ladder configs (configs/arith_*.py, smollm2_*.py).
+"""The post-training ladder: one config per rung, `--config=configs/ladder.py:RUNG`.
 
-The rungs, each one run of train/main.py:
-  arith_sft     SFT from scratch on generated word problems (writes runs/arith_data first)
-  arith_reward  reward model from the SFT run       (needs runs/arith_sft)
-  arith_dpo     DPO from the SFT run                (needs runs/arith_sft)
-  arith_ppo     PPO from the SFT run, reward fn     (needs runs/arith_sft)
-  arith_grpo    GRPO from the SFT run, reward fn    (needs runs/arith_sft)
+Each rung is one run of train/main.py; the tiny ones take minutes on 2 CPU cores:
+  sft     SFT from scratch on generated word problems (writes runs/arith_data first)
+  reward  reward model from the SFT run       (needs runs/arith_sft)
+  dpo     DPO from the SFT run                (needs runs/arith_sft)
+  ppo     PPO from the SFT run, reward fn     (needs runs/arith_sft)
+  grpo    GRPO from the SFT run, reward fn    (needs runs/arith_sft)
+The same rungs for SmolLM2-135M-Instruct (converted first: README, "Pretrained weights") are
+smollm2_sft, smollm2_reward, ... (workdirs runs/smollm2_<task>); a few steps run on CPU, the
+defaults are for an accelerator.
+
+  python train/main.py --config=configs/ladder.py:sft
+  python train/main.py --config=configs/ladder.py:smollm2_dpo --config.train.steps=20
 """
 
 from configs import base
@@ -46,7 +52,7 @@ def tiny(task: str):
   c.checkpoint.every = 100
   c.model.value_head = task == "reward"
   if task != "sft":  # every later rung starts from the SFT run
-    c.train.init_from = "runs/arith_sft"  # make it: python train/main.py --config configs/arith_sft.py
+    c.train.init_from = "runs/arith_sft"  # make it: python train/main.py --config=configs/ladder.py:sft
     c.train.decay = "constant"
     c.train.weight_decay = 0.0
   return c
@@ -72,8 +78,35 @@ def smollm2(task: str):
   c.rl.eval_samples = 64
   c.checkpoint.every = 100
   c.model.value_head = task == "reward"
-  # Convert once: python train/convert.py --src gguf:<SmolLM2 .gguf> --dst orbax:runs/smollm2_135m_instruct
-  c.train.init_from = "runs/smollm2_135m_instruct"
+  # Convert once (README, "Pretrained weights"): python train/convert.py --src gguf:<SmolLM2 .gguf> --dst orbax:runs/smollm2
+  c.train.init_from = "runs/smollm2"
   if task in ("reward", "dpo", "ppo", "grpo"):
-    c.train.init_from = "runs/smollm2_sft"  # make it: python train/main.py --config configs/smollm2_sft.py
+    c.train.init_from = "runs/smollm2_sft"  # make it: python train/main.py --config=configs/ladder.py:smollm2_sft
+  return c
+
+
+# Each tiny rung's own settings on top of tiny(task).
+TINY_RUNGS = {
+    "sft": {"train.steps": 1200, "train.lr": 3e-3, "train.eval_every": 200},
+    "reward": {"train.steps": 300, "train.lr": 3e-4},
+    "dpo": {"train.steps": 200, "train.lr": 1e-5, "dpo.beta": 0.1},
+    "ppo": {"train.steps": 150, "train.lr": 2e-5, "rl.prompts_per_rollout": 32,
+            "rl.epochs": 2, "rl.kl_coef": 0.02},
+    "grpo": {"train.steps": 150, "train.lr": 2e-5, "rl.prompts_per_rollout": 8,
+             "rl.group_size": 8, "rl.epochs": 1, "rl.kl_coef": 0.04},
+}
+RUNGS = (*TINY_RUNGS, *(f"smollm2_{task}" for task in TINY_RUNGS))
+
+
+def get_config(rung: str):
+  """RUNG: sft, reward, dpo, ppo, grpo (tiny) or smollm2_sft, ..., smollm2_grpo."""
+  if rung not in RUNGS:
+    from train.config import ConfigError
+    raise ConfigError(f"configs/ladder.py has no rung {rung!r}; rungs: {', '.join(RUNGS)}")
+  if rung.startswith("smollm2_"):
+    return smollm2(rung.removeprefix("smollm2_"))
+  c = tiny(rung)
+  for dotted, value in TINY_RUNGS[rung].items():
+    section, key = dotted.split(".")
+    c[section][key] = value
   return c

@@ -18,7 +18,7 @@ SMALL = {"model.d_model": "64", "model.n_layers": "2", "model.d_ff": "128",
 
 
 def run(task: str, steps: int, **overrides):
-  cfg = load_config(os.path.join(CONFIGS, f"arith_{task}.py"),
+  cfg = load_config(os.path.join(CONFIGS, f"ladder.py:{task}"),
                     {**SMALL, "train.steps": str(steps), "train.eval_every": str(steps),
                      **overrides})
   last = train(cfg)

@@ -1,4 +1,8 @@
-"""Loading a run config: a configs/*.py file plus `--config.a.b=value` overrides.
+"""Loading a run config: a configs/*.py file (or `configs/x.py:arg`, get_config's argument) plus
+`--config.a.b=value` overrides.
+
+ml_collections.config_flags does the same, but through absl flags, which would take over the
+command line of every script (and pytest's); this keeps argparse, and the errors below.
 
 An unknown key is an error naming the key and the valid keys beside it.
 """
@@ -7,6 +11,7 @@ import ast
 import difflib
 import importlib
 import importlib.util
+import inspect
 import os
 
 import ml_collections
@@ -17,14 +22,26 @@ class ConfigError(ValueError):
 
 
 def load_config_file(path: str) -> ml_collections.ConfigDict:
+  """The config of `path`: "configs/x.py" calls its get_config(); "configs/x.py:arg" calls
+  get_config("arg"), as ml_collections.config_flags does (configs/ladder.py:sft)."""
+  path, colon, arg = path.partition(".py:")
+  path = path + ".py" if colon else path
   if not os.path.isfile(path):
     raise ConfigError(f"config file {path!r} does not exist")
   spec = importlib.util.spec_from_file_location(f"_config_{abs(hash(path))}", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  if not hasattr(module, "get_config"):
+  get_config = getattr(module, "get_config", None)
+  if get_config is None:
     raise ConfigError(f"{path} defines no get_config()")
-  cfg = module.get_config()
+  takes_arg = bool(inspect.signature(get_config).parameters)
+  if colon and not takes_arg:
+    raise ConfigError(f"{path} takes no argument (its get_config() has none): use "
+                      f"--config={path}")
+  if takes_arg and not colon:
+    raise ConfigError(f"{path} needs an argument: --config={path}:ARG "
+                      f"({(get_config.__doc__ or '').strip().splitlines()[0]})")
+  cfg = get_config(arg) if colon else get_config()
   cfg.lock()  # from here on, a misspelt key is an error rather than a silent new field
   return cfg
 

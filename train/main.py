@@ -63,7 +63,8 @@ def main(argv=None) -> int:
   argv = sys.argv[1:] if argv is None else argv
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--config", required=True, help="a configs/*.py file")
+  parser.add_argument("--config", required=True, help="a configs/*.py file, or configs/x.py:ARG "
+                      "(get_config's argument, e.g. configs/ladder.py:sft)")
   parser.add_argument("--dry_run", action="store_true",
                       help="compile the train step for the configured mesh; allocate nothing")
   parser.add_argument("--target", default="",
