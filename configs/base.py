@@ -94,6 +94,7 @@ def get_config() -> ml_collections.ConfigDict:
   t.b2 = 0.95  # Adam beta2.
   t.eps = 1e-8  # Adam epsilon.
   t.grad_clip = 1.0  # Global-norm gradient clipping; 0 disables it.
+  t.on_nonfinite = "stop"  # A step whose loss, gradient or update is inf/nan never changes the weights; "stop": the run then stops, saving nothing after it (exit 2); "skip": it goes on and counts skipped_steps.
   t.z_loss = 0.0  # Coefficient of the z-loss (log Z)^2 that keeps logits from drifting.
   t.loss_chunk = 1024  # Tokens per device whose logits the loss holds at once (model/head.py); 0: all.
   t.log_every = 10  # Steps between metric lines.

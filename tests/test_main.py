@@ -5,6 +5,7 @@ Each test starts the real program in a subprocess on a small corpus and model.
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -219,3 +220,52 @@ def test_bad_target_is_one_line_and_exit_2(args, message):
                 os.path.join(ROOT, "configs", "llama3_8b.py"), *args], timeout=120)
   assert result.returncode == 2 and message in result.stderr
   assert "Traceback" not in result.stderr
+
+
+def test_another_architecture_in_the_workdir_is_refused(corpus, trained):
+  result = _assert_untouched(trained, lambda: run(command(
+      trained, corpus, "--config.model.d_model=128", "--config.train.steps=3",
+      "--config.train.warmup_steps=10")))
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert "another architecture (model.d_model=128 here but 64 there" in result.stderr
+  assert "train.warmup_steps=10 >= train.steps=3" in result.stderr  # a warning, first
+  assert "Traceback" not in result.stderr
+
+
+def test_unreadable_checkpoint_and_nonfinite_steps(corpus, trained, tmp_path):
+  """A truncated checkpoint file: one line naming the step and the file, and the run resumes
+  from the step before, deleting nothing. A step with an inf update: train.on_nonfinite=stop
+  stops without saving it; skip goes on without applying it."""
+  workdir = tmp_path / "run"
+  shutil.copytree(trained, workdir)
+  every = "--config.checkpoint.every=1"
+  assert run(command(workdir, corpus, "--config.train.steps=3", every)).returncode == 0
+  assert checkpoint_steps(workdir) == [2, 3]
+  data = workdir / "checkpoints/3/params/ocdbt.process_0/d"
+  biggest = max(data.iterdir(), key=lambda p: p.stat().st_size)
+  os.truncate(biggest, 100)
+
+  # lr = 1e39 is inf in float32: step 3's update is not finite.
+  result = run(command(workdir, corpus, "--config.train.steps=4", every,
+                       "--config.train.lr=1e39"))
+  assert result.returncode == 2, result.stderr[-3000:]
+  lines = [l for l in result.stdout.splitlines() if "cannot be read" in l]
+  assert len(lines) == 1 and "checkpoint step 3 cannot be read" in lines[0]
+  assert "checkpoints/3/params" in lines[0] and "3.unreadable" in lines[0]
+  assert f"resumed from {workdir}/checkpoints/2" in result.stdout
+  assert "error: step 3: the loss, gradient or update is not finite" in result.stderr
+  assert "step 2, is the last good state" in result.stderr
+  assert "Traceback" not in result.stderr
+  assert checkpoint_steps(workdir) == [2]  # nothing saved past the good step
+  assert biggest.relative_to(workdir / "checkpoints/3").parts  # the bad one set aside, whole
+  assert (workdir / "checkpoints/3.unreadable" / biggest.relative_to(
+      workdir / "checkpoints/3")).stat().st_size == 100
+
+  result = run(command(workdir, corpus, "--config.train.steps=4", every,
+                       "--config.train.lr=1e39", "--config.train.on_nonfinite=skip"))
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "2 step(s) skipped" in result.stdout
+  with open(workdir / "metrics.jsonl") as f:
+    rows = [json.loads(line) for line in f]
+  assert rows[-1]["step"] == 4 and rows[-1]["skipped_steps"] == 2
+  assert all(math.isfinite(r["loss"]) for r in rows)

@@ -247,3 +247,28 @@ def test_pallas_attention_trains_like_xla(single_device_run, shape):
   losses, _ = run_steps(cfg, sharding.make_mesh(*shape, devices=devices),
                         [random_batch(seed=s) for s in range(3)])
   np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf")])
+def test_nonfinite_step_changes_nothing(scale):
+  """A step whose loss and gradient are not finite keeps the parameters and optimizer state
+  (train.on_nonfinite: the loop then stops or skips), and counts itself."""
+  from train.state import TrainState
+  tx = optax.adam(0.1)
+
+  def loss_fn(params, frozen, batch):
+    loss = jnp.sum(params["w"] ** 2) * batch["scale"]
+    return loss, {"loss": loss, "count": jnp.float32(1)}
+
+  train_step = jax.jit(step_lib.make_train_step(loss_fn, tx, microbatches=1, mesh=None,
+                                                param_shardings=None))
+  params = {"w": jnp.array([1.0, -2.0, 3.0])}
+  state = TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params),
+                     rng=jnp.zeros(2, jnp.uint32))
+  bad, m_bad = train_step(state, {"scale": jnp.float32(scale)})
+  assert int(bad.step) == 1 and int(m_bad["nonfinite"]) == 1
+  jax.tree.map(np.testing.assert_array_equal, (bad.params, bad.opt_state),
+               (state.params, state.opt_state))
+  good, m_good = train_step(bad, {"scale": jnp.float32(1)})
+  assert int(m_good["nonfinite"]) == 0
+  np.testing.assert_allclose(good.params["w"], [0.9, -1.9, 2.9], atol=1e-6)  # Adam's first step

@@ -63,6 +63,31 @@ class Checkpointer:
       items[DATA] = ocp.args.JsonSave(data_state)
     self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
+  def restore_newest(self, abstract_state, shardings, *, separate_params: bool = False,
+                     report=print):
+    """(step, state, data_state) from the newest checkpoint with a train item that reads; or
+    None. An unreadable one (a truncated file, say) is reported in one line naming the step
+    and what failed, moved aside to `checkpoints/<step>.unreadable` (nothing is deleted, and
+    orbax no longer counts it), and the next older one is tried."""
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        if not self.has_train_state(step):
+          return None  # a converted model (params alone): training starts from it afresh
+        state, data_state = self.restore(step, abstract_state, shardings,
+                                         separate_params=separate_params)
+        return step, state, data_state
+      except Exception as e:  # noqa: BLE001  (orbax/TensorStore raise many kinds)
+        aside = self.directory / f"{step}.unreadable"
+        report(f"checkpoint step {step} cannot be read ({_first_cause(e)}); moved it to "
+               f"{aside} and trying the step before")
+        if jax.process_index() == 0:
+          (self.directory / str(step)).rename(aside)
+        if jax.process_count() > 1:
+          from jax.experimental import multihost_utils
+          multihost_utils.sync_global_devices(f"checkpoint {step} set aside")
+        self.manager.reload()
+    return None
+
   def save_params(self, step: int, params) -> None:
     self.manager.save(step, args=ocp.args.Composite(**{PARAMS: ocp.args.StandardSave(params)}),
                       force=True)
@@ -98,3 +123,12 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def _first_cause(e: BaseException) -> str:
+  """The root of an exception chain in one line (TensorStore names the file and the array;
+  orbax wraps it in a page of spec)."""
+  while e.__cause__ is not None or e.__context__ is not None:
+    e = e.__cause__ or e.__context__
+  line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+  return line if len(line) <= 400 else line[:400] + "..."

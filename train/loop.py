@@ -8,11 +8,13 @@ The workdir may be remote (gs://bucket/run): it is reached through etils.epath a
 
 import dataclasses
 import json
+import logging
 import math
 import time
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
@@ -57,6 +59,12 @@ def validate(cfg, model_cfg: ModelConfig, mesh) -> None:
   if t.microbatches < 1 or t.batch_size % t.microbatches:
     raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by "
                       f"train.microbatches={t.microbatches}")
+  if t.on_nonfinite not in ("stop", "skip"):
+    raise ConfigError(f"train.on_nonfinite={t.on_nonfinite!r} is not one of stop, skip")
+  if t.warmup_steps >= t.steps:
+    logging.getLogger(__name__).warning(
+        f"train.warmup_steps={t.warmup_steps} >= train.steps={t.steps}: the learning "
+        f"rate never reaches train.lr={t.lr}")
   shards = sharding.num_batch_shards(mesh)
   if (t.batch_size // t.microbatches) % shards:
     raise ConfigError(f"a microbatch of {t.batch_size // t.microbatches} rows cannot be split "
@@ -204,6 +212,24 @@ def _check_init_from(cfg, model_cfg: ModelConfig) -> None:
       cfg.data.tokenizer = str(files.as_path(source) / files.TOKENIZER)
 
 
+def _check_resume(cfg, model_cfg: ModelConfig) -> None:
+  """A workdir holding a run whose parameters have other shapes is refused, naming the model
+  keys that differ, before anything in it is touched."""
+  if not (files.as_path(cfg.workdir) / run_dir.CONFIG).is_file():
+    return
+  theirs = run_dir.load_model_config(cfg.workdir)
+  shapes = [jax.tree.map(lambda x: x.shape, run_dir.abstract_params(c)[0])
+            for c in (model_cfg, theirs)]
+  if shapes[0] == shapes[1]:
+    return
+  diff = [f"model.{f.name}={getattr(model_cfg, f.name)!r} here but "
+          f"{getattr(theirs, f.name)!r} there" for f in dataclasses.fields(ModelConfig)
+          if getattr(model_cfg, f.name) != getattr(theirs, f.name)]
+  raise ConfigError(f"workdir={cfg.workdir!r} holds a run of another architecture ("
+                    f"{', '.join(diff)}); resuming it would fail. Use another workdir, or "
+                    f"train.init_from={cfg.workdir!r} to start from its weights")
+
+
 def _tokenizer(cfg, workdir, vocab_size, train_files):
   """Process 0 trains (or loads) the tokenizer; the others wait, then load its file."""
   if jax.process_count() == 1:
@@ -230,10 +256,44 @@ def _tokenizer_config(cfg, workdir: str, tokenizer) -> dict:
   return {}
 
 
+class NonFiniteError(RuntimeError):
+  """A step's loss, gradient or update was not finite and train.on_nonfinite=stop."""
+
+
+class _NonFinite:
+  """Counts the steps whose update was skipped as non-finite (train/step.py), on the device,
+  so the loop never waits for a step to find out; the host reads the counts when it logs or
+  saves anyway."""
+
+  def __init__(self, mode: str):
+    self.mode = mode
+    self.count = self.first = jnp.zeros((), jnp.int32)
+
+  def add(self, step: int, nonfinite):
+    self.first = jnp.where((self.count == 0) & (nonfinite > 0), step, self.first)
+    self.count = self.count + nonfinite
+
+  def snapshot(self):
+    return self.count, self.first
+
+  def check(self, snapshot, last_saved: int | None) -> int:
+    """The number of skipped steps; raises NonFiniteError under "stop" if there is one."""
+    count, first = (int(x) for x in jax.device_get(snapshot))
+    if count and self.mode == "stop":
+      kept = (f"the newest checkpoint, step {last_saved}, is the last good state"
+              if last_saved is not None else "no checkpoint was written")
+      raise NonFiniteError(
+          f"step {first}: the loss, gradient or update is not finite (inf/nan); stopped "
+          f"without saving (train.on_nonfinite=stop): {kept}. Lower train.lr or set "
+          f"train.grad_clip; train.on_nonfinite=skip skips such steps instead")
+    return count
+
+
 def train(cfg) -> dict:
   """Runs cfg.train.steps optimizer steps (resuming from cfg.workdir). Returns last metrics."""
   workdir = cfg.workdir
   model_cfg, mesh = model_and_mesh(cfg)
+  _check_resume(cfg, model_cfg)
   workdir_path = files.as_path(workdir)
   workdir_path.mkdir(parents=True, exist_ok=True)
   is_main = jax.process_index() == 0
@@ -259,10 +319,11 @@ def train(cfg) -> dict:
   frozen = feed.load_frozen(shardings.frozen) if feed.load_frozen else None
   export = None if objective.export is None else jax.jit(objective.export)
   ckpt = Checkpointer(workdir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
-  latest = ckpt.latest_step()
-  if latest is not None and ckpt.has_train_state(latest):
-    state, data_state = ckpt.restore(latest, abstract, shardings,
-                                     separate_params=export is not None)
+  restored = ckpt.restore_newest(abstract, shardings, separate_params=export is not None,
+                                 report=lambda line: print(line, flush=True))
+  latest = None if restored is None else restored[0]
+  if restored is not None:
+    _, state, data_state = restored
     state = state.replace(frozen=frozen)
     if data_state is not None:
       train_it.set_state(data_state)
@@ -330,11 +391,18 @@ def train(cfg) -> dict:
   batches = _HostBatches(train_it, mesh, batch_size)
   bar = tqdm(total=steps, initial=start, disable=not is_main, dynamic_ncols=True, mininterval=1.0)
   last, saved_step = {}, latest
-  pending = None  # (step, device metrics, extra metrics), logged once the next step is dispatched
+  nonfinite = _NonFinite(cfg.train.on_nonfinite)
+  # (step, device metrics, extra metrics, non-finite counts), logged once the next step is
+  # dispatched.
+  pending = None
 
-  def log(step: int, device_metrics, extra: dict) -> dict:
+  def log(step: int, device_metrics, extra: dict, nonfinite_counts) -> dict:
+    skipped = nonfinite.check(nonfinite_counts, saved_step)
     m = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
     m.pop("count", None)
+    m.pop("nonfinite", None)
+    if skipped:
+      m["skipped_steps"] = skipped
     m.update(throughput.read())
     m.update(extra)
     writer.write(step, m)
@@ -348,6 +416,7 @@ def train(cfg) -> dict:
       throughput.exclude(feed.off_clock())  # an RL rollout ran inside next(): not this step
       state, device_metrics = p_train_step(state, batch)
       step = i + 1
+      nonfinite.add(step, device_metrics["nonfinite"])
       # Step `step` is dispatched: now read the previous step's metrics without stalling it.
       if pending is not None:
         last = log(*pending)
@@ -365,21 +434,33 @@ def train(cfg) -> dict:
         extra.update(evaluate(state))
         throughput.exclude(time.perf_counter() - t0)
       if step % cfg.train.log_every == 0 or evaluating:
-        pending = (step, device_metrics, extra)
+        pending = (step, device_metrics, extra, nonfinite.snapshot())
       bar.update(1)
       stopping = stop.stop(step)
       if step % cfg.checkpoint.every == 0 or step == steps or stopping:
+        nonfinite.check(nonfinite.snapshot(), saved_step)  # never save past a bad step
         save(state)
         saved_step = step
       if stopping:
         break
+    if pending is not None:
+      last = log(*pending)
+    if saved_step != int(jax.device_get(state.step)):
+      nonfinite.check(nonfinite.snapshot(), saved_step)
+      save(state)
+  except NonFiniteError:
+    bar.close()
+    ckpt.close()  # the last good checkpoint finishes writing
+    writer.close()
+    train_it.close()
+    raise
   finally:
     stop.close()
-  if pending is not None:
-    last = log(*pending)
   bar.close()
-  if saved_step != int(jax.device_get(state.step)):
-    save(state)
+  skipped = nonfinite.check(nonfinite.snapshot(), saved_step)
+  if skipped and is_main:
+    print(f"{skipped} step(s) skipped: their loss, gradient or update was not finite "
+          f"(train.on_nonfinite=skip)", flush=True)
   ckpt.close()
   writer.close()
   train_it.close()

@@ -91,6 +91,12 @@ def main(argv=None) -> int:
   except ConfigError as e:
     print(f"config error: {e}", file=sys.stderr)
     return 2
+  except RuntimeError as e:
+    from train.loop import NonFiniteError
+    if not isinstance(e, NonFiniteError):
+      raise
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   except ValueError as e:
     from train.data import DataError
     if not isinstance(e, DataError):

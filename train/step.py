@@ -62,10 +62,18 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, microb
     count = jnp.maximum(sums["count"], 1.0)
     grads = jax.tree.map(lambda g: g / count, grads)
     updates, opt_state = tx.update(grads, state.opt_state, params)
-    params = optax.apply_updates(params, updates)
     metrics = {k: v / count for k, v in sums.items() if k != "count"}
     metrics["count"] = sums["count"]
     metrics["grad_norm"] = optax.tree.norm(grads)
+    # A non-finite loss, gradient or update (an overflow, an lr of inf) changes nothing: the
+    # step keeps the parameters and optimizer state it had, and says so in "nonfinite"; the
+    # loop stops or goes on (train.on_nonfinite).
+    finite = (jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+              & jnp.isfinite(optax.tree.norm(updates)))
+    metrics["nonfinite"] = 1 - finite.astype(jnp.int32)
+    params, opt_state = jax.tree.map(
+        lambda new, old: jnp.where(finite, new, old),
+        (optax.apply_updates(params, updates), opt_state), (params, state.opt_state))
     if schedule is not None:
       metrics["lr"] = schedule(state.step)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
