@@ -65,9 +65,10 @@ def gguf_vocab(tokenizer, tokenizer_config: dict, vocab_size: int, arch: str) ->
                           "source has none")
   spec = json.loads(tokenizer.to_str())
   kind = spec["model"]["type"]
+  if kind == "BPE" and spec["model"].get("byte_fallback"):
+    return spm_vocab(tokenizer, spec, tokenizer_config, vocab_size, arch)
   if kind == "BPE":
-    make = spm_vocab if spec["model"].get("byte_fallback") else bpe_vocab
-    return make(tokenizer, spec, tokenizer_config, vocab_size, arch)
+    return bpe_vocab(tokenizer, spec, tokenizer_config, vocab_size)
   why = (" (llama.cpp's SentencePiece tokenizer merges pairs by score, where Unigram picks the "
          "likeliest segmentation: it would tokenize differently)" if kind == "Unigram" else "")
   raise ConversionError(f"tokenizer: a {kind} tokenizer (tokenizer.json model.type) is not "
@@ -160,8 +161,7 @@ def pre_name(pre_tokenizer: dict | None) -> str:
                         f"llama.cpp names (tokenizer.ggml.pre: {list(_PRE_NAMES)})")
 
 
-def bpe_vocab(tokenizer, spec: dict, tokenizer_config: dict, vocab_size: int,
-              arch: str = "") -> Vocab:
+def bpe_vocab(tokenizer, spec: dict, tokenizer_config: dict, vocab_size: int) -> Vocab:
   """Vocab of a byte-level BPE tokenizer (`spec`: its tokenizer.json)."""
   model = spec["model"]
   # NFC is what convert_hf_to_gguf drops too (Qwen2): llama.cpp's BPE normalizes nothing.
@@ -266,8 +266,10 @@ def spm_vocab(tokenizer, spec: dict, tokenizer_config: dict, vocab_size: int,
     types[vocab[b]] = _BYTE
   for added in spec.get("added_tokens") or []:
     # llama.cpp matches user-defined tokens in the raw text, HF a normalized one in the
-    # normalized text, where spaces are "▁" (convert_hf_to_gguf writes them so too).
-    if not added["special"] and added.get("normalized", True):
+    # normalized text: after Gemma's normalizer, with "▁" for spaces (and convert_hf_to_gguf
+    # writes Gemma's runs of spaces so too).
+    if (not added["special"] and added.get("normalized", True)
+        and spec.get("normalizer") == _REPLACE):
       tokens[added["id"]] = added["content"].replace(_SPACE, " ")
   unk = _unk_token(tokenizer_config, model)
   if unk in vocab:

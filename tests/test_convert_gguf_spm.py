@@ -26,9 +26,9 @@ BYTES = [f"<0x{b:02X}>" for b in range(256)]
 CORPUS = ["the quick brown fox jumps over the lazy dog", "hello world, hello there 123 4567",
           "naïve café résumé über straße", "def f(x):\n    return x + 1  # ok"]
 # Spaces (leading, doubled, trailing), newlines, digits, unicode in the vocabulary and outside
-# it (byte fallback: 🙂, 漢), an added special token's text at the start.
+# it (byte fallback: 🙂, 漢), an added token's text at the end, a special token's at the start.
 TEXTS = ["hello world", "the  quick brown\n\nfox", "  leading and trailing  ", "123 4567 89",
-         "naïve café 🙂 漢字", "x+1 # über", "[INST] hello"]
+         "naïve café 🙂 漢字", "x+1 # über<fn>", "[INST] hello"]
 VOCAB_SIZE = 420  # embedding rows; the tokenizers have fewer tokens: the rest is padding
 
 
@@ -48,7 +48,7 @@ def hf_tokenizer(kind: str, directory):
     llama2: Llama 2's tokenizer.json (a normalizer puts "▁" before every text);
     mistral: transformers' LlamaTokenizer (a Metaspace puts it before the input's first text);
     gemma: transformers' GemmaTokenizer (none), Gemma's layout, merges in token id order."""
-  from tokenizers import Tokenizer, normalizers
+  from tokenizers import AddedToken, Tokenizer, normalizers
   from transformers.tokenization_utils_base import generate_merges
   if kind == "gemma":
     tokens = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"] + BYTES + trained_pieces()
@@ -60,6 +60,9 @@ def hf_tokenizer(kind: str, directory):
   merges = generate_merges(vocab, {t: -i for i, t in enumerate(tokens)})
   hf = cls(vocab=vocab, merges=merges, add_bos_token=True)
   hf.add_special_tokens({"additional_special_tokens": ["[INST]"]})
+  # Added, not special: user-defined. Matched in the raw text, as llama.cpp matches it (a
+  # normalized one would be matched after Llama 2's normalizer, as "▁<fn>").
+  hf.add_tokens([AddedToken("<fn>", normalized=False)])
   if kind == "llama2":  # transformers 5's LlamaTokenizer would replace this normalizer
     tok = Tokenizer.from_str(hf.backend_tokenizer.to_str())
     tok.normalizer = normalizers.Sequence([normalizers.Prepend(SPACE),
@@ -109,7 +112,7 @@ def test_gguf_py_reads_a_sentencepiece_vocabulary(exported):
   assert tokens[:n] == sorted(vocab, key=vocab.get)
   assert tokens[n:] == [f"[PAD{i}]" for i in range(n, VOCAB_SIZE)] and set(types[n:]) == {5}
   specials = ("<bos>", "<eos>", "<pad>", "<mask>") if kind == "gemma" else ("<s>", "</s>")
-  assert {types[vocab[t]] for t in specials + ("[INST]",)} == {3}
+  assert {types[vocab[t]] for t in specials + ("[INST]",)} == {3} and types[vocab["<fn>"]] == 4
   assert types[vocab["<unk>"]] == 2
   assert [types[vocab[b]] for b in BYTES] == [6] * 256
   assert types[vocab["▁the"]] == types[vocab["a"]] == 1
