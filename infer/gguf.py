@@ -64,7 +64,10 @@ _ARCHITECTURES = {
 _SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K",
                     "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 # llama.cpp token types (llama_token_type / gguf.TokenType).
-_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED = 1, 2, 3, 4, 5
+_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
+# The types a SentencePiece merge may produce: text can spell them (not control, unknown or
+# byte tokens).
+_MERGEABLE = (_NORMAL, _USER_DEFINED, _UNUSED)
 _TOKENIZER_MODELS = ("gpt2", "llama")  # byte-level BPE, SentencePiece
 # Architectures whose SentencePiece ("llama") vocabulary is Gemma's: see _gemma_vocab.
 _GEMMA_VOCABS = ("gemma", "gemma2", "gemma3")
@@ -456,7 +459,7 @@ def spm_tokenizer(tokens: list[str], scores: list[float], token_types: list[int]
     vocab.setdefault(token, i)
   rank = {"score": lambda i, cut: (-scores[i], i, cut), "position": lambda i, cut: (i, -cut)}
   ranked = sorted((rank[merge_order](i, cut), i, cut) for token, i in vocab.items()
-                  if token_types[i] in (_NORMAL, _USER_DEFINED, _UNUSED)
+                  if token_types[i] in _MERGEABLE
                   for cut in range(1, len(token))
                   if token[:cut] in vocab and token[cut:] in vocab)
   merges = [(tokens[i][:cut], tokens[i][cut:]) for _, i, cut in ranked]

@@ -19,12 +19,9 @@ the 4- and 5-bit types keep the output matrix (output.weight, or token_embd when
 higher precision, Q8_0. gguf-py has no quantizer for the K-quants (Q4_K, ...): write f16 and
 run llama.cpp's llama-quantize for those.
 
-The tokenizer: byte-level BPE (tokenizer.ggml.model "gpt2"): tokens by id, their types
-(special added tokens control, other added tokens user-defined, ids below vocab_size the
-tokenizer lacks "[PAD{i}]" unused, as convert_hf_to_gguf pads), the merges, the `pre` name whose
-pre-tokenizer infer/gguf.py rebuilds as this one, the bos/eos/pad ids (infer/files.py
-document_ids says whether a BOS goes first) and the chat template. SentencePiece tokenizers
-are refused.
+The tokenizer (infer/gguf_vocab.py): byte-level BPE as tokenizer.ggml.model "gpt2" (SmolLM2,
+Llama 3, Qwen, ours), SentencePiece-style BPE with byte fallback as "llama" (Llama 2, Mistral,
+Gemma), with the bos/eos ids, add_bos/add_eos and the chat template.
 
 The file is written beside the destination one tensor at a time (the host holds one tensor),
 read back with infer/gguf.py, and renamed into place only if the model its metadata describes,
@@ -33,17 +30,15 @@ sliding window, a Gemma 2 without soft-capping, ...) is an error naming it, and 
 """
 
 import dataclasses
-import json
 import math
 
 import numpy as np
 
-from infer.files import ConversionError, atomic_file, document_ids, token_ids
+from infer.files import ConversionError, atomic_file
 # The importer's tables, read in reverse: one source of truth for names and conventions.
-from infer.gguf import (_ARCHITECTURES, _CONTROL, _GLOBAL_NAMES, _GPT2, _GPT2_DIGITS,
-                        _IGNORE_MERGES, _LAYER_NAMES, _NORMAL, _ROPE_FREQS, _SPLIT_REGEX, _UNUSED,
-                        _USER_DEFINED, _pre_tokenizer, config_from_gguf, hf_name, permute_qk,
-                        read_gguf)
+from infer.gguf import (_ARCHITECTURES, _GLOBAL_NAMES, _LAYER_NAMES, _ROPE_FREQS,
+                        config_from_gguf, hf_name, permute_qk, read_gguf, tokenizer_from_gguf)
+from infer.gguf_vocab import add_vocab, gguf_vocab
 from infer.hf import ParamsSource, hf_shapes
 from infer.hf_config import architecture_of, canonical
 from model import ModelConfig
@@ -57,7 +52,6 @@ _GGUF_ARCH = {  # HF family (infer/hf_config.py FAMILIES) -> llama.cpp architect
     "Gemma3ForCausalLM": "gemma3",
 }
 _ROUTER = "ffn_gate_inp.weight"
-_PRE_NAMES = _GPT2 + _GPT2_DIGITS + tuple(_SPLIT_REGEX)
 
 
 def ggml_type(gguf_type: str):
@@ -158,105 +152,6 @@ def rope_divisors(cfg: ModelConfig) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------
-# Tokenizer
-# ---------------------------------------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class Vocab:
-  """The tokenizer.ggml.* metadata of a byte-level BPE tokenizer."""
-  tokens: list[str]
-  types: list[int]
-  merges: list[str]
-  pre: str
-  ids: dict  # bos / eos / unknown / padding -> token id (absent: none)
-  add_bos: bool
-  add_eos: bool
-  chat_template: str | list | None
-
-
-def _without_trim_offsets(spec):
-  """A pre-tokenizer's JSON without trim_offsets (it moves offsets, never splits)."""
-  if isinstance(spec, dict):
-    return {k: _without_trim_offsets(v) for k, v in spec.items() if k != "trim_offsets"}
-  if isinstance(spec, list):
-    return [_without_trim_offsets(v) for v in spec]
-  return spec
-
-
-def pre_name(pre_tokenizer: dict | None) -> str:
-  """The `tokenizer.ggml.pre` name whose pre-tokenizer (infer/gguf.py) splits as this one."""
-  want = _without_trim_offsets(pre_tokenizer)
-  for name in _PRE_NAMES:
-    ours = json.loads(_pre_tokenizer(name, "").__getstate__())
-    if _without_trim_offsets(ours) == want:
-      return name
-  raise ConversionError(f"tokenizer: its pre-tokenizer {json.dumps(pre_tokenizer)} is none "
-                        f"llama.cpp names (tokenizer.ggml.pre: {list(_PRE_NAMES)})")
-
-
-def bpe_vocab(tokenizer, tokenizer_config: dict, vocab_size: int) -> Vocab:
-  """Vocab of a byte-level BPE tokenizers.Tokenizer with `vocab_size` embedding rows."""
-  if tokenizer is None:
-    raise ConversionError("GGUF export needs the model's tokenizer (tokenizer.json), and the "
-                          "source has none")
-  spec = json.loads(tokenizer.to_str())
-  model = spec["model"]
-  if model["type"] != "BPE" or model.get("byte_fallback"):
-    kind = "BPE with byte fallback (SentencePiece)" if model["type"] == "BPE" else model["type"]
-    raise ConversionError(f"tokenizer: a {kind} tokenizer is not supported; GGUF export "
-                          "writes byte-level BPE (tokenizer.ggml.model gpt2) only")
-  # NFC is what convert_hf_to_gguf drops too (Qwen2): llama.cpp's BPE normalizes nothing.
-  if spec.get("normalizer") not in (None, {"type": "NFC"}):
-    raise ConversionError(f"tokenizer: normalizer {json.dumps(spec['normalizer'])} is not "
-                          "supported (llama.cpp's BPE tokenizer has none)")
-  pre = pre_name(spec.get("pre_tokenizer"))
-  if bool(model.get("ignore_merges")) != (pre in _IGNORE_MERGES):
-    raise ConversionError(f"tokenizer: ignore_merges={bool(model.get('ignore_merges'))} with "
-                          f"pre-tokenizer {pre!r}, where llama.cpp "
-                          f"{'ignores' if pre in _IGNORE_MERGES else 'follows'} the merges")
-  by_id = {i: t for t, i in tokenizer.get_vocab(with_added_tokens=True).items()}
-  if max(by_id) >= vocab_size:
-    raise ConversionError(f"tokenizer: token id {max(by_id)} does not fit the model's "
-                          f"vocab_size={vocab_size}")
-  tokens = [by_id.get(i, f"[PAD{i}]") for i in range(vocab_size)]
-  types = [_NORMAL if i in by_id else _UNUSED for i in range(vocab_size)]
-  for added in spec.get("added_tokens") or []:
-    types[added["id"]] = _CONTROL if added["special"] else _USER_DEFINED
-  merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
-
-  named = token_ids(tokenizer, tokenizer_config)
-  try:
-    first, eos = document_ids(tokenizer, tokenizer_config)
-  except ValueError as e:
-    raise ConversionError(f"tokenizer: {e}") from None
-  unk = tokenizer_config.get("unk_token")
-  unk = unk.get("content") if isinstance(unk, dict) else unk
-  ids = {"bos": named["bos_token_id"] if named["bos_token_id"] is not None else first,
-         "eos": eos, "padding": named["pad_token_id"],
-         "unknown": tokenizer.token_to_id(unk) if unk else None}
-  return Vocab(tokens, types, merges, pre, {k: v for k, v in ids.items() if v is not None},
-               add_bos=first is not None,
-               add_eos=bool(tokenizer_config.get("add_eos_token", False)),
-               chat_template=tokenizer_config.get("chat_template"))
-
-
-def _add_vocab(writer, vocab: Vocab) -> None:
-  writer.add_tokenizer_model("gpt2")
-  writer.add_tokenizer_pre(vocab.pre)
-  writer.add_token_list(vocab.tokens)
-  writer.add_token_types(vocab.types)
-  writer.add_token_merges(vocab.merges)
-  for key, add in (("bos", writer.add_bos_token_id), ("eos", writer.add_eos_token_id),
-                   ("unknown", writer.add_unk_token_id), ("padding", writer.add_pad_token_id)):
-    if key in vocab.ids:
-      add(vocab.ids[key])
-  writer.add_add_bos_token(vocab.add_bos)
-  writer.add_add_eos_token(vocab.add_eos)
-  if vocab.chat_template:
-    writer.add_chat_template(vocab.chat_template)
-
-
-# ---------------------------------------------------------------------------------------
 # Metadata and the whole file
 # ---------------------------------------------------------------------------------------
 
@@ -272,7 +167,9 @@ def _add_config(writer, cfg: ModelConfig, arch: str) -> None:
                                  else cfg.d_ff)
   writer.add_head_count(cfg.n_heads)
   writer.add_head_count_kv(cfg.n_kv_heads)
-  if cfg.head_dim != cfg.d_model // cfg.n_heads:
+  # Gemma's always (as convert_hf_to_gguf writes them): transformers' GGUF loader takes the
+  # head size from the key, and Gemma's default otherwise.
+  if cfg.head_dim != cfg.d_model // cfg.n_heads or _ARCHITECTURES[arch].swa_period:
     writer.add_key_length(cfg.head_dim)
     writer.add_value_length(cfg.head_dim)
   writer.add_rope_dimension_count(cfg.head_dim)
@@ -305,8 +202,11 @@ def _same(a, b) -> bool:
 
 
 def check_reads_back(path: str, cfg: ModelConfig, arch: str) -> None:
-  """The file's metadata, as llama.cpp reads it (infer/gguf.py), describes `cfg`'s model."""
-  back = canonical(config_from_gguf(read_gguf(path), path))
+  """The file's metadata, as llama.cpp reads it (infer/gguf.py), describes `cfg`'s model, and
+  its tokenizer reads back."""
+  reader = read_gguf(path)
+  tokenizer_from_gguf(reader, path)
+  back = canonical(config_from_gguf(reader, path))
   want = canonical(cfg)
   diff = [f"{f.name}={getattr(want, f.name)!r} (llama.cpp: {getattr(back, f.name)!r})"
           for f in dataclasses.fields(want)
@@ -325,7 +225,7 @@ def save_gguf(path: str, cfg: ModelConfig, params, tokenizer, tokenizer_config: 
   from gguf.quants import quantize
   ggml_type(gguf_type)  # a bad type fails first
   arch = gguf_architecture(cfg)
-  vocab = bpe_vocab(tokenizer, tokenizer_config or {}, cfg.vocab_size)
+  vocab = gguf_vocab(tokenizer, tokenizer_config or {}, cfg.vocab_size, arch)
   plan = tensor_plan(cfg, arch)
   types = {}
   for t in plan:
@@ -344,7 +244,7 @@ def save_gguf(path: str, cfg: ModelConfig, params, tokenizer, tokenizer_config: 
                                          + gguf_type.upper()])
       writer.add_quantization_version(GGML_QUANT_VERSION)
       _add_config(writer, cfg, arch)
-      _add_vocab(writer, vocab)
+      add_vocab(writer, vocab)
       if divisors is not None:
         writer.add_tensor_info(_ROPE_FREQS, divisors.shape, np.float32, divisors.nbytes)
       for t in plan:

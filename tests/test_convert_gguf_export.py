@@ -288,16 +288,19 @@ def test_bad_flags_are_errors_that_write_nothing(tmp_path, capsys):
 
 
 def test_what_llama_cpp_cannot_run_is_refused(tmp_path, tokenizer):
-  from tokenizers import Tokenizer, models
+  from tokenizers import Tokenizer, models, pre_tokenizers
   cfg = ModelConfig(**dict(BASE, sliding_window=8))  # Mistral v0.1: llama.cpp has no window
   with pytest.raises(ConversionError, match=r"llama.cpp's 'llama' architecture would run "
                                             r"another model .*sliding_window=8 \(llama.cpp: 0\)"):
     export(tmp_path, cfg, random_params(cfg), tokenizer, "f16")
   cfg = ModelConfig(**BASE)
   params = random_params(cfg)
+  # SentencePiece-style (tests/test_convert_gguf_spm.py) but without the 256 byte tokens,
+  # whose lack would stop llama.cpp at the first character outside the vocabulary.
   spm = Tokenizer(models.BPE({"<unk>": 0, "a": 1}, [], byte_fallback=True, unk_token="<unk>"))
-  with pytest.raises(ConversionError, match=r"BPE with byte fallback \(SentencePiece\) "
-                                            "tokenizer is not supported"):
+  spm.pre_tokenizer = pre_tokenizers.Metaspace(split=False)
+  with pytest.raises(ConversionError, match=r"byte fallback without the byte token\(s\) "
+                                            r"\['<0x00>'.* \(256 of 256\)"):
     export(tmp_path, cfg, params, spm, "f16")
   with pytest.raises(ConversionError, match=r"needs the model's tokenizer"):
     export(tmp_path, cfg, params, None, "f16")
