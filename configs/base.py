@@ -159,7 +159,14 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.metrics = mt = ml_collections.ConfigDict()
   mt.peak_tflops = 0.0  # Peak device TFLOP/s for MFU; 0 looks the chip up (train/accelerators.py; CPU: probed once; unknown: no mfu).
-  mt.tensorboard = True  # Write TensorBoard events to workdir/tb.
+  mt.tensorboard = True  # Write TensorBoard events to workdir/tb (metrics, the config as hparams, the end-of-run sample).
+  mt.wandb_project = ""  # Weights & Biases project to log to (pip install -e '.[wandb]'); "" logs nowhere. WANDB_MODE=offline needs no account.
+  mt.wandb_entity = ""  # W&B team or user; "" is your default.
+  mt.wandb_name = ""  # W&B run name; "" is the workdir's name. A resumed workdir continues its W&B run.
+
+  c.profile = pf = ml_collections.ConfigDict()
+  pf.start_step = 10  # First traced step, after this many steps (compiling is step 1).
+  pf.steps = 0  # Steps traced with jax.profiler into workdir/profile (TensorBoard's profile plugin, XProf); 0 traces nothing.
 
   c.sample = s = ml_collections.ConfigDict()
   s.prompt = "def "  # Prompt of the sample printed after training.

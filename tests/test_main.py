@@ -269,3 +269,82 @@ def test_unreadable_checkpoint_and_nonfinite_steps(corpus, trained, tmp_path):
     rows = [json.loads(line) for line in f]
   assert rows[-1]["step"] == 4 and rows[-1]["skipped_steps"] == 2
   assert all(math.isfinite(r["loss"]) for r in rows)
+
+
+def _tfrecords(path):
+  """The records of a TFRecord file (TensorBoard's event files): length, crc, data, crc."""
+  import struct
+  data, pos = open(path, "rb").read(), 0
+  while pos < len(data):
+    (n,) = struct.unpack("<Q", data[pos:pos + 8])
+    yield data[pos + 12:pos + 12 + n]
+    pos += 12 + n + 4
+
+
+def _wandb_records(path):
+  """The protobuf records of an offline W&B run file: a 7-byte header, then LevelDB's log
+  format (32 KiB blocks of chunks: crc32, length, type (1 full, 2 first, 3 middle, 4 last))."""
+  import struct
+  from wandb.proto import wandb_internal_pb2
+  data, pos, chunks = open(path, "rb").read(), 7, b""
+  while pos + 7 <= len(data):
+    if 32768 - pos % 32768 < 7:
+      pos += 32768 - pos % 32768
+      continue
+    _, n, kind = struct.unpack("<IHB", data[pos:pos + 7])
+    if n == 0 and kind == 0:
+      break
+    chunks += data[pos + 7:pos + 7 + n]
+    pos += 7 + n
+    if kind in (1, 4):
+      record = wandb_internal_pb2.Record()
+      record.ParseFromString(chunks)
+      chunks = b""
+      yield record
+
+
+def test_run_shows_progress_and_tracks_it(corpus, tmp_path):
+  """Not on a terminal: a compile line and a plain line per logged step. TensorBoard gets the
+  hparams and the sample, W&B (offline) the same rows as metrics.jsonl, and profile.* a
+  jax.profiler trace."""
+  pytest.importorskip("wandb")
+  workdir = tmp_path / "run"
+  e = {**env(), "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+  result = subprocess.run(command(
+      workdir, corpus, "--config.train.steps=3", "--config.metrics.tensorboard=True",
+      "--config.metrics.wandb_project=jaxllm-test", "--config.profile.start_step=1",
+      "--config.profile.steps=1", "--config.sample.max_new_tokens=4"),
+      capture_output=True, text=True, timeout=300, env=e, cwd=ROOT)
+  assert result.returncode == 0, result.stderr[-3000:]
+  out = result.stdout
+  assert "compiling the train step..." in out and "compiled and ran the first step in" in out
+  assert "step 3/3 | loss " in out and "| val_loss " in out and "| lr " in out
+  assert "profile of steps 2..2" in out
+  assert list(workdir.glob("profile/plugins/profile/*/*.xplane.pb"))
+
+  from tensorboardX.proto import event_pb2
+  tags = set()
+  for f in workdir.glob("tb/events.out.tfevents.*"):
+    for rec in _tfrecords(f):
+      event = event_pb2.Event()
+      event.ParseFromString(rec)
+      tags |= {v.tag for v in event.summary.value}
+  assert {"loss", "sample/text_summary", "_hparams_/experiment"} <= tags, tags
+
+  rows = {r["step"]: r for r in map(json.loads, open(workdir / "metrics.jsonl"))}
+  [run_file] = workdir.glob("wandb/offline-run-*/run-*.wandb")
+  history, summary = {}, {}
+  for record in _wandb_records(run_file):
+    kind = record.WhichOneof("record_type")
+    items = (record.history.item if kind == "history" else record.summary.update
+             if kind == "summary" else [])
+    values = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in items}
+    if kind == "history":
+      history[values["_step"]] = values
+    elif kind == "summary":
+      summary.update(values)
+  assert sorted(history) == sorted(rows)
+  for step, row in rows.items():
+    assert history[step]["loss"] == pytest.approx(row["loss"])
+  assert summary["sample"].startswith("def ")
+  assert (workdir / "wandb_id").read_text().strip() in run_file.name

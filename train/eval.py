@@ -24,6 +24,7 @@ import time
 import jax
 import ml_collections
 import numpy as np
+from tqdm import tqdm
 
 from infer import workdir as run_dir
 from model import Transformer, head, sharding
@@ -96,6 +97,8 @@ def evaluate(workdir: str, *, data: str = "", data_format: str = "text",
   loss, tokens, n_bytes, batches = 0.0, 0.0, 0, 0
   t0 = time.perf_counter()
   pending = None
+  bar = tqdm(total=max_batches or None, unit="batch", desc="eval", mininterval=1.0,
+             disable=not sys.stderr.isatty())
   for batch in it:
     if max_batches and batches == max_batches:
       break
@@ -105,6 +108,8 @@ def evaluate(workdir: str, *, data: str = "", data_format: str = "text",
       loss, tokens = loss + float(pending["loss"]), tokens + float(pending["count"])
     pending = sums
     batches += 1
+    bar.update(1)
+  bar.close()
   if pending is not None:
     loss, tokens = loss + float(pending["loss"]), tokens + float(pending["count"])
   it.close()

@@ -16,7 +16,6 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm import tqdm
 
 from infer import files
 from infer import workdir as run_dir
@@ -28,6 +27,8 @@ from train import metrics as metrics_lib
 from train import optim, preemption, step as step_lib
 from train import streams
 from train.checkpoint import Checkpointer
+from train.profiler import StepWindow
+from train.progress import Progress
 from train.config import ConfigError
 from train import tasks
 from train.state import TrainState, abstract_state, create_state, param_count
@@ -378,7 +379,11 @@ def train(cfg) -> dict:
   cost = step_cost(objective, model_cfg, batch_size, seq_len)
   throughput = metrics_lib.Throughput(
       cost, metrics_lib.peak_flops(cfg.metrics.peak_tflops, list(mesh.devices.flat)))
-  writer = metrics_lib.MetricsWriter(workdir, tensorboard=cfg.metrics.tensorboard)
+  from train.config import flatten  # deferred: the loop's only use
+  writer = metrics_lib.MetricsWriter(
+      workdir, tensorboard=cfg.metrics.tensorboard, config=flatten(cfg),
+      wandb={"project": cfg.metrics.wandb_project, "entity": cfg.metrics.wandb_entity,
+             "name": cfg.metrics.wandb_name})
   start = int(jax.device_get(state.step))
   steps = cfg.train.steps
   if is_main:
@@ -389,7 +394,8 @@ def train(cfg) -> dict:
     train_it.bind(lambda: state)
   stop = preemption.StopRequest(cfg.checkpoint.preemption_check_every, start)
   batches = _HostBatches(train_it, mesh, batch_size)
-  bar = tqdm(total=steps, initial=start, disable=not is_main, dynamic_ncols=True, mininterval=1.0)
+  bar = Progress(steps, start, active=is_main)
+  profile = StepWindow(workdir, cfg.profile.start_step, cfg.profile.steps, active=is_main)
   last, saved_step = {}, latest
   nonfinite = _NonFinite(cfg.train.on_nonfinite)
   # (step, device metrics, extra metrics, non-finite counts), logged once the next step is
@@ -406,14 +412,17 @@ def train(cfg) -> dict:
     m.update(throughput.read())
     m.update(extra)
     writer.write(step, m)
-    bar.set_postfix({k: f"{m[k]:.4g}" for k in ("loss", "val_loss", "score", "val_score",
-                                                  "tokens_per_s") if k in m}, refresh=False)
+    bar.log(step, m)
     return m
 
   try:
     for i in range(start, steps):
       batch = next(batches)
       throughput.exclude(feed.off_clock())  # an RL rollout ran inside next(): not this step
+      profile.before(i, state)
+      if i == start:
+        bar.message("compiling the train step...")
+        t_compile = time.perf_counter()
       state, device_metrics = p_train_step(state, batch)
       step = i + 1
       nonfinite.add(step, device_metrics["nonfinite"])
@@ -423,6 +432,7 @@ def train(cfg) -> dict:
         pending = None
       if i == start:  # the first step compiles: keep it out of the throughput
         jax.block_until_ready(state)
+        bar.message(f"compiled and ran the first step in {time.perf_counter() - t_compile:.1f} s")
         throughput.start()
       else:
         throughput.step()
@@ -456,13 +466,13 @@ def train(cfg) -> dict:
     raise
   finally:
     stop.close()
+    profile.close(state)
   bar.close()
   skipped = nonfinite.check(nonfinite.snapshot(), saved_step)
   if skipped and is_main:
     print(f"{skipped} step(s) skipped: their loss, gradient or update was not finite "
           f"(train.on_nonfinite=skip)", flush=True)
   ckpt.close()
-  writer.close()
   train_it.close()
 
   stopped = stop.preempted or stop.requested  # no time for a sample
@@ -477,4 +487,7 @@ def train(cfg) -> dict:
     text = tokenizer.decode(prompt + out, skip_special_tokens=True)
     print(f"\n--- sample (step {int(jax.device_get(state.step))}) ---\n{text}\n---", flush=True)
     last["sample"] = text
+    writer.text("sample", text, int(jax.device_get(state.step)))
+  writer.hparams(last)
+  writer.close()
   return last

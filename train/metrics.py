@@ -3,7 +3,9 @@
 import dataclasses
 import functools
 import json
+import logging
 import time
+import uuid
 import warnings
 
 import jax
@@ -135,22 +137,29 @@ class Throughput:
 
 
 class MetricsWriter:
-  """One JSON object per logged step in workdir/metrics.jsonl, and TensorBoard events in
-  workdir/tb. Only process 0 writes.
+  """One JSON object per logged step in workdir/metrics.jsonl, TensorBoard events in
+  workdir/tb, and optionally a Weights & Biases run. Only process 0 writes.
 
   Locally each row is appended as it comes. An object store cannot append, so remotely
   (gs://...) the whole file is rewritten, one object write at most every `flush_secs` and on
-  flush() and close(); a resumed run starts from the rows already there."""
+  flush() and close(); a resumed run starts from the rows already there.
 
-  def __init__(self, workdir: str, tensorboard: bool = True, flush_secs: float = 30.0):
+  wandb: {"project": ..., "entity": ..., "name": ...} starts (or, resuming the workdir,
+  continues: its id is kept in workdir/wandb_id) a W&B run with `config` as its config;
+  WANDB_MODE=offline writes it under workdir/wandb without an account.
+  """
+
+  def __init__(self, workdir: str, tensorboard: bool = True, flush_secs: float = 30.0, *,
+               wandb: dict | None = None, config: dict | None = None):
     self.active = jax.process_index() == 0
-    self._tb = None
+    self._tb = self._wandb = None
     if not self.active:
       return
     workdir = as_path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     self.path, self.remote = workdir / "metrics.jsonl", is_remote(workdir)
     self.flush_secs = flush_secs
+    self.config = config or {}
     if self.remote:
       self._text = self.path.read_text() if self.path.exists() else ""
       self._flushed = time.monotonic()
@@ -158,6 +167,8 @@ class MetricsWriter:
       self._jsonl = open(self.path, "a", buffering=1)
     if tensorboard:
       self._tb = _tensorboard(workdir / "tb")
+    if wandb and wandb.get("project"):
+      self._wandb = _wandb_run(workdir, wandb, self.config)
 
   def write(self, step: int, metrics: dict) -> None:
     if not self.active:
@@ -174,6 +185,26 @@ class MetricsWriter:
       for k, v in row.items():
         if k != "step":
           self._tb.add_scalar(k, v, step)
+    if self._wandb is not None:
+      self._wandb.log({k: v for k, v in row.items() if k != "step"}, step=int(step))
+
+  def text(self, tag: str, text: str, step: int) -> None:
+    """A text (the end-of-run sample) for TensorBoard's text tab and the W&B summary."""
+    if not self.active:
+      return
+    if self._tb is not None:
+      self._tb.add_text(tag, f"```\n{text}\n```", step)
+    if self._wandb is not None:
+      self._wandb.summary[tag] = text
+
+  def hparams(self, final: dict) -> None:
+    """The run's config beside its final metrics (TensorBoard's HPARAMS tab)."""
+    if not self.active or self._tb is None:
+      return
+    hp = {k: v for k, v in self.config.items() if isinstance(v, (bool, int, float, str))}
+    scalars = {f"final/{k}": float(v) for k, v in final.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    self._tb.add_hparams(hp, scalars, name=".")
 
   def flush(self) -> None:
     if not self.active:
@@ -192,6 +223,21 @@ class MetricsWriter:
       self._jsonl.close()
     if self._tb is not None:
       self._tb.close()
+    if self._wandb is not None:
+      self._wandb.finish()
+
+
+def _wandb_run(workdir, spec: dict, config: dict):
+  """A W&B run for the workdir, resumed by the id kept in workdir/wandb_id."""
+  import wandb  # the `wandb` extra
+  id_file = workdir / "wandb_id"
+  run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
+  if not id_file.exists():
+    write_atomic(id_file, run_id)
+  local = str(workdir) if not is_remote(workdir) else None  # W&B keeps its files locally
+  return wandb.init(project=spec["project"], entity=spec.get("entity") or None,
+                    name=spec.get("name") or workdir.name, id=run_id, resume="allow",
+                    dir=local, config=config)
 
 
 def _tensorboard(directory):
@@ -204,6 +250,7 @@ def _tensorboard(directory):
     from tensorboardX import SummaryWriter
     return SummaryWriter(path)
   except Exception as e:  # a missing client library, or credentials: metrics.jsonl remains
-    print(f"TensorBoard: not writing events to {path} ({type(e).__name__}: {e}); "
-          "metrics.jsonl has the same numbers (or set metrics.tensorboard=False)", flush=True)
+    logging.getLogger(__name__).warning(
+        f"TensorBoard: not writing events to {path} ({type(e).__name__}: {e}); "
+        "metrics.jsonl has the same numbers (or set metrics.tensorboard=False)")
     return None

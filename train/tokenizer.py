@@ -4,6 +4,8 @@ Byte-level (GPT-2 style) means every string, tabs and unicode included, maps to
 tokens and decodes back to exactly itself: there is no unknown token.
 """
 
+import sys
+import time
 from collections.abc import Iterable, Iterator
 
 import tokenizers
@@ -18,8 +20,10 @@ _FILENAME = "tokenizer.json"
 _BYTES = 256  # The base alphabet: one token per byte.
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int) -> tokenizers.Tokenizer:
-  """Learns a byte-level BPE of `vocab_size` tokens; EOS is id 0."""
+def train_tokenizer(texts: Iterable[str], vocab_size: int,
+                    progress: bool = False) -> tokenizers.Tokenizer:
+  """Learns a byte-level BPE of `vocab_size` tokens; EOS is id 0. `progress`: the tokenizers
+  library's own bars on stderr."""
   if vocab_size < _BYTES + 1:
     raise ValueError(
         f"vocab_size={vocab_size} is below {_BYTES + 1}: the 256 byte tokens "
@@ -34,7 +38,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> tokenizers.Tokeniz
       special_tokens=[EOS],  # First special token, so id 0.
       # All 256 bytes, even those absent from the sample, so nothing is unknown.
       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-      show_progress=False,
+      show_progress=progress,
   )
   tokenizer.train_from_iterator(texts, trainer)
   return tokenizer
@@ -62,9 +66,13 @@ def load_or_train_tokenizer(data_cfg, workdir: str, vocab_size: int,
     tokenizer = _load(saved, "workdir")
   else:
     budget = int(data_cfg.tokenizer_train_mb * 2**20)
+    print(f"training a {vocab_size}-token BPE tokenizer on the first "
+          f"{data_cfg.tokenizer_train_mb:g} MB of the train files...", flush=True)
+    t0 = time.perf_counter()
     tokenizer = train_tokenizer(_leading_text(train_files, data_cfg, budget),
-                                vocab_size)
+                                vocab_size, progress=sys.stderr.isatty())
     _save_atomic(tokenizer, saved)
+    print(f"trained the tokenizer in {time.perf_counter() - t0:.1f} s: {saved}", flush=True)
   if tokenizer.get_vocab_size() > vocab_size:
     raise ValueError(
         f"The tokenizer has {tokenizer.get_vocab_size()} tokens but "
