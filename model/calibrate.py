@@ -29,9 +29,10 @@ sees the scales.
 
 Mixture-of-experts blocks: attention as above; each expert is calibrated on the calibration
 rows the router sends it (`routed`: its top-k choices; what AutoGPTQ's and AutoAWQ's hooks on
-HF Mixtral's experts see) and unweighted by the routing weight, as those references do: the
-weight scales an expert's whole output, so it is the expert's own output error that the
-codes should lower for every token it serves. GPTQ: one Hessian per expert for its gate and up,
+HF Mixtral's experts see), unweighted by the routing weight as in those references: each
+expert's matmuls lower their own output error on the tokens they serve (rows weighted by the
+squared routing weight would target the MoE output's error for down instead; not measured
+here). GPTQ: one Hessian per expert for its gate and up,
 then one per expert of its hidden activation (gate and up quantized) for its down. AWQ: gate
 and up of all experts share one s [D], since one norm makes their input (and the router's, which
 takes W * s and stays unquantized), searched on each expert's error on its own rows; down has
