@@ -25,12 +25,25 @@ inputs divided by their scales), then rounds to nearest:
   gate, up   one s [D], folded into mlp_norm;
   down       s [F] folded into up's output columns (act(gate) * up is linear in up).
 Folds are exact: q/k norms act after the projection, post-norms after o and down, so neither
-sees the scales. Mixture-of-experts blocks: attention as above; the experts (and any AWQ scale
-of their input, which the router reads too) are plain round-to-nearest, the router unquantized.
+sees the scales.
 
-The inputs come from the block itself: a layers.Capture weight stops it at its first use and
-raises the input (inside jit, so each capture is one compiled function), and the block's
-output is the block's; nothing here repeats its math.
+Mixture-of-experts blocks: attention as above; each expert is calibrated on the calibration
+rows the router sends it (`routed`: its top-k choices; what AutoGPTQ's and AutoAWQ's hooks on
+HF Mixtral's experts see), unweighted by the routing weight as in those references: each
+expert's matmuls lower their own output error on the tokens they serve (rows weighted by the
+squared routing weight would target the MoE output's error for down instead; not measured
+here). GPTQ: one Hessian per expert for its gate and up,
+then one per expert of its hidden activation (gate and up quantized) for its down. AWQ: gate
+and up of all experts share one s [D], since one norm makes their input (and the router's, which
+takes W * s and stays unquantized), searched on each expert's error on its own rows; down has
+an s [F] per expert, folded into that expert's up; clipping is per expert on its rows. An
+expert no calibration row reaches is rounded to nearest (AWQ: after the shared s), and the log
+says how many there were.
+
+The inputs come from the block itself: a capture.Capture weight stops it at its first use and
+raises the input (inside jit, so each capture is one compiled function; the router's for the
+experts' input), and the block's output is the block's; only an expert's hidden activation is
+recomputed here (moe.hidden of its gate and up), from its routed rows.
 """
 
 import functools
@@ -39,7 +52,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from model import layers, ptq, quant, transformer
+from model import layers, moe, ptq, quant, transformer
+from model.capture import Capture, Captured
 from model.config import ModelConfig
 
 # The matmul groups of a block in forward order: (module, weights sharing one input).
@@ -52,10 +66,10 @@ GROUPS = (("attn", ("q", "k", "v")), ("attn", ("o",)), ("mlp", ("gate", "up")),
 @functools.partial(jax.jit, static_argnames=("cfg", "local", "module", "name"))
 def _input_of(cfg: ModelConfig, w, x_BTD, rope, *, local: bool, module: str, name: str):
   """The input the block applies w[module][name] to, for x [B, T, D] entering the block."""
-  w = {**w, module: {**w[module], name: layers.Capture(w[module][name])}}
+  w = {**w, module: {**w[module], name: Capture(w[module][name])}}
   try:
     layers.block(cfg, w, x_BTD, rope, None, None, None, local=local)
-  except layers.Captured as c:
+  except Captured as c:
     return c.x
   raise AssertionError(f"the block never applied {module}/{name}")
 
@@ -109,6 +123,7 @@ def _per_layer(cfg: ModelConfig, params):
   return [params[n] for n in names], lambda ts: {**params, **dict(zip(names, ts))}
 
 
+@functools.partial(jax.jit, static_argnames=("spec", "name", "dtype"))
 def _rtn(spec: quant.Spec, w, name: str, dtype=None):
   n_in, n_out = quant.MATMUL_AXES[name]
   q = quant.quantize(w, spec.kind, spec.group, n_batch=w.ndim - n_in - n_out, n_in=n_in,
@@ -116,35 +131,126 @@ def _rtn(spec: quant.Spec, w, name: str, dtype=None):
   return q if dtype is None else q.replace(dtype=jnp.dtype(dtype))
 
 
-def _gptq_layer(cal: _Calibration, w, layer: int, spec: quant.Spec, damp: float):
+def _gptq(spec: quant.Spec, w, h: ptq.Hessian, name: str, damp: float):
+  # act_order (desc_act): SmolLM2 int4 g64 removes 53% of RTN's perplexity increase with it,
+  # 29% without (bench/quant.py; README "Quantization").
+  q = ptq.gptq(w, h, spec.kind, spec.group, n_in=quant.MATMUL_AXES[name][0],
+               symmetric=spec.symmetric, damp=damp, act_order=True)
+  return q.replace(scales=quant.double_quantize(q.scales)) if spec.double_quant else q
+
+
+def _stack(qs):
+  """One Quantized [E, ...] from E of the same layout."""
+  return jax.tree.map(lambda *a: jnp.stack(a), *qs)
+
+
+@functools.partial(jax.jit, static_argnames="cfg")
+def _experts_of(cfg: ModelConfig, router_DE, x_BTD):
+  """int32[B * T, k]: the experts the router sends each row of x to."""
+  logits = moe.router_logits(x_BTD, router_DE)
+  return moe.route(logits.reshape(-1, cfg.n_experts), cfg)[1]
+
+
+def routed(cfg: ModelConfig, router_DE, x_BTD):
+  """The calibration rows each expert gets: [E] of x [M_e, D], the rows of the MoE input x
+  [B, T, D] whose top-k choices include it (unweighted; every top-k choice, as dropless
+  routing makes it: a capacity's drops depend on the batch)."""
+  experts_Mk = np.asarray(_experts_of(cfg, router_DE, x_BTD))
+  x_MD = x_BTD.reshape(-1, x_BTD.shape[-1])
+  return [x_MD[np.flatnonzero(np.any(experts_Mk == e, axis=1))]
+          for e in range(cfg.n_experts)]
+
+
+def _expert_hidden(cfg: ModelConfig, m, x_MD, e: int):
+  """Expert e's hidden activation [M, F] (its down projection's input) for its rows x [M, D],
+  with m's gate and up (arrays or Quantized) in the compute dtype, as the block runs it."""
+  dt = cfg.compute_dtype
+  one = lambda name: jax.tree.map(lambda a: a[e], m[name]).astype(dt)  # Quantized too
+  x = x_MD.astype(dt)
+  return moe.hidden(jnp.einsum("MD,DF->MF", x, one("gate")), jnp.einsum("MD,DF->MF", x, one("up")))
+
+
+def _gptq_experts(cfg: ModelConfig, cal: _Calibration, w, layer: int, spec: quant.Spec,
+                  damp: float):
+  """GPTQ of an MoE block's experts, each from the rows routed to it: gate and up from one
+  Hessian of its input rows, then down from the hidden activations its quantized gate and up
+  make of them (true_sequential). Returns (the "moe" weights, experts that got no rows: zero
+  Hessian, so ptq.gptq rounds them to nearest)."""
+  m = dict(w["moe"])
+  xs = routed(cfg, m["router"], jnp.concatenate(cal.inputs(w, layer, "moe", "router")))
+  hs = [ptq.hessian(x) for x in xs]
+  for name in ("gate", "up"):
+    m[name] = _stack([_gptq(spec, m[name][e], hs[e], name, damp) for e in range(cfg.n_experts)])
+  hs = [ptq.hessian(_expert_hidden(cfg, m, x, e)) for e, x in enumerate(xs)]
+  m["down"] = _stack([_gptq(spec, m["down"][e], hs[e], "down", damp)
+                      for e in range(cfg.n_experts)])
+  return m, sum(x.shape[0] == 0 for x in xs)
+
+
+def _gptq_layer(cfg: ModelConfig, cal: _Calibration, w, layer: int, spec: quant.Spec,
+                damp: float):
+  """(the block's weights by GPTQ, its experts that got no calibration rows)."""
   w = {k: dict(v) if isinstance(v, dict) else v for k, v in w.items()}
   for module, names in GROUPS:
-    if module not in w:  # an MoE block's experts: see the module docstring
+    if module not in w:  # an MoE block: its experts below
       continue
     n_in = quant.MATMUL_AXES[names[0]][0]
     h = sum(ptq.hessian(x, n_in=n_in) for x in cal.inputs(w, layer, module, names[0]))
     for name in names:
-      # act_order (desc_act): SmolLM2 int4 g64 removes 53% of RTN's perplexity increase with
-      # it, 29% without (bench/quant.py; README "Quantization").
-      q = ptq.gptq(w[module][name], h, spec.kind, spec.group, n_in=quant.MATMUL_AXES[name][0],
-                   symmetric=spec.symmetric, damp=damp, act_order=True)
-      if spec.double_quant:
-        q = q.replace(scales=quant.double_quantize(q.scales))
-      w[module][name] = q
-  return w
+      w[module][name] = _gptq(spec, w[module][name], h, name, damp)
+  if "moe" not in w:
+    return w, 0
+  w["moe"], idle = _gptq_experts(cfg, cal, w, layer, spec, damp)
+  return w, idle
+
+
+def _awq_experts(cfg: ModelConfig, m, x_BTD, spec: quant.Spec, grid: int):
+  """AWQ of an MoE block's experts on their MoE input x [B, T, D] (unquantized block), each
+  expert on the rows routed to it. gate and up of every expert share one s [D] (the norm that
+  makes x feeds them all, and the router: one fold), searched on the summed output error of
+  each expert on its own rows (ptq.awq_scale); down has an s [F] per expert from its own
+  hidden activations, folded into its up's output columns. Then each expert's weights are
+  clipped on its own (scaled) rows and rounded to nearest. An expert without rows keeps only
+  the shared s (its gate and up times s, rounded to nearest; down plain RTN).
+  Returns (the "moe" weights, s [D] to fold into mlp_norm, experts without rows)."""
+  m = dict(m)
+  f32 = lambda a: jnp.asarray(a, jnp.float32)
+  opts = dict(kind=spec.kind, group=spec.group, symmetric=spec.symmetric, grid=grid)
+  xs = routed(cfg, m["router"], x_BTD)
+  used = [e for e, x in enumerate(xs) if x.shape[0]]
+  gate, up, down = f32(m["gate"]), f32(m["up"]), f32(m["down"])  # [E, D, F], [E, F, D]
+  s_mlp = ptq.awq_scale([((gate[e], up[e]), xs[e]) for e in used], **opts)  # [D]
+  hidden = {e: _expert_hidden(cfg, m, xs[e], e) for e in used}  # [M_e, F]
+  s_down = jnp.stack([ptq.awq_scale([((down[e],), hidden[e])], **opts) if e in hidden
+                      else jnp.ones(down.shape[1]) for e in range(cfg.n_experts)])  # [E, F]
+  gate = gate * s_mlp[:, None]
+  up = up * s_mlp[:, None] / s_down[:, None, :]
+  down = down * s_down[:, :, None]
+  clip = lambda value, x: ptq.awq_clip(value, x, **opts)
+  for e in used:
+    x = xs[e] / s_mlp
+    gate = gate.at[e].set(clip(gate[e], x))
+    up = up.at[e].set(clip(up[e], x))
+    down = down.at[e].set(clip(down[e], hidden[e] / s_down[e]))
+  for n, value in (("gate", gate), ("up", up), ("down", down)):
+    m[n] = _rtn(spec, value, n, m[n].dtype)
+  # The router reads the norm's output too: it takes W * s, and stays unquantized.
+  m["router"] = (f32(m["router"]) * s_mlp[:, None]).astype(m["router"].dtype)
+  return m, s_mlp, cfg.n_experts - len(used)
 
 
 def _awq_layer(cfg: ModelConfig, cal: _Calibration, w, layer: int, spec: quant.Spec,
                grid: int):
-  """The block's AWQ scales, searched on its unquantized inputs, folded; then each weight but
-  q and k clipped (`ptq.awq_clip`, on the scaled inputs), then RTN."""
+  """(the block's weights by AWQ, its experts that got no calibration rows): its scales,
+  searched on its unquantized inputs, folded; then each weight but q and k clipped
+  (`ptq.awq_clip`, on the scaled inputs), then RTN."""
   w = {k: dict(v) if isinstance(v, dict) else v for k, v in w.items()}
   attn = w["attn"]
   f32 = lambda a: jnp.asarray(a, jnp.float32)
   inputs = lambda module, name: jnp.concatenate(cal.inputs(w, layer, module, name))
-  search = lambda names, x, n_in: ptq.awq_shared(
-      [w[module][n] for module, n in names], x, spec.kind, spec.group, n_in=n_in,
-      symmetric=spec.symmetric, grid=grid)[1]
+  search = lambda names, x, n_in: ptq.awq_scale(
+      [([w[module][n] for module, n in names], x)], spec.kind, spec.group, n_in=n_in,
+      symmetric=spec.symmetric, grid=grid)
   clip = lambda value, x, n_in: ptq.awq_clip(value, x, spec.kind, spec.group, n_in=n_in,
                                              symmetric=spec.symmetric, grid=grid)
   x_attn = inputs("attn", "q")  # [rows..., D]
@@ -156,6 +262,8 @@ def _awq_layer(cfg: ModelConfig, cal: _Calibration, w, layer: int, spec: quant.S
     x_mlp, x_down = inputs("mlp", "gate"), inputs("mlp", "down")  # [rows..., D], [rows..., F]
     s_mlp = search((("mlp", "gate"), ("mlp", "up")), x_mlp, 1)  # [D]
     s_down = search((("mlp", "down"),), x_down, 1)  # [F]
+  else:  # every search on the block as it is: the experts before any fold
+    w["moe"], s_mlp, idle = _awq_experts(cfg, w["moe"], inputs("moe", "router"), spec, grid)
 
   # Scaled weights stay f32 until rounded; each Quantized keeps the weight's dtype.
   dtype = lambda name, module="attn": w[module][name].dtype
@@ -180,9 +288,9 @@ def _awq_layer(cfg: ModelConfig, cal: _Calibration, w, layer: int, spec: quant.S
     down = clip(f32(m["down"]) * s_down[:, None], x_down / s_down, 1)
     for n, value in (("gate", gate), ("up", up), ("down", down)):
       m[n] = _rtn(spec, value, n, dtype(n, "mlp"))
-    w["mlp_norm"] = {"scale": ptq.fold_into_norm(w["mlp_norm"]["scale"], s_mlp,
-                                                 cfg.norm_plus_one)}
-  return w
+  w["mlp_norm"] = {"scale": ptq.fold_into_norm(w["mlp_norm"]["scale"], s_mlp,
+                                               cfg.norm_plus_one)}
+  return w, 0 if mlp else idle
 
 
 def quantize_model(cfg: ModelConfig, params, tokens_BT, spec: quant.Spec, *, rows: int = 8,
@@ -205,18 +313,20 @@ def quantize_model(cfg: ModelConfig, params, tokens_BT, spec: quant.Spec, *, row
   cal = _Calibration(cfg, params, tokens, rows)
   trees, rebuild = _per_layer(cfg, params)
   out = []
+  idle_total = 0
   for i, w in enumerate(trees):
     if spec.method == "gptq":
-      w = _gptq_layer(cal, w, i, spec, damp)
+      w, idle = _gptq_layer(cfg, cal, w, i, spec, damp)
     else:
-      w = _awq_layer(cfg, cal, w, i, spec, grid)
-    # What calibration did not quantize (an MoE block's experts) is rounded to nearest.
-    w = jax.tree_util.tree_map_with_path(
-        lambda path, a: _rtn(spec, a, quant._name(path))
-        if quant._name(path) in quant.MATMUL_AXES and not quant.is_quantized(a) else a,
-        w, is_leaf=quant.is_quantized)
+      w, idle = _awq_layer(cfg, cal, w, i, spec, grid)
     cal.advance(w, i)
     out.append(w)
+    idle_total += idle
     if log is not None:
-      log(f"{spec.method}: block {i + 1}/{cfg.n_layers} quantized")
+      idle_note = (f" ({idle} of {cfg.n_experts} experts got no calibration tokens: rounded "
+                   f"to nearest)" if idle else "")
+      log(f"{spec.method}: block {i + 1}/{cfg.n_layers} quantized{idle_note}")
+  if log is not None and cfg.n_experts:
+    log(f"{spec.method}: {idle_total} of {cfg.n_layers * cfg.n_experts} experts got no "
+        f"calibration tokens (rounded to nearest)")
   return rebuild(out)

@@ -14,7 +14,7 @@ A weight is whatever the parameter tree holds at its place:
   a lora.Adapted       any of those with its LoRA adapter, applied unmerged (`project`);
   a fused.Packed       the inference layout of model/fused.py: q, k and v as one "qkv"
                        matrix, gate and up as one "gate_up", [out, in] or [in, out];
-  a Capture            calibration only (model/calibrate.py): stops the block, raising the
+  a capture.Capture    calibration only (model/calibrate.py): stops the block, raising the
                        weight's input.
 The block asks which it holds and runs the same math either way. Parameters are stored in
 `param_dtype` and cast to the compute dtype where they are used; activations carry logical
@@ -24,12 +24,12 @@ axis names (`constrain`) that the rules in model/sharding.py map onto the mesh.
 import functools
 import math
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from model import kv_cache, moe, sharding
+from model.capture import Capture
 from model.config import ModelConfig
 from model.fused import Packed
 from model.lora import Adapted
@@ -175,26 +175,6 @@ def cache_attention(q_BTNH, k_BTKH, v_BTKH, layer_kv, start, segment_ids, cfg: M
   out = cached_attention(q_BTNH, layer_kv[0], layer_kv[1], start + q_BTNH.shape[1],
                          impl=cfg.attention_impl, **_scales(layer_kv), **opts)
   return out, layer_kv
-
-
-class Captured(Exception):
-  """Raised by a `Capture` weight: `x` is the activation the block applied it to."""
-
-  def __init__(self, x):
-    super().__init__("a Capture weight was applied (catch Captured around the block)")
-    self.x = x
-
-
-@flax.struct.dataclass
-class Capture:
-  """A weight that stops the block where it is first applied, raising Captured(its input):
-  how post-training quantization (model/calibrate.py) reads the input of each block matmul
-  without a second copy of the block. Inside jit the caught input is a tracer of the same
-  trace, so a jitted function that catches it may return it."""
-  base: object
-
-  def project(self, equation, x, dtype):
-    raise Captured(x)
 
 
 def project(equation: str, x, w, dtype):

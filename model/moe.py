@@ -39,6 +39,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from model.capture import Capture, Captured
 from model.config import ModelConfig
 from model import sharding
 from model.sharding import constrain
@@ -56,6 +57,12 @@ class MoEAux(NamedTuple):
     """What to add to the training loss."""
     return (cfg.router_aux_loss_coef * self.load_balancing_loss
             + cfg.router_z_loss_coef * self.z_loss)
+
+
+def router_logits(x_BTD, router_DE):
+  """f32 logits [B, T, E]. The router runs in f32 under bf16 compute too: rounding would flip
+  top-k choices."""
+  return jnp.einsum("BTD,DE->BTE", x_BTD.astype(jnp.float32), router_DE.astype(jnp.float32))
 
 
 def route(logits_ME, cfg: ModelConfig):
@@ -106,11 +113,17 @@ def expert_impl(cfg: ModelConfig, platform: str | None = None) -> str:
   return "dense" if platform == "cpu" and cfg.n_experts <= 16 else "gmm"
 
 
+def hidden(gate, up):
+  """An expert's hidden activation (its down projection's input) from its gate and up
+  projections of the same tokens: SwiGLU (Mixtral, Qwen3-MoE)."""
+  return jax.nn.silu(gate) * up
+
+
 def _dense_experts(x_MD, weights_ME, w_gate, w_up, w_down):
   """Every expert on every token, weighted by the (sparse) routing weights: y [M, D]."""
   gate_EMF = jnp.einsum("MD,EDF->EMF", x_MD, w_gate)
   up_EMF = jnp.einsum("MD,EDF->EMF", x_MD, w_up)
-  out_EMD = jnp.einsum("EMF,EFD->EMD", jax.nn.silu(gate_EMF) * up_EMF, w_down)
+  out_EMD = jnp.einsum("EMF,EFD->EMD", hidden(gate_EMF, up_EMF), w_down)
   return jnp.einsum("EMD,ME->MD", out_EMD, weights_ME)
 
 
@@ -119,7 +132,7 @@ def _grouped_experts(impl, x_AD, group_sizes_E, w_gate, w_up, w_down):
   impl: "gmm" or "ragged" (expert_impl)."""
   mm = lambda x, w: grouped_matmul(x, w, group_sizes_E, impl="auto" if impl == "gmm" else "xla")
   gate_AF, up_AF = mm(x_AD, w_gate), mm(x_AD, w_up)
-  return mm(jax.nn.silu(gate_AF) * up_AF, w_down)
+  return mm(hidden(gate_AF, up_AF), w_down)
 
 
 def moe(cfg: ModelConfig, w, x_BTD, token_mask=None):
@@ -137,9 +150,9 @@ def moe(cfg: ModelConfig, w, x_BTD, token_mask=None):
   m = b * t
   valid_M = (jnp.ones((b, t), bool) if token_mask is None
              else token_mask.astype(bool)).reshape(m)
-  # The router runs in f32 under bf16 compute too: rounding would flip top-k choices.
-  logits_BTE = jnp.einsum("BTD,DE->BTE", x_BTD.astype(jnp.float32),
-                          w["router"].astype(jnp.float32))
+  if isinstance(w["router"], Capture):  # calibration: the router's and experts' input
+    raise Captured(x_BTD)
+  logits_BTE = router_logits(x_BTD, w["router"])
   logits_ME = constrain(logits_BTE, ("batch", "length", None)).reshape(m, e)
   weights_Mk, experts_Mk = route(logits_ME, cfg)
 

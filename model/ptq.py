@@ -336,6 +336,14 @@ def gptq(w, x_or_hessian, kind: str, group: int = 0, *, n_batch: int = 0, n_in: 
 
 # ----------------------------------------------------------------------------------------- AWQ
 
+def _pad_rows(x_MK):
+  """x with zero rows up to a power of two: they add nothing to a squared output error, and
+  the searches below compile once per size class, not once per count of rows (each expert of
+  an MoE block has its own)."""
+  m = x_MK.shape[0]
+  return jnp.pad(x_MK, ((0, (1 << max(m - 1, 0).bit_length()) - m), (0, 0)))
+
+
 @functools.partial(jax.jit, static_argnames=("kind", "group", "symmetric"))
 def _awq_loss(ws, x_MK, s_K, *, kind, group, symmetric):
   """sum over ws of ||x W - (x / s) Q(diag(s) W)||^2, written x (W - Q(diag(s) W) / s) to keep
@@ -349,42 +357,69 @@ def _awq_loss(ws, x_MK, s_K, *, kind, group, symmetric):
   return total
 
 
-def awq_shared(ws, x, kind: str = "int4", group: int = 128, *, n_in: int = 1,
-               symmetric: bool = False, grid: int = 20):
-  """AWQ (Lin et al. 2023, Sec. 3.2) of weights that share one input (q, k, v; gate and up):
-  one per-input-channel scale s for all of them. Returns ([Quantized of w * s], s [*in]).
+def awq_scale(parts, kind: str = "int4", group: int = 128, *, n_in: int = 1,
+              symmetric: bool = False, grid: int = 20):
+  """AWQ's search (Lin et al. 2023, Sec. 3.2) of one per-input-channel scale s [*in] for
+  weights that each take their own calibration inputs through one op (the experts of an MoE
+  block, each on the tokens routed to it, behind one norm): parts [(ws, x)], ws weights
+  [*in, *out_i] (no batch axes; the same input axes throughout) that all take x [rows..., *in].
 
-  ws: weights [*in, *out_i] (no batch axes; the same input axes). x: their calibration inputs
-  [rows..., *in]. s = mean|x|^alpha, normalised by sqrt(max s * min s) as the reference code does,
-  alpha in {0, 1/grid, ..., (grid - 1)/grid} minimising the summed squared output error
-  ||x W - (x / s) Q(W s)||^2 (alpha = 0 is round-to-nearest). The layer is then
-  (x / s) @ Q(W s): fold 1/s into the op that makes x (`fold_into_norm` for an RMSNorm).
-  The reference's clipping search follows it separately (`awq_clip`).
-  """
-  ws = [jnp.asarray(w) for w in ws]
-  if not ws:
-    raise ValueError("awq_shared needs at least one weight")
-  ins = tuple(ws[0].shape[:n_in])
-  for w in ws:
-    if tuple(w.shape[:n_in]) != ins:
-      raise ValueError(f"weights sharing an input need the same input axes {ins} (first "
-                       f"weight), not those of a weight of shape {w.shape}")
-  layouts = [_layout(tuple(w.shape), kind, group, 0, n_in, symmetric) for w in ws]
-  k = layouts[0][3]
-  x = _calibration_rows(x, (), ins, tuple(ws[0].shape)).astype(jnp.float32)
-  w2 = tuple(w.astype(jnp.float32).reshape(k, -1) for w in ws)
-  x_mean = jnp.mean(jnp.abs(x), axis=0)  # the reference's get_act_scale
+  s = mean|x|^alpha over every part's rows, normalised by sqrt(max s * min s) as the reference
+  code does, alpha in {0, 1/grid, ..., (grid - 1)/grid} minimising the summed squared output
+  error of all weights on their own inputs, sum ||x W - (x / s) Q(W s)||^2 (alpha = 0 is
+  round-to-nearest)."""
+  parts = [([jnp.asarray(w) for w in ws], x) for ws, x in parts]
+  if not parts or not all(ws for ws, _ in parts):
+    raise ValueError("AWQ's scale search needs at least one weight in each part")
+  first = parts[0][0][0]
+  ins = tuple(first.shape[:n_in])
+  for ws, _ in parts:
+    for w in ws:
+      if tuple(w.shape[:n_in]) != ins:
+        raise ValueError(f"weights sharing an input need the same input axes {ins} (first "
+                         f"weight), not those of a weight of shape {w.shape}")
+  layouts = [_layout(tuple(w.shape), kind, group, 0, n_in, symmetric)
+             for ws, _ in parts for w in ws]
+  k, group = layouts[0][3], layouts[0][5]
+  parts = [(tuple(w.astype(jnp.float32).reshape(k, -1) for w in ws),
+            _calibration_rows(x, (), ins, tuple(ws[0].shape)).astype(jnp.float32))
+           for ws, x in parts]
+  rows = sum(x.shape[0] for _, x in parts)
+  if rows == 0:
+    raise ValueError("AWQ's scale search has no calibration rows")
+  # The reference's get_act_scale, over all rows.
+  x_mean = sum(jnp.sum(jnp.abs(x), axis=0) for _, x in parts) / rows
+  parts = [(w2, _pad_rows(x)) for w2, x in parts if x.shape[0]]
   best, best_s = None, None
   for alpha in np.arange(grid) / grid:
     s = jnp.maximum(x_mean ** alpha, 1e-4)
     s = s / jnp.sqrt(jnp.max(s) * jnp.min(s))
-    loss = float(_awq_loss(w2, x, s, kind=kind, group=layouts[0][5], symmetric=symmetric))
+    loss = sum(float(_awq_loss(w2, x, s, kind=kind, group=group, symmetric=symmetric))
+               for w2, x in parts)
     if best is None or loss < best:  # the first of equal losses: alpha = 0 before any other
       best, best_s = loss, s
-  qs = [_quantize(w.astype(jnp.float32) * best_s.reshape(*ins, *(1,) * (w.ndim - n_in)),
+  return best_s.reshape(ins)
+
+
+def awq_shared(ws, x, kind: str = "int4", group: int = 128, *, n_in: int = 1,
+               symmetric: bool = False, grid: int = 20):
+  """AWQ (Lin et al. 2023, Sec. 3.2) of weights that share one input (q, k, v; gate and up):
+  one per-input-channel scale s for all of them (`awq_scale`). Returns ([Quantized of w * s],
+  s [*in]).
+
+  ws: weights [*in, *out_i] (no batch axes; the same input axes). x: their calibration inputs
+  [rows..., *in]. The layer is then (x / s) @ Q(W s): fold 1/s into the op that makes x
+  (`fold_into_norm` for an RMSNorm). The reference's clipping search follows it separately
+  (`awq_clip`).
+  """
+  ws = [jnp.asarray(w) for w in ws]
+  if not ws:
+    raise ValueError("awq_shared needs at least one weight")
+  s = awq_scale([(ws, x)], kind, group, n_in=n_in, symmetric=symmetric, grid=grid)
+  qs = [_quantize(w.astype(jnp.float32) * s.reshape(*s.shape, *(1,) * (w.ndim - n_in)),
                   kind, group, n_in=n_in, symmetric=symmetric).replace(dtype=w.dtype)
         for w in ws]
-  return qs, best_s.reshape(ins)
+  return qs, s
 
 
 def awq(w, x, kind: str = "int4", group: int = 128, *, n_in: int = 1, symmetric: bool = False,
@@ -434,8 +469,8 @@ def awq_clip(w, x, kind: str = "int4", group: int = 128, *, n_in: int = 1,
   x = _calibration_rows(x, (), ins, tuple(w.shape)).astype(jnp.float32)
   x = x[::max(1, x.shape[0] // max_rows)][:max_rows]
   ratios = tuple(1.0 - i / grid for i in range(int(max_shrink * grid)))
-  return _clip_search(w.reshape(k, -1), x, kind=kind, group=group, symmetric=symmetric,
-                      ratios=ratios).reshape(w.shape)
+  return _clip_search(w.reshape(k, -1), _pad_rows(x), kind=kind, group=group,
+                      symmetric=symmetric, ratios=ratios).reshape(w.shape)
 
 
 def fold_into_norm(norm_scale, s, norm_plus_one: bool = False):
