@@ -1,6 +1,6 @@
 """Turning logits into tokens, with settings per row.
 
-Order as in HF generate (see ALGORITHMS.md): repetition penalty, temperature, top-k, top-p,
+Order as in HF generate (transformers' LogitsProcessorList): repetition penalty, temperature, top-k, top-p,
 min-p. Temperature 0 means greedy (after the penalty). Every filter keeps the most likely
 token, so at least one token always survives, and ties at a cut-off are all kept (top-k keeps
 every logit >= the k-th largest; top-p keeps every token at least as likely as the last one

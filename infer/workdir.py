@@ -1,4 +1,4 @@
-"""Reading a run directory (see ARCHITECTURE.md): config.json, tokenizer.json, checkpoints/.
+"""Reading a run directory (README, "The run directory"): config.json, tokenizer.json, checkpoints/.
 
 Training writes it (train/checkpoint.py); everything that only needs a model reads it
 through here: generation, evaluation, conversion. infer/ never imports train/, so the

@@ -1,6 +1,6 @@
 """The decoder: embedding, a stack of blocks (model/layers.py), final norm, output head.
 
-One forward for every use (see ARCHITECTURE.md):
+One forward for every use (training, prefill, decoding, scoring; README, "Layout"):
   logits, cache = Transformer(cfg).apply({"params": params}, tokens, positions,
                                          segment_ids=None, cache=None)
 or, on any parameter tree (the module's, or model/fused.py's inference layout):

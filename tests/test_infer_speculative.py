@@ -222,7 +222,7 @@ def small_laws(small_params):
 
 def _reference_probs(logits_V, context, sp: SamplingParams):
   """One step's law in float64: CTRL penalty over the context, temperature, top-k (ties at
-  the k-th kept), as ALGORITHMS.md orders them."""
+  the k-th kept), in HF generate's order (infer/sampling.py)."""
   z = np.asarray(logits_V, np.float64).copy()
   seen = np.zeros(z.shape, bool)
   seen[list(context)] = True

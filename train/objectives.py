@@ -1,6 +1,6 @@
 """Losses and estimators for preference tuning and RL from feedback: pure jnp, no I/O.
 
-The exact forms are those of shared/ALGORITHMS.md. Functions marked "per element" return
+Each docstring states its exact form and source. Functions marked "per element" return
 unreduced arrays: the task's loss_fn sums them over its mask and the train step divides once
 by a normaliser counted over the whole accumulated batch (see train/step.py), so gradient
 accumulation never reweights examples. Everything is computed in f32.
@@ -57,7 +57,7 @@ def masked_var(x, mask, axis=None):
 def whiten(x, mask, eps=1e-8):
   """(x − mean) / sqrt(var + eps) over the valid entries of the whole array; 0 elsewhere.
 
-  Used on PPO advantages (ALGORITHMS.md). Population variance, so the whitened valid entries
+  Used on PPO advantages (train/tasks/ppo.py). Population variance, so the whitened valid entries
   have mean 0 and variance var/(var + eps) ≈ 1. TRL's masked_whiten uses the unbiased
   variance instead; the two differ by a factor sqrt(n/(n−1)), negligible at rollout sizes.
   """

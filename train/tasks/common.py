@@ -221,7 +221,7 @@ def pair_tokens(batch):
 def completion_logprobs(model, params, tokens, *, chunk: int = head.DEFAULT_CHUNK,
                         temperature: float = 1.0, per_token=False, with_aux: bool = False):
   """log π(y|x): the sum (or mean, per_token=True) of log p(target) over loss_mask positions,
-  f32[B] (ALGORITHMS.md: completion tokens only, the final EOS included even when pad = EOS;
+  f32[B] (completion tokens only, the final EOS included even when pad = EOS;
   padding and prompt contribute nothing, by `where`, so not even a non-finite value there
   could leak in). chunk: train.loss_chunk (model/head.py). with_aux: (log π, moe.MoEAux or
   None), the router statistics of the forward."""

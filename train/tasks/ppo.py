@@ -1,4 +1,4 @@
-"""PPO for RLHF (Ouyang et al. 2022; Schulman et al. 2017), as in ALGORITHMS.md.
+"""PPO for RLHF (Ouyang et al. 2022; Schulman et al. 2017), in the form below.
 
 Trained: {"policy": the policy (every weight, or LoRA adapters), "value": a critic, a copy of
 the model with a scalar head, started from rl.value_init / rl.reward_model or from the

@@ -1,7 +1,7 @@
 """What PPO and GRPO share: rollouts from the current policy with infer/'s jitted decode
 loop, scored by a reward function or a reward model, turned into minibatches for the step.
 
-A rollout (ALGORITHMS.md, "PPO for RLHF"):
+A rollout (as in PPO for RLHF, Ouyang et al. 2022):
   1. rl.prompts_per_rollout prompts (each repeated rl.group_size times for GRPO) are sampled
      at rl.temperature by infer.decode (which stops each row at its EOS);
   2. prompt + completion become one right-padded row of T = data.seq_len tokens, with

@@ -1,5 +1,5 @@
 """Supervised fine-tuning: cross-entropy on completion (assistant) tokens only, normalised by
-the trainable tokens of the whole accumulated batch (ALGORITHMS.md), on packed rows.
+the trainable tokens of the whole accumulated batch (train/step.py), on packed rows.
 
 The batch is pretraining's (inputs, targets, positions, segment_ids, loss_mask) with
 loss_mask 1 exactly on completion targets, the final EOS included; so the loss is
