@@ -348,3 +348,20 @@ def test_run_shows_progress_and_tracks_it(corpus, tmp_path):
     assert history[step]["loss"] == pytest.approx(row["loss"])
   assert summary["sample"].startswith("def ")
   assert (workdir / "wandb_id").read_text().strip() in run_file.name
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--config.train.init_from={tmp}/nothing_here"],
+     "config error: train.init_from='{tmp}/nothing_here': {tmp}/nothing_here/config.json not found"),
+    (["--config.data.tokenizer={trained}/tokenizer.json", "--config.model.vocab_size=300"],
+     "data error: the tokenizer of data.tokenizer='{trained}/tokenizer.json' has 512 tokens but "
+     "model.vocab_size=300"),
+])
+def test_expected_failures_are_one_line_and_exit_2(corpus, trained, tmp_path, extra, message):
+  workdir = tmp_path / "run"
+  fill = lambda s: s.format(tmp=tmp_path, trained=trained)
+  result = run(command(workdir, corpus, "--config.train.steps=2", *map(fill, extra)))
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert fill(message) in result.stderr
+  assert "Traceback (most recent call last):\n  File \"" + ROOT not in result.stderr
+  assert not workdir.exists() or not any(workdir.iterdir())  # nothing written

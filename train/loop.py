@@ -202,7 +202,10 @@ _SHAPE_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "
 def _check_init_from(cfg, model_cfg: ModelConfig) -> None:
   """The source run must have our parameter shapes; its tokenizer is ours unless one is set."""
   source = cfg.train.init_from
-  theirs = run_dir.load_model_config(source)
+  try:
+    theirs = run_dir.load_model_config(source)
+  except FileNotFoundError as e:
+    raise ConfigError(f"train.init_from={source!r}: {e}") from None
   diff = {k: (getattr(model_cfg, k), getattr(theirs, k)) for k in _SHAPE_FIELDS
           if getattr(model_cfg, k) != getattr(theirs, k)}
   if diff:

@@ -60,10 +60,11 @@ def load_or_train_tokenizer(data_cfg, workdir: str, vocab_size: int,
   """
   saved = as_path(workdir) / _FILENAME
   if data_cfg.tokenizer:
-    tokenizer = _load(data_cfg.tokenizer, "data.tokenizer")
+    tokenizer = _check_size(_load(data_cfg.tokenizer, "data.tokenizer"), vocab_size,
+                            f"data.tokenizer={data_cfg.tokenizer!r}")
     _keep_copy(tokenizer, saved)
   elif saved.exists():
-    tokenizer = _load(saved, "workdir")
+    tokenizer = _check_size(_load(saved, "workdir"), vocab_size, str(saved))
   else:
     budget = int(data_cfg.tokenizer_train_mb * 2**20)
     print(f"training a {vocab_size}-token BPE tokenizer on the first "
@@ -73,11 +74,16 @@ def load_or_train_tokenizer(data_cfg, workdir: str, vocab_size: int,
                                 vocab_size, progress=sys.stderr.isatty())
     _save_atomic(tokenizer, saved)
     print(f"trained the tokenizer in {time.perf_counter() - t0:.1f} s: {saved}", flush=True)
+  return tokenizer
+
+
+def _check_size(tokenizer: tokenizers.Tokenizer, vocab_size: int, where: str):
+  """A tokenizer with more tokens than the model's embedding rows is refused, before it is
+  copied anywhere."""
   if tokenizer.get_vocab_size() > vocab_size:
-    raise ValueError(
-        f"The tokenizer has {tokenizer.get_vocab_size()} tokens but "
-        f"model.vocab_size={vocab_size}; raise model.vocab_size (or use a "
-        f"smaller tokenizer, see data.tokenizer and {saved}).")
+    raise DataError(f"the tokenizer of {where} has {tokenizer.get_vocab_size()} tokens but "
+                    f"model.vocab_size={vocab_size}: raise model.vocab_size or use a "
+                    "smaller tokenizer")
   return tokenizer
 
 
