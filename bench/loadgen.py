@@ -60,8 +60,8 @@ def percentiles(xs) -> dict | None:
 def report(traces: Sequence[Trace], offered_rate: float) -> dict:
   """One rate's metrics (see the module docstring)."""
   ok = [t for t in traces if t.error is None]
-  end = max((t.chunks[-1][0] for t in ok), default=0.0)
-  duration = end - min(t.arrival for t in traces)
+  first = min(t.arrival for t in traces)
+  duration = max((t.chunks[-1][0] for t in ok), default=first) - first
   tokens = sum(t.tokens for t in ok)
   return {
       "offered_rate": offered_rate, "num_requests": len(traces), "completed": len(ok),
