@@ -2,15 +2,34 @@
 
   python bench/serve.py --random_model tiny --num_requests 200
   python bench/serve.py --checkpoint runs/tiny --num_requests 300 --max_batch 32
+  python bench/serve.py --checkpoint runs/tiny --serve --rate 1,2,4,8 --num_requests 64
+  python bench/serve.py --url http://127.0.0.1:8000 --rate 2 --num_requests 100
 
-A seeded offline workload (every request arrives at t=0) of mixed prompt and output lengths;
-half the prompts start with a shared 64-token "system prompt" (prefix caching). No EOS: each
-request generates exactly its max_new_tokens, so both sides do the same work.
+A seeded workload of mixed prompt and output lengths; half the prompts start with a shared
+64-token "system prompt" (prefix caching). No EOS: each request generates exactly its
+max_new_tokens, so both sides do the same work.
+
+Offline (no --rate): every request arrives at t=0; the engine runs in this process.
 Static batching takes the requests in arrival order, `max_batch` at a time, through the
 contiguous-cache decode loop (infer/decode.py); a batch ends when its longest request does,
 and all its requests finish then. Latency: from t=0 to a request's last token.
 Neither side's compilation is timed: the engine compiles its step shapes first
 (`Engine.warmup`), static batching runs the whole workload once untimed.
+
+Load test (--rate R1,R2,...): requests arrive as a Poisson process at each offered rate
+(bench/loadgen.py) and go over HTTP, streaming, to infer/serve.py: one already running
+(--url), or one this command starts on a free port with the same engine flags (--serve,
+which needs --checkpoint: the server needs a tokenizer). Prompts are token ids; requests are
+greedy with `ignore_eos` and `logprobs: 0` (each chunk then names its tokens). Then, with a
+model given and no --skip_static, static batching serves the same schedules in this process
+on a simulated clock (loadgen.simulate_static): each batch takes up to `max_batch` of the
+requests that have arrived and streams every --static_stream_every steps; its time is
+measured, the idle waits between batches are skipped, and a batch of shapes not yet
+compiled runs once untimed first. One JSON line per system and rate (throughput, TTFT, ITL,
+e2e latency p50/p99, errors), then a summary with each system's saturation rate: the highest
+rate whose p99 TTFT stays within --ttft_slo seconds, as every lower rate's. --plot FILE.png
+draws throughput and p99 latency against the offered rate. Without a model (--url alone)
+prompt ids are drawn below --vocab_size.
 """
 
 import os
@@ -19,17 +38,25 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import argparse  # noqa: E402
+import asyncio  # noqa: E402
+import contextlib  # noqa: E402
 import json  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bench import loadgen  # noqa: E402
 from bench.decode import PRESETS, random_model  # noqa: E402
-from infer.decode import generate_with_stats  # noqa: E402
+from bench.loadgen import percentiles  # noqa: E402
+from infer.decode import bucket, generate_with_stats, layout_for  # noqa: E402
 from infer.engine import Engine, EngineConfig  # noqa: E402
 from infer.sampling import SamplingParams  # noqa: E402
-from model import kv_cache  # noqa: E402
+from model import fused, kv_cache  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 GREEDY = SamplingParams(temperature=0)
 
@@ -48,10 +75,6 @@ def workload(n: int, vocab: int, seed: int, shared_prefix: int):
       prompt = system + prompt
     out.append((prompt, int(np.clip(rng.geometric(1 / 64), 8, 256))))
   return out
-
-
-def percentiles(xs):
-  return {"p50": float(np.percentile(xs, 50)), "p99": float(np.percentile(xs, 99))}
 
 
 def run_engine(cfg, params, requests, config: EngineConfig):
@@ -95,41 +118,175 @@ def run_static(cfg, params, requests, batch: int, cache_dtype=None):
           "latency_s": percentiles(latencies), "peak_kv_tokens": kv_tokens}, outputs
 
 
+class StaticBatch:
+  """loadgen.RunBatch for static batching: one streamed `generate_with_stats` call per batch
+  over weights laid out once per layout. A batch whose (rows, prompt, new-token) buckets
+  (infer/decode.py's shapes) are new runs once untimed first, so no compile is measured."""
+
+  def __init__(self, cfg, params, cache_dtype=None, stream_every: int = 8):
+    self.cfg, self.cache_dtype, self.stream_every = cfg, cache_dtype, stream_every
+    self.params = {layout: fused.prepare(cfg, params, layout=layout)
+                   for layout in {layout_for(1, False), layout_for(2, False)}}
+    self.compiled = set()
+
+  def _run(self, batch):
+    t0 = time.perf_counter()
+    chunks = [[] for _ in batch]
+    generate_with_stats(
+        self.cfg, self.params[layout_for(len(batch), False)], [p for p, _ in batch],
+        max_new_tokens=[m for _, m in batch], sampling=GREEDY, cache_dtype=self.cache_dtype,
+        stream=lambda row, toks: chunks[row].append((time.perf_counter() - t0, len(toks))),
+        stream_every=self.stream_every)
+    return time.perf_counter() - t0, chunks
+
+  def __call__(self, batch):
+    shape = (bucket(len(batch), 1), bucket(max(len(p) for p, _ in batch)),
+             bucket(max(m for _, m in batch)))
+    if shape not in self.compiled:
+      self._run(batch)
+      self.compiled.add(shape)
+    return self._run(batch)
+
+
+@contextlib.contextmanager
+def served(args):
+  """infer/serve.py on --checkpoint with this command's engine flags, on a free port, until
+  the block ends; yields its URL. Its log goes to this command's stderr."""
+  import httpx2
+  import portpicker
+  port = portpicker.pick_unused_port()
+  cmd = [sys.executable, os.path.join(ROOT, "infer", "serve.py"), "--checkpoint",
+         args.checkpoint, "--port", str(port), "--max_batch", str(args.max_batch),
+         "--num_pages", str(args.num_pages), "--page_size", str(args.page_size),
+         "--prefill_chunk", str(args.prefill_chunk), "--log_level", "warning"]
+  if args.kv_cache_dtype:
+    cmd += ["--kv_cache_dtype", args.kv_cache_dtype]
+  proc = subprocess.Popen(cmd, stdout=sys.stderr, stderr=sys.stderr)
+  url = f"http://127.0.0.1:{port}"
+  try:
+    while True:  # it compiles every step shape before it listens
+      if proc.poll() is not None:
+        raise SystemExit(f"error: the server exited with {proc.returncode} before listening")
+      with contextlib.suppress(httpx2.TransportError):
+        if httpx2.get(url + "/health").status_code == 200:
+          break
+      time.sleep(0.5)
+    yield url
+  finally:
+    if proc.poll() is None:
+      proc.send_signal(signal.SIGTERM)
+      proc.wait(timeout=120)
+
+
+def load_test(args, cfg, params, requests, rates: list[float]) -> dict:
+  """Prints one JSON line per system and rate; returns {system: [reports]}."""
+  out = {}
+
+  def emit(system: str, reports: list, r: dict):
+    reports.append(r)
+    print(json.dumps({"system": system} | r), flush=True)
+
+  schedules = [loadgen.poisson_arrivals(len(requests), rate, args.seed) for rate in rates]
+  with served(args) if args.serve else contextlib.nullcontext(args.url) as url:
+    model = loadgen.served_model(url)
+    asyncio.run(loadgen.run_load(url, model, requests[:1], [0.0]))  # untimed: warms the path
+    out["engine"] = []
+    for rate, arrivals in zip(rates, schedules):
+      traces = asyncio.run(loadgen.run_load(url, model, requests, arrivals,
+                                            args.max_concurrency))
+      emit("engine", out["engine"], loadgen.report(traces, rate))
+  if params is not None and not args.skip_static:
+    out["static"] = []
+    batches = StaticBatch(cfg, params, args.kv_cache_dtype, args.static_stream_every)
+    for rate, arrivals in zip(rates, schedules):
+      traces = loadgen.simulate_static(requests, arrivals, args.max_batch, batches)
+      emit("static", out["static"], loadgen.report(traces, rate))
+  return out
+
+
+def parse_rates(text: str) -> list[float]:
+  try:
+    rates = [float(r) for r in text.split(",")]
+  except ValueError:
+    raise SystemExit(f"error: --rate {text!r}: expected numbers separated by commas") from None
+  if not all(r > 0 for r in rates):
+    raise SystemExit(f"error: --rate {text!r}: every rate must be > 0 requests/s")
+  return sorted(rates)
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  src = ap.add_mutually_exclusive_group(required=True)
+  src = ap.add_mutually_exclusive_group()
   src.add_argument("--checkpoint", help="a run directory")
   src.add_argument("--random_model", choices=sorted(PRESETS))
   ap.add_argument("--num_requests", type=int, default=200)
-  ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--seed", type=int, default=0, help="the workload's and the arrivals'")
   ap.add_argument("--shared_prefix", type=int, default=64)
   ap.add_argument("--max_batch", type=int, default=16)
   ap.add_argument("--num_pages", type=int, default=1024)
   ap.add_argument("--page_size", type=int, default=16)
   ap.add_argument("--prefill_chunk", type=int, default=128)
-  ap.add_argument("--prefill_rows", type=int, default=1)
+  ap.add_argument("--prefill_rows", type=int, default=1, help="offline mode's engine only")
   ap.add_argument("--kv_cache_dtype", choices=kv_cache.CACHE_DTYPES, default=None,
                   help="both sides' KV cache dtype (default: the compute dtype)")
   ap.add_argument("--skip_static", action="store_true")
+  load = ap.add_argument_group("load test")
+  load.add_argument("--rate", help="offered rates, requests/s, comma-separated: a load test")
+  server = load.add_mutually_exclusive_group()
+  server.add_argument("--url", help="a running infer/serve.py, e.g. http://127.0.0.1:8000")
+  server.add_argument("--serve", action="store_true",
+                      help="start infer/serve.py on --checkpoint, on a free port")
+  load.add_argument("--max_concurrency", type=int, default=0,
+                    help="requests in flight at most (0: no limit)")
+  load.add_argument("--ttft_slo", type=float, default=2.0,
+                    help="p99 TTFT bound (s) that defines the saturation rate")
+  load.add_argument("--static_stream_every", type=int, default=8,
+                    help="static batching streams every N decode steps (generate's default)")
+  load.add_argument("--vocab_size", type=int, default=256,
+                    help="prompt ids are drawn below this without a model (--url alone)")
+  load.add_argument("--plot", metavar="FILE.png", help="throughput and p99 latency vs rate")
   args = ap.parse_args()
+  online = args.url or args.serve
+  if bool(args.rate) != bool(online):
+    ap.error("a load test needs --rate and one of --url or --serve")
+  if args.serve and not args.checkpoint:
+    ap.error("--serve needs --checkpoint (the server reads its tokenizer)")
+  if not online and not (args.checkpoint or args.random_model):
+    ap.error("one of --checkpoint or --random_model is required")
+  if args.plot and not args.plot.endswith(".png"):
+    ap.error(f"--plot {args.plot}: expected a .png file name")
 
+  cfg = params = None
   if args.checkpoint:
     from infer.loaders import load_checkpoint
     m = load_checkpoint(args.checkpoint)
     cfg, params = m.cfg, m.params
-  else:
+  elif args.random_model:
     cfg, params, _ = random_model(args.random_model, 1024)
-  requests = workload(args.num_requests, cfg.vocab_size, args.seed, args.shared_prefix)
+  vocab = cfg.vocab_size if cfg is not None else args.vocab_size
+  requests = workload(args.num_requests, vocab, args.seed, args.shared_prefix)
+  head = {"device": jax.devices()[0].device_kind,
+          "model": args.checkpoint or args.random_model or args.url,
+          "kv_cache_dtype": args.kv_cache_dtype, "num_requests": len(requests),
+          "prompt_tokens": sum(len(p) for p, _ in requests),
+          "requested_tokens": sum(m for _, m in requests)}
+  if online:
+    rates = parse_rates(args.rate)
+    reports = load_test(args, cfg, params, requests, rates)
+    print(json.dumps({"summary": head | {
+        "max_batch": args.max_batch, "seed": args.seed, "ttft_slo_s": args.ttft_slo,
+        "saturation_rate": {system: loadgen.saturation_rate(rs, args.ttft_slo)
+                            for system, rs in reports.items()}}}))
+    if args.plot:
+      loadgen.plot(args.plot, reports, f"{head['model']}, {len(requests)} requests per rate, "
+                   f"max_batch {args.max_batch}, {head['device']}")
+    return
+
   config = EngineConfig(num_pages=args.num_pages, page_size=args.page_size,
                         max_batch=args.max_batch, prefill_chunk=args.prefill_chunk,
                         prefill_rows=args.prefill_rows, cache_dtype=args.kv_cache_dtype)
   engine, engine_out = run_engine(cfg, params, requests, config)  # compiles first (warmup)
-  out = {"device": jax.devices()[0].device_kind, "model": args.checkpoint or args.random_model,
-         "kv_cache_dtype": args.kv_cache_dtype,
-         "num_requests": len(requests),
-         "prompt_tokens": sum(len(p) for p, _ in requests),
-         "requested_tokens": sum(m for _, m in requests),
-         "engine": engine}
+  out = head | {"engine": engine}
   if not args.skip_static:
     run_static(cfg, params, requests, args.max_batch, args.kv_cache_dtype)  # compiles
     static, static_out = run_static(cfg, params, requests, args.max_batch, args.kv_cache_dtype)

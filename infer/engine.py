@@ -456,12 +456,17 @@ class Engine:
     on idle rows, so serving never stops to compile. Returns the seconds it took."""
     t0 = time.perf_counter()
     cfg, src, dst = self.config, *self._copy_arrays()
+    shapes = []
     for width in self.table_widths() if widths is None else widths:
       prefill = self._group([None] * cfg.prefill_rows, cfg.prefill_chunk, width)
       decode = self._group([None] * cfg.max_batch, 1, width)
-      for groups in ((prefill,), (decode,), (prefill, decode)):
-        self.pools, out = _device_step(self.params, self.pools, src, dst, groups, cfg=self.cfg,
-                                       features=self.features)
+      shapes += [(prefill,), (decode,), (prefill, decode)]
+    # The first step met the pools as created; every later one meets them as a step's output,
+    # which carries the weights' sharding (a loaded checkpoint's mesh): to jit another
+    # argument, so the first shape compiles again for it.
+    for groups in shapes + shapes[:1]:
+      self.pools, out = _device_step(self.params, self.pools, src, dst, groups, cfg=self.cfg,
+                                     features=self.features)
     jax.block_until_ready(out)
     return time.perf_counter() - t0
 

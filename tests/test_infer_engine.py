@@ -263,3 +263,21 @@ def test_pallas_paged_kernel_serves_the_same_tokens(params, workload):
   requests, want = workload
   cfg = dataclasses.replace(CFG, attention_impl="pallas")
   assert _run(Engine(cfg, params, SMALL), requests[:4], sampling=GREEDY) == want[:4]
+
+
+def test_after_warmup_serving_compiles_nothing(params):
+  from infer.engine import _device_step
+  # Weights placed on a mesh, as a loaded checkpoint's are: each step's pools then come back
+  # with that sharding, which jit tells apart from the freshly made pools' none.
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+  params = jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  # max_seq_len 16 in pages of 4: table widths [4] only, three step shapes.
+  engine = Engine(CFG, params, EngineConfig(num_pages=16, page_size=4, max_batch=2,
+                                            prefill_chunk=8, max_seq_len=16))
+  engine.warmup()
+  compiled = _device_step._cache_size()
+  for prompt in ([1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 11, 12, 13]):  # prefill alone, then mixed
+    engine.add_request(prompt, max_new_tokens=3, sampling=GREEDY)
+    engine.step()
+  engine.run()
+  assert _device_step._cache_size() == compiled
