@@ -173,6 +173,23 @@ def test_generate_until_is_greedy_decoding_cut_at_the_stop_string(run):
   assert got[3] == _greedy_text(run, [eos] + tok.encode(prompts[0]).ids, 3)
 
 
+def test_a_quantized_run_scores_with_its_dequantized_weights(run, tmp_path):
+  from infer import workdir as run_dir
+  from model import quant
+  from train.convert import Quantize, convert
+  path, cfg, _, _ = run
+  dst = convert(f"orbax:{path}", f"orbax:{tmp_path / 'int4'}",
+                quantize=Quantize(quant.Spec("int4", group=32)))
+  dense = run_dir.load_params(dst, cfg, dense=True)  # the int4 codes, dequantized
+  lm = harness.JaxLM(checkpoint=dst, batch_size=4)
+  got = lm.loglikelihood(_instances("loglikelihood", PAIRS[:3]), disable_tqdm=True)
+  want = [_reference_loglikelihood(run[:2] + (dense,) + run[3:], c, x) for c, x in PAIRS[:3]]
+  np.testing.assert_allclose([g[0] for g in got], [w[0] for w in want], rtol=1e-4, atol=1e-4)
+  assert [g[1] for g in got] == [w[1] for w in want]
+  original = [_reference_loglikelihood(run, c, x)[0] for c, x in PAIRS[:3]]
+  assert np.abs(np.subtract([g[0] for g in got], original)).max() > 1e-3  # int4 was used
+
+
 def test_bad_model_args_are_clear_errors(run):
   path = run[0]
   with pytest.raises(ValueError, match="exactly one model"):
@@ -208,7 +225,7 @@ def _tasks(tmp_path, gen_target):
   (tmp_path / "tiny_gen.yaml").write_text(
       "task: tiny_gen\n" + common("gen") + "output_type: generate_until\n"
       "doc_to_text: '{{prompt}}'\ndoc_to_target: '{{target}}'\n"
-      "generation_kwargs:\n  until: ['\\n', '.']\n  max_gen_toks: 5\n  do_sample: false\n"
+      "generation_kwargs:\n  until: [\"\\n\", \".\"]\n  max_gen_toks: 5\n  do_sample: false\n"
       "metric_list:\n  - metric: exact_match\n")
   return str(tmp_path)
 
@@ -223,33 +240,33 @@ def _expected(run):
 
 
 @pytest.fixture(autouse=True)
-def _offline(monkeypatch):
+def _offline(monkeypatch, tmp_path):
   monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
   monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+  monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))
 
 
-def test_local_tasks_through_simple_evaluate_and_the_cli(run, tmp_path):
-  path = run[0]
+def test_local_tasks_through_simple_evaluate(run, tmp_path):
   acc, outs = _expected(run)
-  # Half the generation targets are the model's own output: exact_match is then 2/3.
-  targets = [outs[0], outs[1] + "x", outs[2]]
-  include = _tasks(tmp_path, targets)
+  # One generation target is not the model's output: exact_match is then 2/3.
+  include = _tasks(tmp_path, [outs[0], outs[1] + "x", outs[2]])
   results = lm_eval.simple_evaluate(
-      model="jaxllm", model_args=f"checkpoint={path},max_batch_tokens=64", batch_size="auto",
-      tasks=["tiny_mc", "tiny_gen"], task_manager=TaskManager(include_path=include),
-      log_samples=False)["results"]
+      model="jaxllm", model_args=f"checkpoint={run[0]},max_batch_tokens=64", batch_size="auto",
+      tasks=["tiny_mc", "tiny_gen"],
+      task_manager=TaskManager(include_path=include, include_defaults=False))["results"]
   assert results["tiny_mc"]["acc,none"] == pytest.approx(acc)
   assert results["tiny_gen"]["exact_match,none"] == pytest.approx(2 / 3)
 
-  out = tmp_path / "out"
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+
+def test_the_command_line(run, tmp_path):
+  acc, outs = _expected(run)
+  include, out = _tasks(tmp_path, outs), tmp_path / "out"
   res = subprocess.run(
       [sys.executable, "train/harness.py", "--model", "jaxllm", "--model_args",
-       f"checkpoint={path}", "--tasks", "tiny_mc,tiny_gen", "--include_path", include,
+       f"checkpoint={run[0]}", "--tasks", "tiny_mc", "--include_path", include,
        "--batch_size", "4", "--output_path", str(out)],
-      cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+      cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"),
+      timeout=600)
   assert res.returncode == 0, res.stderr[-3000:]
   (saved,) = list(out.rglob("results_*.json"))
-  cli = json.loads(saved.read_text())["results"]
-  assert cli["tiny_mc"]["acc,none"] == pytest.approx(acc)
-  assert cli["tiny_gen"]["exact_match,none"] == pytest.approx(2 / 3)
+  assert json.loads(saved.read_text())["results"]["tiny_mc"]["acc,none"] == pytest.approx(acc)
