@@ -198,7 +198,7 @@ def test_bad_model_args_are_clear_errors(run):
     harness.JaxLM(checkpoint=path, max_length=99)
   with pytest.raises(ValueError, match="--batch_size='big'"):
     harness.JaxLM(checkpoint=path, batch_size="big")
-  with pytest.raises(TypeError, match="pretrained"):
+  with pytest.raises(ValueError, match=r"unknown \['pretrained'\]; jaxllm takes \['checkpoint'"):
     harness.JaxLM(checkpoint=path, pretrained="gpt2")
 
 

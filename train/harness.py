@@ -52,6 +52,7 @@ if __name__ == "__main__":  # `python train/harness.py`: the repo root, not trai
   sys.path.insert(0, os.path.dirname(_HERE))
 
 import functools  # noqa: E402
+import inspect  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 
@@ -127,9 +128,12 @@ class JaxLM(TemplateLM):
 
   def __init__(self, checkpoint=None, hf=None, gguf=None, step=None, max_length=None,
                max_batch_tokens=8192, max_gen_toks=256, seed=0, batch_size=1,
-               max_batch_size=None, device=None):
+               max_batch_size=None, device=None, **unknown):
     super().__init__()
     del device  # jax places the model (on its first device)
+    if unknown:
+      valid = [k for k in inspect.signature(JaxLM).parameters if k != "unknown"]
+      raise ValueError(f"model_args: unknown {sorted(unknown)}; {NAME} takes {valid}")
     self._model = load(checkpoint, hf, gguf, step)
     cfg = self._model.cfg
     self._max_length = cfg.max_seq_len if max_length is None else int(max_length)
