@@ -68,7 +68,7 @@ from lm_eval.models.utils import (handle_stop_sequences, normalize_gen_kwargs,  
 from tqdm import tqdm  # noqa: E402
 
 from infer import decode, loaders  # noqa: E402
-from infer.files import token_ids  # noqa: E402
+from infer.files import document_ids, token_ids  # noqa: E402
 from infer.sampling import SamplingParams  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
 from train.tasks import pretrain  # noqa: E402
@@ -134,12 +134,6 @@ class JaxLM(TemplateLM):
     if unknown:
       valid = [k for k in inspect.signature(JaxLM).parameters if k != "unknown"]
       raise ValueError(f"model_args: unknown {sorted(unknown)}; {NAME} takes {valid}")
-    self._model = load(checkpoint, hf, gguf, step)
-    cfg = self._model.cfg
-    self._max_length = cfg.max_seq_len if max_length is None else int(max_length)
-    if not 1 < self._max_length <= cfg.max_seq_len:
-      raise ValueError(f"model_args max_length={max_length} must be in [2, model.max_seq_len="
-                       f"{cfg.max_seq_len}]")
     self._rows = _batch_size(batch_size)
     self._max_rows = int(max_batch_size or 64)
     self._max_batch_tokens = int(max_batch_tokens)
@@ -148,8 +142,18 @@ class JaxLM(TemplateLM):
     if self._max_batch_tokens < 1 or self._max_gen_toks < 1:
       raise ValueError(f"model_args max_batch_tokens={max_batch_tokens} and max_gen_toks="
                        f"{max_gen_toks} must be positive")
+    self._model = load(checkpoint, hf, gguf, step)
+    cfg = self._model.cfg
+    self._max_length = cfg.max_seq_len if max_length is None else int(max_length)
+    if not 1 < self._max_length <= cfg.max_seq_len:
+      raise ValueError(f"model_args max_length={max_length} must be in [2, model.max_seq_len="
+                       f"{cfg.max_seq_len}]")
     ids = token_ids(self._model.tokenizer, self._model.tokenizer_config)
-    eos = self._model.eos_ids[0] if self._model.eos_ids else ids["eos_token_id"]
+    try:  # a tokenizer we trained names no EOS: its <|endoftext|> ends documents
+      eos = document_ids(self._model.tokenizer, self._model.tokenizer_config)[1]
+    except ValueError:
+      eos = None
+    eos = self._model.eos_ids[0] if self._model.eos_ids else eos
     # Before an empty context and each rolling window: BOS where the model has one, else EOS
     # (lm-eval's HF model does the same).
     prefix = next((i for i in (ids["bos_token_id"], self._model.bos_id, eos) if i is not None),
@@ -198,7 +202,7 @@ class JaxLM(TemplateLM):
     """The ids a prompt begins with (the model's BOS where it takes one), or with
     add_special_tokens=False the text's alone. Text that already begins with the prefix
     token (a rendered chat template) gets no second one."""
-    if add_special_tokens is None and string.startswith(self._prefix_text):
+    if add_special_tokens is None and self._prefix_text and string.startswith(self._prefix_text):
       add_special_tokens = False
     if add_special_tokens is False:
       return self._model.tokenizer.encode(string, add_special_tokens=False).ids
