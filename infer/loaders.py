@@ -43,10 +43,22 @@ class LoadedModel:
   def encode_messages(self, messages: list[dict]) -> list[int]:
     """A whole conversation ([{"role": ..., "content": ...}, ...]) through the chat template,
     ending where the assistant's reply begins."""
+    return self.tokenizer.encode(self.render_messages(messages), add_special_tokens=False).ids
+
+  def render_messages(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    """The conversation's text through the chat template. add_generation_prompt=False ends it
+    right after the last message's content, for the model to continue that message
+    (transformers' continue_final_message: the template's end-of-turn is cut off)."""
     from infer.chat import special_tokens
-    rendered = self._render_chat(messages, add_generation_prompt=True,
+    rendered = self._render_chat(messages, add_generation_prompt=add_generation_prompt,
                                  **special_tokens(self.tokenizer_config))
-    return self.tokenizer.encode(rendered, add_special_tokens=False).ids
+    if add_generation_prompt or not messages:
+      return rendered
+    last = messages[-1]["content"].strip()
+    if last not in rendered:
+      raise ValueError(f"{self.source}: the chat template does not render the last message's "
+                       "content as it is, so the message cannot be continued")
+    return rendered[:rendered.rindex(last) + len(last)]
 
   @functools.cached_property
   def _render_chat(self):  # compiled once: a server renders every request with it
