@@ -95,6 +95,7 @@ def token_scores(hidden_BTD, params, cfg: ModelConfig, targets_BT, *,
   temperature = float(temperature)
   plan = _plan(hidden_BTD.shape, w.shape, tied=tied, chunk=chunk, entropy=entropy,
                inv_temperature=1.0 / temperature if temperature > 0 else 1.0,
+               softcap=float(cfg.final_softcap),
                compute_dtype=jnp.dtype(cfg.compute_dtype).name)
   logp, log_z, ent = _scores(plan, hidden_BTD, w, targets_BT.astype(jnp.int32))
   return TokenScores(logp, log_z, ent)
@@ -106,6 +107,7 @@ class _Plan:
   chunk: int
   inv_temperature: float
   tied: bool
+  softcap: float  # Gemma 2's final logit softcap c: logits -> c * tanh(logits / c); 0: none
   entropy: bool
   compute_dtype: str
   mesh: Mesh | None = None  # None: no shard_map
@@ -234,10 +236,18 @@ def _local(plan, x_BTD, w_c, y_BT):
   return x_BTD.reshape(b * t, d), y_M, v_local, first
 
 
-def _logits(plan, x_MD, w_c):
-  """Scaled logits z, f32 [M, V] from compute-dtype operands."""
+def _logits(plan, x_MD, w_c, with_slope: bool = False):
+  """Scaled logits z, f32 [M, V] from compute-dtype operands: softcapped as the model's head
+  is (model/transformer.py), then divided by the temperature. with_slope: also d capped /
+  d logits = 1 - tanh², f32 [M, V] (None without a softcap)."""
   eq = "MD,VD->MV" if plan.tied else "MD,DV->MV"
-  return jnp.einsum(eq, x_MD, w_c, preferred_element_type=jnp.float32) * plan.inv_temperature
+  logits = jnp.einsum(eq, x_MD, w_c, preferred_element_type=jnp.float32)
+  slope = None
+  if plan.softcap:
+    t = jnp.tanh(logits / plan.softcap)
+    logits, slope = plan.softcap * t, 1.0 - t * t
+  z = logits * plan.inv_temperature
+  return (z, slope) if with_slope else z
 
 
 def _forward_local(plan, x_BTD, w_c, y_BT):
@@ -301,14 +311,18 @@ def _backward_local(plan, x_BTD, w_c, y_BT, log_z_BT, g_logp_BT, g_log_z_BT, ent
     dx_MD, dw = carry
     start = start_of(j)
     w_slab = lax.dynamic_slice_in_dim(w_c, start, s, axis=v_dim)
-    z_MS = _logits(plan, x_MD, w_slab)
+    z_MS, slope_MS = _logits(plan, x_MD, w_slab, with_slope=True)
     coef_MS = g_log_z - g_logp
     if plan.entropy:
       coef_MS = coef_MS - g_ent * (z_MS - p_z)
     ids_1S = first + start + lax.broadcasted_iota(jnp.int32, (1, s), 1)
     dz_MS = jnp.exp(z_MS - log_z) * coef_MS + jnp.where(ids_1S == y_M[:, None], g_logp, 0.0)
-    # z = logits · inv_temperature; the matmuls take compute-dtype operands, f32 results.
-    dl_MS = (dz_MS * plan.inv_temperature).astype(w_c.dtype)
+    # z = softcap(logits) · inv_temperature; the matmuls take compute-dtype operands, f32
+    # results.
+    dl_MS = dz_MS * plan.inv_temperature
+    if slope_MS is not None:
+      dl_MS = dl_MS * slope_MS
+    dl_MS = dl_MS.astype(w_c.dtype)
     operands = (dl_MS, x_MD) if plan.tied else (x_MD, dl_MS)
     dw_slab = jnp.einsum(dw_eq, *operands, preferred_element_type=jnp.float32)
     if plan.scatter_axes:

@@ -3,6 +3,8 @@ jax.nn.logsumexp), values and gradients; bf16; a (2, 2, 2) mesh against one devi
 compiler's memory plan against the dense loss's; and a compile for TPU."""
 
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -33,11 +35,14 @@ def inputs(b, t, seed=1, dtype=jnp.float32):
   return x, jnp.asarray(y, jnp.int32), jnp.asarray(mask)
 
 
-def dense_scores(x, params, y, tied, temperature, dtype=jnp.float32):
-  """The reference: full f32 logits in one einsum, then log-softmax by logsumexp."""
+def dense_scores(x, params, y, tied, temperature, dtype=jnp.float32, softcap=0.0):
+  """The reference: full f32 logits in one einsum (softcapped as Gemma 2's head), then
+  log-softmax by logsumexp; jax.grad differentiates it."""
   w = params["embedding" if tied else "lm_head"].astype(dtype)
   logits = jnp.einsum("BTD,VD->BTV" if tied else "BTD,DV->BTV", x.astype(dtype), w,
                       preferred_element_type=jnp.float32)
+  if softcap:
+    logits = softcap * jnp.tanh(logits / softcap)
   logits = logits / (temperature if temperature > 0 else 1.0)
   log_z = jax.nn.logsumexp(logits, axis=-1)
   target = jnp.take_along_axis(logits, jnp.clip(y, 0, V - 1)[..., None], axis=-1)[..., 0]
@@ -62,9 +67,9 @@ def chunked_fn(cfg, temperature, chunk):
   return jax.value_and_grad(f, argnums=(0, 1), has_aux=True)
 
 
-def dense_fn(tied, temperature, dtype=jnp.float32):
+def dense_fn(tied, temperature, dtype=jnp.float32, softcap=0.0):
   def f(x, params, y, mask):
-    s = dense_scores(x, params, y, tied, temperature, dtype)
+    s = dense_scores(x, params, y, tied, temperature, dtype, softcap)
     return loss(s, mask), s
   return jax.value_and_grad(f, argnums=(0, 1), has_aux=True)
 
@@ -96,6 +101,23 @@ def test_values_and_gradients_equal_the_dense_reference(tied, b, t, chunk, tempe
   assert_close(got_grads, want_grads, 1e-5)
   # Masked positions carry junk ids (-100, V + 5): finite, and no gradient from them.
   assert all(np.isfinite(np.asarray(a)).all() for a in jax.tree.leaves(got_grads))
+
+
+@pytest.mark.parametrize("tied,temperature", [(True, 1.0), (False, 0.7)])
+def test_final_softcap_values_and_gradients(tied, temperature):
+  """Gemma 2's final softcap (model.final_softcap) is part of the scored logits, as it is of
+  the model's head: c small enough that tanh bends the logits (they reach ~|8| here)."""
+  params = head_params(tied, scale=2.0)
+  x, y, mask = inputs(2, 5)
+  cfg = dataclasses.replace(cfg_of(tied), final_softcap=2.0)
+  (got_loss, got), got_grads = jax.jit(chunked_fn(cfg, temperature, 3))(x, params, y, mask)
+  (want_loss, want), want_grads = jax.jit(dense_fn(tied, temperature, softcap=2.0))(
+      x, params, y, mask)
+  assert_close(got, want, 1e-5)
+  assert_close(got_loss, want_loss, 1e-5)
+  assert_close(got_grads, want_grads, 1e-5)
+  (_, uncapped), _ = jax.jit(dense_fn(tied, temperature))(x, params, y, mask)
+  assert np.abs(np.asarray(uncapped[0]) - np.asarray(want[0])).max() > 1.0  # it matters
 
 
 def test_temperature_zero_scores_the_raw_logits_and_closed_forms():
