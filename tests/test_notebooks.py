@@ -75,8 +75,9 @@ def _check_alignment(n):
   assert set(accuracy) == {"sft", "dpo", "ppo", "grpo"}
   assert all(0 <= a <= 1 for scores in accuracy.values() for a in scores)
   assert all(0 <= a <= 1 for a in n["reward_model_pair_accuracy"])
-  # A two-digit answer guessed at random is right about 1% of the time.
-  assert accuracy["sft"][-1] > 0.1
+  # A two-digit answer guessed at random is right about 1% of the time; SFT at a quarter of
+  # its steps reaches about 18% (128 prompts: one standard error is 3.4%).
+  assert accuracy["sft"][-1] > max(0.05, accuracy["sft"][0])
   assert n["sft_val_loss"][-1] < n["sft_val_loss"][0]
 
 
