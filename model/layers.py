@@ -150,12 +150,20 @@ def cache_attention(q_BTNH, k_BTKH, v_BTKH, layer_kv, start, segment_ids, cfg: M
   layer_kv: the layer's cache arrays, (k, v) or, int8, (k, v, k_scale, v_scale) (the new K/V
   are quantized as they are written: model/kv_cache.py).
   start: a kv_cache.PageTable (layer_kv: this layer's page pools, [K, pages, P, H] each, scales
-  [K, pages, P]); int32[B], the tokens each row of a contiguous cache ([B, S, K, H] each,
+  [K, pages, P]), or a kv_cache.PackedTables (B = 1: groups of rows packed into one); int32[B], the tokens each row of a contiguous cache ([B, S, K, H] each,
   scales [B, S, K]) already holds: the new ones go to slots start[b] + t and attend to the
   cache; or kv_cache.EmptyCache() (prefill): they attend only to each other through
   `self_attention` (flash attention on TPU/GPU, on the unquantized K/V), so no [B, K, G, T, S]
   scores are formed; segment_ids (0 = right padding) keep the padding from being attended to.
   """
+  if isinstance(start, kv_cache.PackedTables):
+    # Packed groups of rows (one [1, N] row here): each group writes and attends through its
+    # own table. Groups own different pages, so the order they run in does not matter.
+    outs = []
+    for table, q, k, v in zip(start.tables, *map(start.split, (q_BTNH, k_BTKH, v_BTKH))):
+      out, layer_kv = cache_attention(q, k, v, layer_kv, table, None, cfg, local)
+      outs.append(out)
+    return start.join(outs), layer_kv
   opts = attention_options(cfg, local)
   new = _store(k_BTKH, v_BTKH, layer_kv)
   if isinstance(start, kv_cache.PageTable):
