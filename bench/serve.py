@@ -67,7 +67,9 @@ def run_engine(cfg, params, requests, config: EngineConfig):
       "wall_s": wall, "generated_tokens": tokens, "tokens_per_s": tokens / wall,
       "latency_s": percentiles([done[i].latency for i in ids]),
       "time_to_first_token_s": percentiles([done[i].first_token_time - t0 for i in ids]),
-      "steps": engine.num_steps, "preemptions": engine.num_preemptions,
+      "steps": engine.num_steps, "steps_per_s": engine.num_steps / wall,
+      "preemptions": engine.num_preemptions,
+      "drafted_tokens": engine.num_drafted, "accepted_tokens": engine.num_accepted,
       "warmup_compile_s": compile_s,
       "peak_pages_used": engine.allocator.peak_used,
       "pages": engine.allocator.capacity, "page_size": config.page_size,
@@ -110,8 +112,17 @@ def main():
   ap.add_argument("--prefill_rows", type=int, default=1)
   ap.add_argument("--kv_cache_dtype", choices=kv_cache.CACHE_DTYPES, default=None,
                   help="both sides' KV cache dtype (default: the compute dtype)")
+  ap.add_argument("--prompt_lookup", type=int, default=0, metavar="N",
+                  help="engine speculation: drafts from the latest earlier match of each "
+                  "request's last N-gram in its context (0: off)")
+  ap.add_argument("--num_draft", type=int, default=4, metavar="K",
+                  help="draft tokens per request and step with --prompt_lookup")
   ap.add_argument("--skip_static", action="store_true")
   args = ap.parse_args()
+  if args.prompt_lookup < 0:
+    ap.error(f"--prompt_lookup must be >= 0 (0: off), got {args.prompt_lookup}")
+  if args.num_draft < 1:
+    ap.error(f"--num_draft must be >= 1, got {args.num_draft}")
 
   if args.checkpoint:
     from infer.loaders import load_checkpoint
@@ -122,7 +133,8 @@ def main():
   requests = workload(args.num_requests, cfg.vocab_size, args.seed, args.shared_prefix)
   config = EngineConfig(num_pages=args.num_pages, page_size=args.page_size,
                         max_batch=args.max_batch, prefill_chunk=args.prefill_chunk,
-                        prefill_rows=args.prefill_rows, cache_dtype=args.kv_cache_dtype)
+                        prefill_rows=args.prefill_rows, cache_dtype=args.kv_cache_dtype,
+                        prompt_lookup=args.prompt_lookup, num_draft=args.num_draft)
   engine, engine_out = run_engine(cfg, params, requests, config)  # compiles first (warmup)
   out = {"device": jax.devices()[0].device_kind, "model": args.checkpoint or args.random_model,
          "kv_cache_dtype": args.kv_cache_dtype,
