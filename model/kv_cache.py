@@ -165,22 +165,34 @@ class PageTable:
   page_indices: jax.Array  # int32[B, pages_per_seq]
 
 
-def write_pages(pages_KNPH: jax.Array, new_BTKH: jax.Array, table: PageTable) -> jax.Array:
+def _page_slots(table: PageTable, t: int, page_size: int):
+  """(physical page, slot in it) int32[B, T] of each row's T new tokens, at lengths[b] + t."""
+  pos = table.lengths[:, None] + jnp.arange(t)[None, :]  # [B,T]
+  logical = pos // page_size
+  in_table = logical < table.page_indices.shape[1]
+  page = jnp.take_along_axis(table.page_indices, jnp.where(in_table, logical, 0), axis=1)
+  page = jnp.where(in_table, page, 0)  # past the table: the null page, never a row's data
+  return page, pos % page_size
+
+
+def write_pages(pages_KNPH: jax.Array, new_BTKH: jax.Array,
+                table: "PageTable | PackedTables") -> jax.Array:
   """Scatters the T new tokens of each row into its pages at positions lengths[b] + t.
-  Also for scales: pages [K, num_pages, P], new [B, T, K].
+  Also for scales: pages [K, num_pages, P], new [B, T, K]. With PackedTables (new [1, N, ...])
+  every group's tokens go in the same one scatter.
 
   Right padding is written like real tokens, past the row's length, as in the contiguous
   cache: into the row's own page if it has one there (so the slots between its length and
   lengths + T, which attention treats as filled, hold finite values), else into the null page.
   """
   p = pages_KNPH.shape[2]
-  pos = table.lengths[:, None] + jnp.arange(new_BTKH.shape[1])[None, :]  # [B,T]
-  logical = pos // p
-  in_table = logical < table.page_indices.shape[1]
-  page = jnp.take_along_axis(table.page_indices, jnp.where(in_table, logical, 0), axis=1)
-  page = jnp.where(in_table, page, 0)  # past the table: the null page, never a row's data
+  if isinstance(table, PackedTables):
+    page, slot = (table.join(x) for x in zip(*(
+        _page_slots(t, n, p) for t, n in zip(table.tables, table.row_tokens))))
+  else:
+    page, slot = _page_slots(table, new_BTKH.shape[1], p)
   new_KBTH = jnp.moveaxis(new_BTKH, 2, 0).astype(pages_KNPH.dtype)
-  return pages_KNPH.at[:, page, pos % p].set(new_KBTH)
+  return pages_KNPH.at[:, page, slot].set(new_KBTH)
 
 
 @flax.struct.dataclass
