@@ -141,8 +141,8 @@ def test_engine_step_compiles_without_chunk_logits(target, cache_dtype, num_draf
   compiled = lowered.compile()
   # The head runs at each row's last token: the chunk's f32 [1, T, V] logits, which the step
   # held before, would alone outweigh all of its temporaries (measured before: TPU 106 MB,
-  # GPU 54 MB; then 81 MB and 28 MB; one forward for both groups: 68 MB and 25 MB, with 4
-  # drafts a decode row 66 MB and 25 MB).
+  # GPU 54 MB; then 81 MB and 28 MB; one forward for both groups: 68 MB and 12 MB, with 4
+  # drafts a decode row 66 MB and 16 MB).
   temp = compiled.memory_analysis().temp_size_in_bytes
   assert temp < chunk * CFG.vocab_size * 4, (target, temp)
 
