@@ -55,8 +55,8 @@ from infer import sampling as sampling_lib
 from infer import step, structured
 from infer.pages import NULL_PAGE, OutOfPages, PageAllocator, chain_hash
 from infer.sampling import Features, SamplingBatch, SamplingParams
-from model import ModelConfig, fused, kv_cache
 from infer.speculative import lookup_drafts
+from model import ModelConfig, fused, kv_cache
 from model.kv_cache import PackedPagedKVCache, PackedTables, PagedKVCache, PageTable
 
 
@@ -376,11 +376,11 @@ class Engine:
             and r.max_new_tokens - len(r.output) > 1] if cfg.prompt_lookup else []
     if not rows:
       return
-    width = max(max(len(r.tokens) for r in rows), cfg.prompt_lookup + 1)
-    tokens = np.zeros((len(rows), width), np.int32)
-    for i, r in enumerate(rows):
-      tokens[i, :len(r.tokens)] = r.tokens
-    lens = np.array([len(r.tokens) for r in rows], np.int32)
+    contexts = [r.tokens for r in rows]
+    lens = np.array([len(c) for c in contexts], np.int32)
+    tokens = np.zeros((len(rows), max(lens.max(), cfg.prompt_lookup + 1)), np.int32)
+    for i, c in enumerate(contexts):
+      tokens[i, :len(c)] = c
     drafts, count = lookup_drafts(tokens, lens, cfg.prompt_lookup, cfg.num_draft, xp=np)
     for r, d, n in zip(rows, drafts.tolist(), count.tolist()):
       # Draft i is worth feeding only if the request may still emit it and one more token.

@@ -150,8 +150,9 @@ def cache_attention(q_BTNH, k_BTKH, v_BTKH, layer_kv, start, segment_ids, cfg: M
   layer_kv: the layer's cache arrays, (k, v) or, int8, (k, v, k_scale, v_scale) (the new K/V
   are quantized as they are written: model/kv_cache.py).
   start: a kv_cache.PageTable (layer_kv: this layer's page pools, [K, pages, P, H] each, scales
-  [K, pages, P]), or a kv_cache.PackedTables (B = 1: groups of rows packed into one); int32[B], the tokens each row of a contiguous cache ([B, S, K, H] each,
-  scales [B, S, K]) already holds: the new ones go to slots start[b] + t and attend to the
+  [K, pages, P]) or a kv_cache.PackedTables (B = 1: groups of rows packed into one row);
+  int32[B], the tokens each row of a contiguous cache ([B, S, K, H] each, scales [B, S, K])
+  already holds: the new ones go to slots start[b] + t and attend to the
   cache; or kv_cache.EmptyCache() (prefill): they attend only to each other through
   `self_attention` (flash attention on TPU/GPU, on the unquantized K/V), so no [B, K, G, T, S]
   scores are formed; segment_ids (0 = right padding) keep the padding from being attended to.
