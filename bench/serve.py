@@ -2,6 +2,7 @@
 
   python bench/serve.py --random_model tiny --num_requests 200
   python bench/serve.py --checkpoint runs/tiny --num_requests 300 --max_batch 32
+  python bench/serve.py --random_model tiny --skip_static --prompt_lookup 3  # speculating
 
 A seeded offline workload (every request arrives at t=0) of mixed prompt and output lengths;
 half the prompts start with a shared 64-token "system prompt" (prefix caching). No EOS: each
