@@ -4,6 +4,7 @@
   python bench/serve.py --checkpoint runs/tiny --num_requests 300 --max_batch 32
   python bench/serve.py --checkpoint runs/tiny --serve --rate 1,2,4,8 --num_requests 64
   python bench/serve.py --url http://127.0.0.1:8000 --rate 2 --num_requests 100
+  python bench/serve.py --random_model tiny --skip_static --prompt_lookup 3  # speculating
 
 A seeded workload of mixed prompt and output lengths; half the prompts start with a shared
 64-token "system prompt" (prefix caching). No EOS: each request generates exactly its
@@ -90,7 +91,9 @@ def run_engine(cfg, params, requests, config: EngineConfig):
       "wall_s": wall, "generated_tokens": tokens, "tokens_per_s": tokens / wall,
       "latency_s": percentiles([done[i].latency for i in ids]),
       "time_to_first_token_s": percentiles([done[i].first_token_time - t0 for i in ids]),
-      "steps": engine.num_steps, "preemptions": engine.num_preemptions,
+      "steps": engine.num_steps, "steps_per_s": engine.num_steps / wall,
+      "preemptions": engine.num_preemptions,
+      "drafted_tokens": engine.num_drafted, "accepted_tokens": engine.num_accepted,
       "warmup_compile_s": compile_s,
       "peak_pages_used": engine.allocator.peak_used,
       "pages": engine.allocator.capacity, "page_size": config.page_size,
@@ -161,6 +164,8 @@ def served(args):
          "--prefill_chunk", str(args.prefill_chunk), "--log_level", "warning"]
   if args.kv_cache_dtype:
     cmd += ["--kv_cache_dtype", args.kv_cache_dtype]
+  if args.prompt_lookup:
+    cmd += ["--prompt_lookup", str(args.prompt_lookup), "--num_draft", str(args.num_draft)]
   proc = subprocess.Popen(cmd, stdout=sys.stderr, stderr=sys.stderr)
   url = f"http://127.0.0.1:{port}"
   try:
@@ -229,6 +234,11 @@ def main():
   ap.add_argument("--prefill_rows", type=int, default=1, help="offline mode's engine only")
   ap.add_argument("--kv_cache_dtype", choices=kv_cache.CACHE_DTYPES, default=None,
                   help="both sides' KV cache dtype (default: the compute dtype)")
+  ap.add_argument("--prompt_lookup", type=int, default=0, metavar="N",
+                  help="engine speculation: drafts from the latest earlier match of each "
+                  "request's last N-gram in its context (0: off)")
+  ap.add_argument("--num_draft", type=int, default=4, metavar="K",
+                  help="draft tokens per request and step with --prompt_lookup")
   ap.add_argument("--skip_static", action="store_true")
   load = ap.add_argument_group("load test")
   load.add_argument("--rate", help="offered rates, requests/s, comma-separated: a load test")
@@ -255,6 +265,10 @@ def main():
     ap.error("one of --checkpoint or --random_model is required")
   if args.plot and not args.plot.endswith(".png"):
     ap.error(f"--plot {args.plot}: expected a .png file name")
+  if args.prompt_lookup < 0:
+    ap.error(f"--prompt_lookup must be >= 0 (0: off), got {args.prompt_lookup}")
+  if args.num_draft < 1:
+    ap.error(f"--num_draft must be >= 1, got {args.num_draft}")
 
   cfg = params = None
   if args.checkpoint:
@@ -284,7 +298,8 @@ def main():
 
   config = EngineConfig(num_pages=args.num_pages, page_size=args.page_size,
                         max_batch=args.max_batch, prefill_chunk=args.prefill_chunk,
-                        prefill_rows=args.prefill_rows, cache_dtype=args.kv_cache_dtype)
+                        prefill_rows=args.prefill_rows, cache_dtype=args.kv_cache_dtype,
+                        prompt_lookup=args.prompt_lookup, num_draft=args.num_draft)
   engine, engine_out = run_engine(cfg, params, requests, config)  # compiles first (warmup)
   out = head | {"engine": engine}
   if not args.skip_static:

@@ -7,11 +7,25 @@ Each `step()`:
      the first write into it (copy-on-write); when the pool runs out, the newest running
      request is preempted: its pages are freed and it waits to be recomputed (prompt plus what
      it already generated), never dropped;
-  3. runs one jitted device step: pending copies, a chunk of each prefilling prompt (long
-     prompts are split into chunks, interleaved with decoding), one token for every decoding
-     request, and sampling with each request's own settings and seed;
+  3. runs one jitted device step: pending copies, then one forward over a chunk of each
+     prefilling prompt (long prompts are split into chunks, interleaved with decoding) and
+     the next token of every decoding request, so the step reads the weights once
+     (kv_cache.PackedTables), and sampling with each request's own settings and seed;
   4. appends the sampled tokens (and their log-probabilities); finished requests free their
      pages at once, so waiting requests take their slots on the next step.
+
+Speculation by prompt lookup (`EngineConfig.prompt_lookup`, Saxena 2023): a decoding request
+also feeds up to `num_draft` tokens copied from its own context after the latest earlier
+match of its last n-gram (infer/speculative.lookup_drafts). Every fed position is sampled
+with the key plain decoding would use there (the row's seed and its output length so far + i),
+and draft i is accepted while the token sampled before it equals it; the accepted drafts and
+the first sampled token that differs (or the one after the last draft) are emitted. For a
+one-hot draft "sample from p, accept if equal" is Leviathan et al.'s rule (accept x with
+probability p(x), else sample from p without x), and because each position draws with the
+same key as plain decoding, the output is token for token what the engine gives without
+speculation, greedy or sampled. Rows with a repetition penalty or a structured constraint
+do not speculate. When every row of a step is greedy the step draws no random numbers
+(Features.greedy_only).
 
 `cancel(rid)` stops a request wherever it is and frees its pages; it also forgets finished
 requests, which a long-running server must do (the engine keeps each one until then).
@@ -41,8 +55,9 @@ from infer import sampling as sampling_lib
 from infer import step, structured
 from infer.pages import NULL_PAGE, OutOfPages, PageAllocator, chain_hash
 from infer.sampling import Features, SamplingBatch, SamplingParams
+from infer.speculative import lookup_drafts
 from model import ModelConfig, fused, kv_cache
-from model.kv_cache import PagedKVCache
+from model.kv_cache import PackedPagedKVCache, PackedTables, PagedKVCache, PageTable
 
 
 MIN_TABLE_WIDTH = 4  # pages
@@ -58,6 +73,8 @@ class EngineConfig:
   max_seq_len: int = 0  # 0: the model's max_seq_len
   prefix_caching: bool = True
   cache_dtype: str | None = None  # "bfloat16", "float32", "int8"; None: the compute dtype
+  prompt_lookup: int = 0  # speculation: the longest n-gram looked up in a request's context; 0 off
+  num_draft: int = 4  # speculation: draft tokens per decoding request and step
 
 
 @dataclasses.dataclass
@@ -76,6 +93,7 @@ class Request:
   computed: int = 0  # tokens whose K/V are in its pages
   slot: int | None = None
   copies: list[tuple[int, int]] = dataclasses.field(default_factory=list)  # (src, dst) pending
+  drafts: list[int] = dataclasses.field(default_factory=list)  # fed after the last token (step)
   finished: bool = False
   preemptions: int = 0
   cached_tokens: int = 0  # prompt tokens served from the prefix cache (last admission)
@@ -95,7 +113,10 @@ class Request:
 
 @flax.struct.dataclass
 class _Group:
-  """One forward's rows: `n_real` tokens of each row from position `start` (0: inactive)."""
+  """Rows of one length in the step's forward: `n_real` tokens of each row from position
+  `start` (0: inactive). Each row samples at its last real token, or (sample_all) at every
+  position t, with the key counter counter + t (speculation: the row's drafts follow its last
+  token)."""
   tokens: jax.Array  # int32[R, T]
   n_real: jax.Array  # int32[R]
   start: jax.Array  # int32[R]
@@ -105,27 +126,53 @@ class _Group:
   sampling: SamplingBatch
   seen: jax.Array  # bool[R, V] or bool[R, 1]
   allowed: jax.Array | None = None  # int32[R, ceil(V/32)] token bitmask; None: no constraints
+  sample_all: bool = flax.struct.field(pytree_node=False, default=False)
+
+  def sampled(self, offset: int):
+    """The step's sampled tokens from this group (its tokens at `offset` among the packed
+    ones): (packed index int32[M], key counter int32[M], and per sampled row its seed,
+    settings, seen mask and bitmask)."""
+    r, t = self.tokens.shape
+    per_row = (self.seeds, self.sampling, self.seen, self.allowed)
+    if not self.sample_all:
+      return (offset + jnp.arange(r) * t + jnp.maximum(self.n_real - 1, 0), self.counter,
+              *per_row)
+    each = lambda x: jnp.repeat(x, t, axis=0)  # row b's settings for each of its t positions
+    counter = self.counter[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+    return (offset + jnp.arange(r * t), counter.reshape(-1), *jax.tree.map(each, per_row))
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "features"), donate_argnames=("pools",))
 def _device_step(params, pools, copy_src, copy_dst, groups: tuple[_Group, ...], *,
                  cfg: ModelConfig, features: Features):
   """pools: (k_pages, v_pages, k_scale, v_scale), each a tuple of one array per layer (the
-  scales None unless the cache is int8: model/kv_cache.PagedKVCache)."""
+  scales None unless the cache is int8: model/kv_cache.PagedKVCache). Returns the pools and,
+  per group, its sampled tokens and their log-probabilities ([R], or [R, T] if sample_all)."""
   # Copy-on-write first: no row writes a shared page, so sources are still intact.
   pools = jax.tree.map(lambda pool: pool.at[:, copy_dst].set(pool[:, copy_src]), pools)
-  out = []
-  for g in groups:  # rows of different groups own different pages: order does not matter
-    k_pages, v_pages, k_scale, v_scale = pools
-    cache = PagedKVCache(k_pages=k_pages, v_pages=v_pages, page_indices=g.table,
-                         lengths=g.start, k_scale=k_scale, v_scale=v_scale)
-    # Only each row's last real token is sampled: the head runs there alone ([R, V]).
-    last, cache = step.forward(cfg, params, g.tokens, cache, n_real_B=g.n_real,
-                               logits_at=jnp.maximum(g.n_real - 1, 0))
-    pools = (cache.k_pages, cache.v_pages, cache.k_scale, cache.v_scale)
-    keys = sampling_lib.token_keys(sampling_lib.row_keys(g.seeds), g.counter)
-    tok = sampling_lib.sample_rows(keys, last, g.sampling, features, g.seen, g.allowed)
-    out.append((tok, step.token_logprobs(last, tok, g.sampling.temperature)))
+  k_pages, v_pages, k_scale, v_scale = pools
+  tables = PackedTables(tuple(PageTable(lengths=g.start, page_indices=g.table) for g in groups),
+                        tuple(g.tokens.shape[1] for g in groups))
+  cache = PackedPagedKVCache(k_pages=k_pages, v_pages=v_pages, tables=tables,
+                             k_scale=k_scale, v_scale=v_scale)
+  offsets = np.cumsum([0] + [g.tokens.size for g in groups[:-1]]).tolist()
+  at, counter, seeds, sampling, seen, allowed = jax.tree.map(
+      lambda *x: jnp.concatenate(x), *(g.sampled(o) for g, o in zip(groups, offsets)))
+  # One forward for every group; the head runs at the sampled tokens alone ([M, V]).
+  logits, cache = step.forward_packed(cfg, params, tuple(g.tokens for g in groups),
+                                      tuple(g.n_real for g in groups), cache, at)
+  pools = (cache.k_pages, cache.v_pages, cache.k_scale, cache.v_scale)
+  keys = (None if features.greedy_only  # argmax only: no key is made, no noise drawn
+          else sampling_lib.token_keys(sampling_lib.row_keys(seeds), counter))
+  tok = sampling_lib.sample_rows(keys, logits, sampling, features, seen, allowed)
+  lp = step.token_logprobs(logits, tok, sampling.temperature)
+  out, m = [], 0
+  for g in groups:
+    r, t = g.tokens.shape
+    n = r * t if g.sample_all else r
+    shape = (r, t) if g.sample_all else (r,)
+    out.append((tok[m:m + n].reshape(shape), lp[m:m + n].reshape(shape)))
+    m += n
   return pools, tuple(out)
 
 
@@ -152,6 +199,12 @@ class Engine:
   def __init__(self, cfg: ModelConfig, params, config: EngineConfig = EngineConfig(), *,
                eos_ids: Sequence[int] = ()):
     dtype = kv_cache.storage_dtype(cfg, config.cache_dtype, "EngineConfig.cache_dtype")
+    if config.prompt_lookup < 0:
+      raise ValueError(f"EngineConfig.prompt_lookup must be >= 0 (0: no speculation), got "
+                       f"{config.prompt_lookup}")
+    if config.prompt_lookup and config.num_draft < 1:
+      raise ValueError(f"EngineConfig.num_draft must be >= 1 with prompt_lookup, got "
+                       f"{config.num_draft}")
     # The inference layout (model/fused.py), its layers one by one with one page pool per
     # layer: each step updates the pools in place. [in, out] matrices: a step carries many rows.
     self.cfg = dataclasses.replace(cfg, scan_layers=False, remat="none")
@@ -170,10 +223,12 @@ class Engine:
     self.running: list[Request] = []
     self.requests: dict[int, Request] = {}
     self.free_slots = list(range(config.max_batch))
-    self.features = Features()
+    self.features = Features()  # the filters any request so far uses (greedy_only: per step)
     self.constrained = False  # once a request has a constraint, every step takes a bitmask
     self.num_steps = 0
     self.num_preemptions = 0
+    self.num_drafted = 0  # prompt-lookup draft tokens fed
+    self.num_accepted = 0  # ... and accepted
     self.page_slots_used = 0  # sum over steps of (pages in use) x page_size
     self.page_slots_filled = 0  # sum over steps of the tokens those pages hold
     self._next_id = 0
@@ -311,14 +366,35 @@ class Engine:
     while len(r.pages) < -(-(r.computed + n) // p):
       r.pages.append(self.allocator.allocate())
 
+  def _propose(self, decode: list[Request]):
+    """Sets each decoding request's prompt-lookup drafts (none without speculation, with a
+    repetition penalty or a constraint, or when one more token ends the request)."""
+    for r in self.running:
+      r.drafts = []
+    cfg = self.config
+    rows = [r for r in decode if r.sampling.repetition_penalty == 1 and r.matcher is None
+            and r.max_new_tokens - len(r.output) > 1] if cfg.prompt_lookup else []
+    if not rows:
+      return
+    contexts = [r.tokens for r in rows]
+    lens = np.array([len(c) for c in contexts], np.int32)
+    tokens = np.zeros((len(rows), max(lens.max(), cfg.prompt_lookup + 1)), np.int32)
+    for i, c in enumerate(contexts):
+      tokens[i, :len(c)] = c
+    drafts, count = lookup_drafts(tokens, lens, cfg.prompt_lookup, cfg.num_draft, xp=np)
+    for r, d, n in zip(rows, drafts.tolist(), count.tolist()):
+      # Draft i is worth feeding only if the request may still emit it and one more token.
+      r.drafts = d[:min(n, r.max_new_tokens - len(r.output) - 1)]
+
   def _schedule(self) -> tuple[list[Request], list[Request]]:
     decode = [r for r in self.running if r.to_feed == 1]
     prefill = sorted((r for r in self.running if r.to_feed > 1),
                      key=lambda r: (r.arrival, r.id))[:self.config.prefill_rows]
+    self._propose(decode)
     for r in sorted(decode + prefill, key=lambda r: (r.arrival, r.id)):
       if r not in self.running:
         continue  # preempted for an older request in this loop
-      n = min(r.to_feed, self.config.prefill_chunk)
+      n = min(r.to_feed, self.config.prefill_chunk) + len(r.drafts)
       while True:
         try:
           self._reserve(r, n)
@@ -347,8 +423,9 @@ class Engine:
     need = max((len(r.pages) for r in rows), default=1)
     return next(w for w in self.table_widths() if w >= need)
 
-  def _group(self, rows: list[Request | None], t: int, width: int) -> _Group:
-    """Host arrays for a forward over `rows` (None: an inactive row)."""
+  def _group(self, rows: list[Request | None], t: int, width: int,
+             sample_all: bool = False) -> _Group:
+    """Host arrays for `rows` (None: an inactive row) of the step's forward."""
     n_rows, v = len(rows), self.cfg.vocab_size
     tokens = np.zeros((n_rows, t), np.int32)
     n_real = np.zeros((n_rows,), np.int32)
@@ -362,8 +439,9 @@ class Engine:
       settings.append(SamplingParams() if r is None else r.sampling)
       if r is None:
         continue
-      n = min(r.to_feed, t)
-      tokens[i, :n] = r.tokens[r.computed:r.computed + n]
+      fed = r.tokens[r.computed:r.computed + t] + r.drafts
+      n = min(len(fed), t)
+      tokens[i, :n] = fed[:n]
       n_real[i], start[i] = n, r.computed
       table[i, :len(r.pages)] = r.pages
       seeds[i], counter[i] = r.seed, len(r.output)
@@ -377,7 +455,7 @@ class Engine:
       allowed = structured.bitmask([None if r is None else r.matcher for r in rows], v)
     return _Group(tokens=tokens, n_real=n_real, start=start, table=table, seeds=seeds,
                   counter=counter, sampling=SamplingBatch.of(settings), seen=seen,
-                  allowed=allowed)
+                  allowed=allowed, sample_all=sample_all)
 
   def step(self) -> list[tuple[int, list[int]]]:
     """One scheduling round and device step; returns (request id, new tokens) pairs."""
@@ -396,40 +474,67 @@ class Engine:
       rows = [None] * cfg.max_batch
       for r in decode:
         rows[r.slot] = r
-      groups.append(self._group(rows, 1, width))
+      t = 1 + cfg.num_draft if any(r.drafts for r in decode) else 1
+      groups.append(self._group(rows, t, width, sample_all=t > 1))
       members.append(rows)
     copies = [c for r in self.running for c in r.copies]
     src, dst = self._copy_arrays()
     if copies:
       src[:len(copies)], dst[:len(copies)] = zip(*copies)
-    fed = {r.id: min(r.to_feed, cfg.prefill_chunk) for r in decode + prefill}
+    greedy = all(r.sampling.greedy for r in decode + prefill)
     self.pools, sampled = _device_step(self.params, self.pools, src, dst, tuple(groups),
-                                       cfg=self.cfg, features=self.features)
+                                       cfg=self.cfg, features=self._features(greedy))
     sampled = jax.device_get(sampled)  # the one host sync per step
     now = time.perf_counter()
     self.num_steps += 1
     events = []
     for rows, (toks, lps) in zip(members, sampled):
-      for r, tok, lp in zip(rows, toks.tolist(), lps.tolist()):
+      toks, lps = toks.reshape(len(rows), -1).tolist(), lps.reshape(len(rows), -1).tolist()
+      for r, tok, lp in zip(rows, toks, lps):
         if r is None:
           continue
         r.copies = []
-        r.computed += fed[r.id]
+        r.computed += min(r.to_feed, cfg.prefill_chunk)
+        if r.computed < len(r.prompt) + len(r.output):  # a prompt chunk: nothing is sampled
+          self._register_full_pages(r)
+          continue
+        # Draft i is accepted while the token sampled before it equals it: the tokens sampled
+        # up to the first that differs from its draft (or after the last draft) are new.
+        n = 0
+        while n < len(r.drafts) and tok[n] == r.drafts[n]:
+          n += 1
+        self.num_drafted += len(r.drafts)
+        self.num_accepted += n
+        new, done = self._append(r, tok[:n + 1], lp[:n + 1], now)
+        r.computed += len(new) - 1  # the K/V of the accepted drafts it keeps are written
         self._register_full_pages(r)
-        if r.computed == len(r.prompt) + len(r.output):  # fed to the end: tok is new
-          r.output.append(tok)
-          r.logprobs.append(lp)
-          if r.matcher is not None:
-            r.matcher.consume(tok)
-          if r.seen is not None:
-            r.seen[tok] = True
-          if r.first_token_time is None:
-            r.first_token_time = now
-          events.append((r.id, [tok]))
-          if tok in r.eos_ids or len(r.output) >= r.max_new_tokens:
-            self._finish(r, now)
+        events.append((r.id, new))
+        if done:
+          self._finish(r, now)
     self._count_page_use()
     return events
+
+  def _append(self, r: Request, toks: list[int], lps: list[float], now: float
+              ) -> tuple[list[int], bool]:
+    """Appends sampled tokens to r's output, up to the first EOS and at most max_new_tokens in
+    all. Returns the tokens taken and whether r is done."""
+    if r.first_token_time is None:
+      r.first_token_time = now
+    for i, (tok, lp) in enumerate(zip(toks, lps)):
+      r.output.append(tok)
+      r.logprobs.append(lp)
+      if r.matcher is not None:
+        r.matcher.consume(tok)
+      if r.seen is not None:
+        r.seen[tok] = True
+      if tok in r.eos_ids or len(r.output) >= r.max_new_tokens:
+        return toks[:i + 1], True
+    return toks, False
+
+  def _features(self, greedy: bool) -> Features:
+    """The step's static sampling features: the filters any request so far has used (so they
+    compile once), and greedy_only when every row of the step is greedy."""
+    return dataclasses.replace(self.features, greedy_only=greedy)
 
   def _count_page_use(self):
     """Adds this step's page slots in use and tokens held in them (a shared page counted
@@ -452,21 +557,25 @@ class Engine:
     return np.zeros((width,), np.int32), np.zeros((width,), np.int32)
 
   def warmup(self, widths: Sequence[int] | None = None) -> float:
-    """Compiles the step for every table width (and each mix of prefill and decode rows)
-    on idle rows, so serving never stops to compile. Returns the seconds it took."""
+    """Compiles the step for every table width, each mix of prefill and decode rows (decode
+    rows with and without drafts when speculating) and greedy or sampled batches, on idle
+    rows, so serving never stops to compile. Returns the seconds it took."""
     t0 = time.perf_counter()
     cfg, src, dst = self.config, *self._copy_arrays()
+    decode_tokens = [1] + ([1 + cfg.num_draft] if cfg.prompt_lookup else [])
     shapes = []
     for width in self.table_widths() if widths is None else widths:
       prefill = self._group([None] * cfg.prefill_rows, cfg.prefill_chunk, width)
-      decode = self._group([None] * cfg.max_batch, 1, width)
-      shapes += [(prefill,), (decode,), (prefill, decode)]
+      decodes = [self._group([None] * cfg.max_batch, t, width, sample_all=t > 1)
+                 for t in decode_tokens]
+      for groups in [(prefill,)] + [(d,) for d in decodes] + [(prefill, d) for d in decodes]:
+        shapes += [(groups, greedy) for greedy in (True, False)]
     # The first step met the pools as created; every later one meets them as a step's output,
     # which carries the weights' sharding (a loaded checkpoint's mesh): to jit another
     # argument, so the first shape compiles again for it.
-    for groups in shapes + shapes[:1]:
+    for groups, greedy in shapes + shapes[:1]:
       self.pools, out = _device_step(self.params, self.pools, src, dst, groups, cfg=self.cfg,
-                                     features=self.features)
+                                     features=self._features(greedy))
     jax.block_until_ready(out)
     return time.perf_counter() - t0
 

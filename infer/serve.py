@@ -61,10 +61,21 @@ def parse_args(argv=None):
   ap.add_argument("--max_seq_len", type=int, default=0, help="0: the model's")
   ap.add_argument("--kv_cache_dtype", choices=kv_cache.CACHE_DTYPES, default=None,
                   help="KV pages' dtype (default: the compute dtype); int8: a scale per token")
+  ap.add_argument("--prompt_lookup", type=int, default=0, metavar="N",
+                  help="speculate: each decoding request drafts tokens that followed the latest "
+                  "earlier match of its last N-gram (at most N) in its own context; exact, the "
+                  "same tokens as without. 0: off")
+  ap.add_argument("--num_draft", type=int, default=4, metavar="K",
+                  help="draft tokens per request and step with --prompt_lookup")
   ap.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
                   help="compile every step shape before listening")
   ap.add_argument("--log_level", default="info")
-  return ap.parse_args(argv)
+  args = ap.parse_args(argv)
+  if args.prompt_lookup < 0:
+    ap.error(f"--prompt_lookup must be >= 0 (0: off), got {args.prompt_lookup}")
+  if args.num_draft < 1:
+    ap.error(f"--num_draft must be >= 1, got {args.num_draft}")
+  return args
 
 
 def create_app(model, engine_loop: EngineLoop, name: str) -> fastapi.FastAPI:
@@ -289,7 +300,8 @@ def main(argv=None) -> int:
   engine = Engine(model.cfg, model.params, EngineConfig(
       num_pages=args.num_pages, page_size=args.page_size, max_batch=args.max_batch,
       prefill_chunk=args.prefill_chunk, max_seq_len=args.max_seq_len,
-      cache_dtype=args.kv_cache_dtype), eos_ids=model.eos_ids)
+      cache_dtype=args.kv_cache_dtype, prompt_lookup=args.prompt_lookup,
+      num_draft=args.num_draft), eos_ids=model.eos_ids)
   if args.warmup:
     print(f"compiled the engine's steps in {engine.warmup():.1f}s", file=sys.stderr,
           flush=True)

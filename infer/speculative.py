@@ -140,31 +140,32 @@ def speculative_accept(keys_B, p_logits_BKV, draft_BK, q_logits_BKV=None, num_dr
   return n, jnp.where(greedy_B, greedy_x, x).astype(jnp.int32)
 
 
-def lookup_drafts(tokens_BS, context_lens_B, ngram: int, k: int):
+def lookup_drafts(tokens_BS, context_lens_B, ngram: int, k: int, xp=jnp):
   """Prompt-lookup drafts: for the longest n <= ngram whose last n context tokens occur
   earlier, the k tokens after the latest such occurrence that has k tokens after it (else the
   latest one: in a loop of period < k the latest match has too few). Returns (drafts
-  int32[B, k], count int32[B]); count is 0 where nothing matches."""
+  int32[B, k], count int32[B]); count is 0 where nothing matches. xp: jnp (inside the jitted
+  decode loop) or np (on the host: the engine, infer/engine.py)."""
   b, s = tokens_BS.shape
-  best_start = jnp.full((b,), -1, jnp.int32)
+  best_start = xp.full((b,), -1, xp.int32)
   for n in range(ngram, 0, -1):
-    tail = jnp.take_along_axis(tokens_BS, jnp.clip(context_lens_B[:, None] - n + jnp.arange(n),
-                                                   0, s - 1), axis=1)  # [B,n]
-    windows = jnp.stack([tokens_BS[:, i:s - n + 1 + i] for i in range(n)], axis=-1)
-    start = jnp.arange(s - n + 1)[None, :]
+    tail = xp.take_along_axis(tokens_BS, xp.clip(context_lens_B[:, None] - n + xp.arange(n),
+                                                 0, s - 1), axis=1)  # [B,n]
+    windows = xp.stack([tokens_BS[:, i:s - n + 1 + i] for i in range(n)], axis=-1)
+    start = xp.arange(s - n + 1)[None, :]
     # A match must end before the context does (so at least one token follows it).
-    match = jnp.all(windows == tail[:, None, :], axis=-1)
+    match = xp.all(windows == tail[:, None, :], axis=-1)
     match &= (start + n < context_lens_B[:, None]) & (context_lens_B[:, None] >= n + 1)
     full = start + n + k <= context_lens_B[:, None]
-    score = jnp.where(match, start + jnp.where(full, s, 0), -1)  # full ones first, then latest
-    best = jnp.max(score, axis=1)
-    latest = jnp.where(best >= s, best - s, best)
+    score = xp.where(match, start + xp.where(full, s, 0), -1)  # full ones first, then latest
+    best = xp.max(score, axis=1)
+    latest = xp.where(best >= s, best - s, best)
     found = (best_start < 0) & (latest >= 0)
-    best_start = jnp.where(found, latest + n, best_start)  # where the continuation begins
-  idx = jnp.clip(best_start[:, None] + jnp.arange(k)[None, :], 0, s - 1)
-  drafts = jnp.take_along_axis(tokens_BS, idx, axis=1)
-  count = jnp.where(best_start >= 0, jnp.minimum(k, context_lens_B - best_start), 0)
-  return drafts, count.astype(jnp.int32)
+    best_start = xp.where(found, latest + n, best_start)  # where the continuation begins
+  idx = xp.clip(best_start[:, None] + xp.arange(k)[None, :], 0, s - 1)
+  drafts = xp.take_along_axis(tokens_BS, idx, axis=1)
+  count = xp.where(best_start >= 0, xp.minimum(k, context_lens_B - best_start), 0)
+  return drafts, count.astype(xp.int32)
 
 
 def _with_drafts_seen(seen_BV, drafts_BK):

@@ -3,7 +3,8 @@ decoding (infer/speculative.py) and the continuous-batching engine (infer/engine
 
 `forward` feeds each row's next tokens onto a cache (contiguous or paged) at the positions
 after what the row holds, and returns the logits where they are sampled: the model's one
-forward (model/transformer.py) on the prepared inference layout (model/fused.py). Around it,
+forward (model/transformer.py) on the prepared inference layout (model/fused.py);
+`forward_packed` does the same for groups of rows of different lengths in one forward. Around it,
 the state of a generation loop (`DecodeState`), prefill into an empty cache, appending sampled
 tokens (`commit`) and streaming them to the host (`emit`).
 """
@@ -20,7 +21,7 @@ import numpy as np
 from infer import sampling as sampling_lib
 from infer.sampling import Features, SamplingBatch
 from model import KVCache, ModelConfig
-from model.kv_cache import PagedKVCache
+from model.kv_cache import PackedPagedKVCache, PagedKVCache
 from model.transformer import forward as model_forward
 
 
@@ -72,6 +73,22 @@ def forward(cfg: ModelConfig, params, tokens_BT, cache: KVCache | PagedKVCache, 
   logits, cache, _ = model_forward(cfg, params, tokens_BT, positions, segment_ids=real,
                                    cache=cache, empty_cache=empty_cache, logits_at=logits_at)
   return logits, cache
+
+
+def forward_packed(cfg: ModelConfig, params, tokens_RT, n_real_R, cache: PackedPagedKVCache,
+                   logits_at_M):
+  """(logits f32[M, V], cache): groups of rows of different lengths through one forward, which
+  reads the weights once for all of them (kv_cache.PackedTables). Group g: tokens_RT[g]
+  int32[R_g, T_g], right-padded to n_real_R[g] int32[R_g] real tokens, fed at the positions
+  after its table's lengths. logits_at_M: int32[M], the packed tokens scored (index into
+  the groups' tokens laid out one after another, row-major)."""
+  tables = cache.tables
+  real = [(jnp.arange(t.shape[1])[None, :] < n[:, None]).astype(jnp.int32)
+          for t, n in zip(tokens_RT, n_real_R)]
+  logits, cache, _ = model_forward(cfg, params, tables.join(tokens_RT), tables.positions(),
+                                   segment_ids=tables.join(real), cache=cache,
+                                   logits_at=logits_at_M[None])
+  return logits[0], cache
 
 
 def prefill(cfg: ModelConfig, params, prompts_BT, prompt_lens_B, cache):

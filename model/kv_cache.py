@@ -15,6 +15,8 @@ p.v dot (exact algebra; `pallas_kernels.attention.cached_attention`, `paged_atte
 dtypes keep the cache as it was, with no scale leaves (None).
 """
 
+from typing import Sequence
+
 import flax
 import jax
 import jax.numpy as jnp
@@ -163,19 +165,73 @@ class PageTable:
   page_indices: jax.Array  # int32[B, pages_per_seq]
 
 
-def write_pages(pages_KNPH: jax.Array, new_BTKH: jax.Array, table: PageTable) -> jax.Array:
+def _page_slots(table: PageTable, t: int, page_size: int):
+  """(physical page, slot in it) int32[B, T] of each row's T new tokens, at lengths[b] + t."""
+  pos = table.lengths[:, None] + jnp.arange(t)[None, :]  # [B,T]
+  logical = pos // page_size
+  in_table = logical < table.page_indices.shape[1]
+  page = jnp.take_along_axis(table.page_indices, jnp.where(in_table, logical, 0), axis=1)
+  page = jnp.where(in_table, page, 0)  # past the table: the null page, never a row's data
+  return page, pos % page_size
+
+
+def write_pages(pages_KNPH: jax.Array, new_BTKH: jax.Array,
+                table: "PageTable | PackedTables") -> jax.Array:
   """Scatters the T new tokens of each row into its pages at positions lengths[b] + t.
-  Also for scales: pages [K, num_pages, P], new [B, T, K].
+  Also for scales: pages [K, num_pages, P], new [B, T, K]. With PackedTables (new [1, N, ...])
+  every group's tokens go in the same one scatter.
 
   Right padding is written like real tokens, past the row's length, as in the contiguous
   cache: into the row's own page if it has one there (so the slots between its length and
   lengths + T, which attention treats as filled, hold finite values), else into the null page.
   """
   p = pages_KNPH.shape[2]
-  pos = table.lengths[:, None] + jnp.arange(new_BTKH.shape[1])[None, :]  # [B,T]
-  logical = pos // p
-  in_table = logical < table.page_indices.shape[1]
-  page = jnp.take_along_axis(table.page_indices, jnp.where(in_table, logical, 0), axis=1)
-  page = jnp.where(in_table, page, 0)  # past the table: the null page, never a row's data
+  if isinstance(table, PackedTables):
+    page, slot = (table.join(x) for x in zip(*(
+        _page_slots(t, n, p) for t, n in zip(table.tables, table.row_tokens))))
+  else:
+    page, slot = _page_slots(table, new_BTKH.shape[1], p)
   new_KBTH = jnp.moveaxis(new_BTKH, 2, 0).astype(pages_KNPH.dtype)
-  return pages_KNPH.at[:, page, pos % p].set(new_KBTH)
+  return pages_KNPH.at[:, page, slot].set(new_KBTH)
+
+
+@flax.struct.dataclass
+class PackedTables:
+  """Groups of rows with different query lengths in one forward: the forward's tokens are a
+  single row [1, N] holding group g's R_g rows of T_g tokens each (row-major), one group after
+  another, N = sum R_g * T_g. The dense layers take the N tokens at once, so one step of a
+  serving engine reads the weights once for prefill chunks and decode rows alike; attention
+  splits them back into each group's [R_g, T_g] rows and reads the pages of group g's table
+  (lengths: tokens each row held before the forward)."""
+  tables: tuple[PageTable, ...]
+  row_tokens: tuple[int, ...] = flax.struct.field(pytree_node=False)  # T_g per group
+
+  def split(self, x_1N) -> list[jax.Array]:
+    """[1, N, ...] -> each group's [R_g, T_g, ...]."""
+    out, at = [], 0
+    for table, t in zip(self.tables, self.row_tokens):
+      r = table.lengths.shape[0]
+      out.append(x_1N[0, at:at + r * t].reshape(r, t, *x_1N.shape[2:]))
+      at += r * t
+    return out
+
+  def join(self, xs: Sequence[jax.Array]) -> jax.Array:
+    """Each group's [R_g, T_g, ...] -> [1, N, ...]."""
+    return jnp.concatenate([x.reshape(-1, *x.shape[2:]) for x in xs])[None]
+
+  def positions(self) -> jax.Array:
+    """int32[1, N]: each token's position, its row's length + its index in the row."""
+    return self.join([table.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+                      for table, t in zip(self.tables, self.row_tokens)])
+
+
+@flax.struct.dataclass
+class PackedPagedKVCache:
+  """A page pool (as PagedKVCache's) written and read by packed groups of rows
+  (`PackedTables`). The forward returns it with its pools updated and its tables as they were:
+  whoever packed the rows keeps their lengths."""
+  k_pages: jax.Array
+  v_pages: jax.Array
+  tables: PackedTables
+  k_scale: jax.Array | None = None
+  v_scale: jax.Array | None = None

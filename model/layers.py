@@ -150,22 +150,29 @@ def cache_attention(q_BTNH, k_BTKH, v_BTKH, layer_kv, start, segment_ids, cfg: M
   layer_kv: the layer's cache arrays, (k, v) or, int8, (k, v, k_scale, v_scale) (the new K/V
   are quantized as they are written: model/kv_cache.py).
   start: a kv_cache.PageTable (layer_kv: this layer's page pools, [K, pages, P, H] each, scales
-  [K, pages, P]); int32[B], the tokens each row of a contiguous cache ([B, S, K, H] each,
-  scales [B, S, K]) already holds: the new ones go to slots start[b] + t and attend to the
+  [K, pages, P]) or a kv_cache.PackedTables (B = 1: groups of rows packed into one row);
+  int32[B], the tokens each row of a contiguous cache ([B, S, K, H] each, scales [B, S, K])
+  already holds: the new ones go to slots start[b] + t and attend to the
   cache; or kv_cache.EmptyCache() (prefill): they attend only to each other through
   `self_attention` (flash attention on TPU/GPU, on the unquantized K/V), so no [B, K, G, T, S]
   scores are formed; segment_ids (0 = right padding) keep the padding from being attended to.
   """
   opts = attention_options(cfg, local)
   new = _store(k_BTKH, v_BTKH, layer_kv)
-  if isinstance(start, kv_cache.PageTable):
+  if isinstance(start, (kv_cache.PageTable, kv_cache.PackedTables)):
     # Imported here: the paged kernel is optional for everything but the paged path.
     from pallas_kernels.paged_attention import paged_attention
+    # Every row writes before any row reads: one scatter into each pool (XLA copies a whole
+    # pool to scatter into it after a read of it, as packed groups one by one would).
     layer_kv = tuple(kv_cache.write_pages(c, n, start) for c, n in zip(layer_kv, new))
-    out = paged_attention(q_BTNH, layer_kv[0], layer_kv[1], start.lengths + q_BTNH.shape[1],
-                          start.page_indices, impl=cfg.attention_impl, **_scales(layer_kv),
-                          **opts)
-    return out, layer_kv
+    attend = lambda q, table: paged_attention(
+        q, layer_kv[0], layer_kv[1], table.lengths + q.shape[1], table.page_indices,
+        impl=cfg.attention_impl, **_scales(layer_kv), **opts)
+    if isinstance(start, kv_cache.PageTable):
+      return attend(q_BTNH, start), layer_kv
+    # Packed groups of rows (one [1, N] row here), each through its own table.
+    return start.join([attend(q, table) for q, table in zip(start.split(q_BTNH), start.tables)]
+                      ), layer_kv
   if isinstance(start, kv_cache.EmptyCache):
     t = q_BTNH.shape[1]
     layer_kv = tuple(c.at[:, :t].set(n.astype(c.dtype)) for c, n in zip(layer_kv, new))

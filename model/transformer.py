@@ -20,7 +20,11 @@ Two options serve inference at scale:
   logits_at         int32[B]: the final norm and head run only at position logits_at[b] of
                     each row (the one sampled from), giving [B, V] (values [B], hidden
                     [B, D]) instead of [B, T, V], which at T = 2048 and V = 49152 is 400 MB
-                    of f32 per row.
+                    of f32 per row; int32[B, M]: at M positions per row, giving [B, M, V].
+
+A kv_cache.PackedPagedKVCache runs groups of rows of different lengths (a serving engine's
+prefill chunks and decode rows) as one row of tokens [1, N] through one forward
+(kv_cache.PackedTables); positions are then each token's own (`PackedTables.positions`).
 
 Layers: a stacked tree (params["layers"], every leaf [L, ...]) runs as a `lax.scan`, one step
 per period of the local/global pattern (cfg.layer_period layers, unrolled inside the step, so
@@ -39,7 +43,7 @@ import jax.numpy as jnp
 from model import moe
 from model.config import ModelConfig
 from model.fused import Packed
-from model.kv_cache import EmptyCache, KVCache, PagedKVCache, PageTable
+from model.kv_cache import EmptyCache, KVCache, PackedPagedKVCache, PagedKVCache, PageTable
 from model.layers import block, rms_norm, rope_tables
 from model.sharding import constrain
 
@@ -256,11 +260,13 @@ def forward(cfg: ModelConfig, params, tokens, positions, segment_ids=None,
   # Tokens attend to each other by segment (with a cache: only when it starts empty).
   attn_segments = segment_ids if cache is None or empty_cache else None
   token_mask = None if segment_ids is None else segment_ids != 0
-  paged = isinstance(cache, PagedKVCache)
+  packed = isinstance(cache, PackedPagedKVCache)
+  paged = packed or isinstance(cache, PagedKVCache)
   # Per kind, every layer's cache arrays: k, v and (int8 only) their scales.
   scales = () if cache is None or cache.k_scale is None else (cache.k_scale, cache.v_scale)
-  if paged:  # the layers find their pages through the (broadcast) page table
-    start = PageTable(lengths=cache.lengths, page_indices=cache.page_indices)
+  if paged:  # the layers find their pages through the (broadcast) page table(s)
+    start = (cache.tables if packed
+             else PageTable(lengths=cache.lengths, page_indices=cache.page_indices))
     layers_kv = (cache.k_pages, cache.v_pages, *scales)
   else:
     start = None if cache is None else EmptyCache() if empty_cache else cache.lengths
@@ -268,11 +274,12 @@ def forward(cfg: ModelConfig, params, tokens, positions, segment_ids=None,
 
   x, new_kv, aux = _run_layers(cfg, params, x, rope_tables(positions, cfg), attn_segments,
                                start, layers_kv, token_mask)
-  if logits_at is not None:  # [B, 1, D]: norm and head only where they are read
-    x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)
+  if logits_at is not None:  # [B, M, D]: norm and head only where they are read
+    at_BM = logits_at[:, None] if logits_at.ndim == 1 else logits_at
+    x = jnp.take_along_axis(x, at_BM[:, :, None], axis=1)
   x = rms_norm(x, params["final_norm"]["scale"], cfg)
   out = x if return_hidden else _head(cfg, params, x)
-  if logits_at is not None:
+  if logits_at is not None and logits_at.ndim == 1:
     out = out[:, 0]
 
   if cache is None:
@@ -280,6 +287,8 @@ def forward(cfg: ModelConfig, params, tokens, positions, segment_ids=None,
   t = tokens.shape[1]
   added = t if segment_ids is None else jnp.sum(segment_ids != 0, axis=1).astype(jnp.int32)
   new_scales = dict(k_scale=new_kv[2], v_scale=new_kv[3]) if scales else {}
+  if packed:
+    return out, cache.replace(k_pages=new_kv[0], v_pages=new_kv[1], **new_scales), aux
   if paged:
     return out, cache.replace(k_pages=new_kv[0], v_pages=new_kv[1],
                               lengths=cache.lengths + added, **new_scales), aux

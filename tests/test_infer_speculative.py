@@ -123,16 +123,18 @@ def test_greedy_rule_accepts_the_argmax_prefix():
   assert int(accepted[0]) == 3 and int(nxt[0]) == 0  # all accepted: the bonus argmax
 
 
-def test_lookup_drafts_copy_the_latest_match():
-  tokens = jnp.array([[1, 2, 3, 9, 1, 2, 3, 7, 8, 1, 2, 3, 0, 0, 0, 0],
-                      [5, 6, 7, 8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
-                      [4, 4, 4, 4, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]])
-  drafts, count = speculative.lookup_drafts(tokens, jnp.array([12, 4, 5]), ngram=3, k=3)
+@pytest.mark.parametrize("xp", [jnp, np], ids=["jnp", "numpy"])  # the decode loop, the engine
+def test_lookup_drafts_copy_the_latest_match(xp):
+  tokens = xp.array([[1, 2, 3, 9, 1, 2, 3, 7, 8, 1, 2, 3, 0, 0, 0, 0],
+                     [5, 6, 7, 8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+                     [4, 4, 4, 4, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]])
+  drafts, count = speculative.lookup_drafts(tokens, xp.array([12, 4, 5]), ngram=3, k=3, xp=xp)
   assert drafts[0].tolist() == [7, 8, 1] and int(count[0]) == 3  # the later "1 2 3" wins
   assert int(count[1]) == 0  # no earlier occurrence of any suffix
   assert int(count[2]) == 1 and int(drafts[2, 0]) == 4  # "4 4 4" at 1 is followed by one 4
   # In a loop shorter than k, the latest match with k tokens after it wins.
-  drafts, count = speculative.lookup_drafts(jnp.full((1, 16), 4), jnp.array([10]), ngram=3, k=3)
+  drafts, count = speculative.lookup_drafts(xp.full((1, 16), 4), xp.array([10]), ngram=3, k=3,
+                                            xp=xp)
   assert int(count[0]) == 3 and drafts[0].tolist() == [4, 4, 4]
 
 

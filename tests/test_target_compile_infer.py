@@ -107,21 +107,24 @@ PAGE_SIZE, NUM_PAGES, PAGES_PER_SEQ, MAX_BATCH = 16, 1024, 160, 16
 PREFILL_CHUNK = 512
 
 
-def _group(rows, t, device):
+def _group(rows, t, device, sample_all=False):
   """An engine._Group of `rows` rows of `t` tokens."""
   g = engine._Group(tokens=np.zeros((rows, t), np.int32), n_real=np.full((rows,), t, np.int32),
                     start=np.zeros((rows,), np.int32),
                     table=np.zeros((rows, PAGES_PER_SEQ), np.int32),
                     seeds=np.zeros((rows,), np.uint32), counter=np.zeros((rows,), np.int32),
                     sampling=SamplingBatch.of([SamplingParams()] * rows),
-                    seen=np.zeros((rows, 1), bool))
+                    seen=np.zeros((rows, 1), bool), sample_all=sample_all)
   return _on(g, device)
 
 
-@pytest.mark.parametrize("target,cache_dtype", [(t, None) for t in TARGETS] + [
-    (t, "int8") for t in TARGETS])
-def test_engine_step_compiles_without_chunk_logits(target, cache_dtype, target_devices):
-  """Also over an int8 cache (model/kv_cache.py): the paged kernel reads its codes and scales."""
+@pytest.mark.parametrize("target,cache_dtype,num_draft", [(t, None, 0) for t in TARGETS] + [
+    (t, "int8", 0) for t in TARGETS] + [(t, None, 4) for t in TARGETS])
+def test_engine_step_compiles_without_chunk_logits(target, cache_dtype, num_draft,
+                                                   target_devices):
+  """One forward for the prefill chunk and the decode rows (each with num_draft prompt-lookup
+  drafts, all sampled), also over an int8 cache (model/kv_cache.py): the paged kernel reads
+  its codes and scales."""
   device = target_devices(target)[0]
   cfg = CFG
   params = jax.eval_shape(lambda p: fused.prepare(CFG, p, layout="in_out"),
@@ -131,14 +134,15 @@ def test_engine_step_compiles_without_chunk_logits(target, cache_dtype, target_d
   pools = (pools.k_pages, pools.v_pages, pools.k_scale, pools.v_scale)
   copies = np.zeros((MAX_BATCH + 1,), np.int32)
   chunk = PREFILL_CHUNK
-  groups = (_group(1, chunk, device), _group(MAX_BATCH, 1, device))
+  groups = (_group(1, chunk, device), _group(MAX_BATCH, 1 + num_draft, device, num_draft > 0))
   lowered = engine._device_step.lower(*_on((params, pools, copies, copies), device), groups,
                                       cfg=cfg, features=FEATURES)
   assert KERNEL_CALL[target] in lowered.as_text(), target
   compiled = lowered.compile()
   # The head runs at each row's last token: the chunk's f32 [1, T, V] logits, which the step
   # held before, would alone outweigh all of its temporaries (measured before: TPU 106 MB,
-  # GPU 54 MB; now 81 MB and 38 MB).
+  # GPU 54 MB; then 81 MB and 28 MB; one forward for both groups: 68 MB and 12 MB, with 4
+  # drafts a decode row 66 MB and 16 MB).
   temp = compiled.memory_analysis().temp_size_in_bytes
   assert temp < chunk * CFG.vocab_size * 4, (target, temp)
 
