@@ -75,6 +75,9 @@ class EngineConfig:
   cache_dtype: str | None = None  # "bfloat16", "float32", "int8"; None: the compute dtype
   prompt_lookup: int = 0  # speculation: the longest n-gram looked up in a request's context; 0 off
   num_draft: int = 4  # speculation: draft tokens per decoding request and step
+  # The most alternatives (the top-N log-probabilities at each emitted token) a request may
+  # ask for; 0: the step computes none.
+  top_logprobs: int = 0
 
 
 @dataclasses.dataclass
@@ -88,6 +91,10 @@ class Request:
   arrival: float
   output: list[int] = dataclasses.field(default_factory=list)
   logprobs: list[float] = dataclasses.field(default_factory=list)  # one per output token
+  top_logprobs: int = 0  # alternatives asked for per output token
+  # Per output token: the top_logprobs most likely (token, log-probability) pairs, most likely
+  # first, under the same law as `logprobs` (empty when none were asked for).
+  top: list[list[tuple[int, float]]] = dataclasses.field(default_factory=list)
   pages: list[int] = dataclasses.field(default_factory=list)  # logical -> physical page
   keys: list[bytes] = dataclasses.field(default_factory=list)  # prefix keys of its full pages
   computed: int = 0  # tokens whose K/V are in its pages
@@ -142,12 +149,15 @@ class _Group:
     return (offset + jnp.arange(r * t), counter.reshape(-1), *jax.tree.map(each, per_row))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "features"), donate_argnames=("pools",))
+@functools.partial(jax.jit, static_argnames=("cfg", "features", "top_n"),
+                   donate_argnames=("pools",))
 def _device_step(params, pools, copy_src, copy_dst, groups: tuple[_Group, ...], *,
-                 cfg: ModelConfig, features: Features):
+                 cfg: ModelConfig, features: Features, top_n: int = 0):
   """pools: (k_pages, v_pages, k_scale, v_scale), each a tuple of one array per layer (the
   scales None unless the cache is int8: model/kv_cache.PagedKVCache). Returns the pools and,
-  per group, its sampled tokens and their log-probabilities ([R], or [R, T] if sample_all)."""
+  per group, its sampled tokens and their log-probabilities ([R], or [R, T] if sample_all),
+  and the top_n most likely tokens and their log-probabilities ([R, top_n] or
+  [R, T, top_n])."""
   # Copy-on-write first: no row writes a shared page, so sources are still intact.
   pools = jax.tree.map(lambda pool: pool.at[:, copy_dst].set(pool[:, copy_src]), pools)
   k_pages, v_pages, k_scale, v_scale = pools
@@ -166,12 +176,15 @@ def _device_step(params, pools, copy_src, copy_dst, groups: tuple[_Group, ...], 
           else sampling_lib.token_keys(sampling_lib.row_keys(seeds), counter))
   tok = sampling_lib.sample_rows(keys, logits, sampling, features, seen, allowed)
   lp = step.token_logprobs(logits, tok, sampling.temperature)
+  top_lp, top_id = jax.lax.top_k(step.logprobs_at_temperature(logits, sampling.temperature),
+                                 top_n)  # [M, top_n], most likely first
   out, m = [], 0
   for g in groups:
     r, t = g.tokens.shape
     n = r * t if g.sample_all else r
     shape = (r, t) if g.sample_all else (r,)
-    out.append((tok[m:m + n].reshape(shape), lp[m:m + n].reshape(shape)))
+    out.append((tok[m:m + n].reshape(shape), lp[m:m + n].reshape(shape),
+                top_id[m:m + n].reshape(*shape, top_n), top_lp[m:m + n].reshape(*shape, top_n)))
     m += n
   return pools, tuple(out)
 
@@ -182,6 +195,9 @@ class Completion:
   # log_softmax(logits / T)[token] per token (T = 1 when greedy), before any filter, as
   # infer/decode.py's return_logprobs
   logprobs: list[float]
+  # Per token, the request's top_logprobs most likely (token, log-probability) pairs under
+  # the same law, most likely first ([] when none were asked for).
+  top_logprobs: list[list[tuple[int, float]]]
   arrival: float
   first_token_time: float
   finish_time: float
@@ -238,12 +254,18 @@ class Engine:
   def add_request(self, prompt: Sequence[int], *, max_new_tokens: int,
                   sampling: SamplingParams = SamplingParams(), seed: int = 0,
                   eos_ids: Sequence[int] | None = None, arrival: float | None = None,
-                  constraint: structured.Constraint | None = None) -> int:
+                  constraint: structured.Constraint | None = None,
+                  top_logprobs: int = 0) -> int:
     """`constraint`: structured output (infer/structured.py), e.g. from
-    `GrammarCompiler.response_format`; None: free."""
+    `GrammarCompiler.response_format`; None: free. `top_logprobs`: the most likely tokens
+    and their log-probabilities to keep at each output token (at most the engine's
+    EngineConfig.top_logprobs)."""
     prompt = [int(t) for t in prompt]
     if not prompt:
       raise ValueError("a request needs at least one prompt token")
+    if not 0 <= top_logprobs <= self.config.top_logprobs:
+      raise ValueError(f"top_logprobs={top_logprobs}: this engine keeps at most "
+                       f"{self.config.top_logprobs} (EngineConfig.top_logprobs)")
     if max_new_tokens < 1:
       raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     total = len(prompt) + max_new_tokens
@@ -264,7 +286,8 @@ class Engine:
     r = Request(id=rid, prompt=prompt, max_new_tokens=max_new_tokens, sampling=sampling,
                 seed=seed, eos_ids=eos_ids,
                 arrival=time.perf_counter() if arrival is None else arrival,
-                matcher=None if constraint is None else constraint.matcher())
+                matcher=None if constraint is None else constraint.matcher(),
+                top_logprobs=top_logprobs)
     self.constrained = self.constrained or constraint is not None
     self.features = self.features | Features.of([sampling])
     self.requests[rid] = r
@@ -276,7 +299,8 @@ class Engine:
 
   def completion(self, rid: int) -> Completion:
     r = self.requests[rid]
-    return Completion(tokens=list(r.output), logprobs=list(r.logprobs), arrival=r.arrival,
+    return Completion(tokens=list(r.output), logprobs=list(r.logprobs),
+                      top_logprobs=[list(t) for t in r.top], arrival=r.arrival,
                       first_token_time=r.first_token_time, finish_time=r.finish_time,
                       preemptions=r.preemptions, cached_tokens=r.cached_tokens)
 
@@ -483,14 +507,17 @@ class Engine:
       src[:len(copies)], dst[:len(copies)] = zip(*copies)
     greedy = all(r.sampling.greedy for r in decode + prefill)
     self.pools, sampled = _device_step(self.params, self.pools, src, dst, tuple(groups),
-                                       cfg=self.cfg, features=self._features(greedy))
+                                       cfg=self.cfg, features=self._features(greedy),
+                                       top_n=cfg.top_logprobs)
     sampled = jax.device_get(sampled)  # the one host sync per step
     now = time.perf_counter()
     self.num_steps += 1
     events = []
-    for rows, (toks, lps) in zip(members, sampled):
+    for rows, (toks, lps, top_ids, top_lps) in zip(members, sampled):
+      per_row = toks.size // len(rows)  # 1, or each position of a drafted decode row
+      tops = np.stack([top_ids, top_lps], -1).reshape(len(rows), per_row, cfg.top_logprobs, 2)
       toks, lps = toks.reshape(len(rows), -1).tolist(), lps.reshape(len(rows), -1).tolist()
-      for r, tok, lp in zip(rows, toks, lps):
+      for r, tok, lp, top in zip(rows, toks, lps, tops):
         if r is None:
           continue
         r.copies = []
@@ -505,7 +532,7 @@ class Engine:
           n += 1
         self.num_drafted += len(r.drafts)
         self.num_accepted += n
-        new, done = self._append(r, tok[:n + 1], lp[:n + 1], now)
+        new, done = self._append(r, tok[:n + 1], lp[:n + 1], top[:n + 1], now)
         r.computed += len(new) - 1  # the K/V of the accepted drafts it keeps are written
         self._register_full_pages(r)
         events.append((r.id, new))
@@ -514,15 +541,18 @@ class Engine:
     self._count_page_use()
     return events
 
-  def _append(self, r: Request, toks: list[int], lps: list[float], now: float
-              ) -> tuple[list[int], bool]:
-    """Appends sampled tokens to r's output, up to the first EOS and at most max_new_tokens in
-    all. Returns the tokens taken and whether r is done."""
+  def _append(self, r: Request, toks: list[int], lps: list[float], tops: np.ndarray,
+              now: float) -> tuple[list[int], bool]:
+    """Appends sampled tokens (and their log-probabilities, and tops[i]: the top
+    (token, log-probability) pairs at each) to r's output, up to the first EOS and at most
+    max_new_tokens in all. Returns the tokens taken and whether r is done."""
     if r.first_token_time is None:
       r.first_token_time = now
     for i, (tok, lp) in enumerate(zip(toks, lps)):
       r.output.append(tok)
       r.logprobs.append(lp)
+      if r.top_logprobs:
+        r.top.append([(int(t), float(v)) for t, v in tops[i, :r.top_logprobs]])
       if r.matcher is not None:
         r.matcher.consume(tok)
       if r.seen is not None:
@@ -575,7 +605,7 @@ class Engine:
     # argument, so the first shape compiles again for it.
     for groups, greedy in shapes + shapes[:1]:
       self.pools, out = _device_step(self.params, self.pools, src, dst, groups, cfg=self.cfg,
-                                     features=self._features(greedy))
+                                     features=self._features(greedy), top_n=cfg.top_logprobs)
     jax.block_until_ready(out)
     return time.perf_counter() - t0
 

@@ -38,6 +38,8 @@ class Event:
   index: int
   tokens: tuple[int, ...] = ()
   logprobs: tuple[float, ...] = ()
+  # Per token, its request's top (token, log-probability) pairs (empty tuples if none asked).
+  top_logprobs: tuple[tuple[tuple[int, float], ...], ...] = ()
   finished: bool = False
   error: str | None = None
   status: int = 500
@@ -55,6 +57,7 @@ class Job:
   queue: asyncio.Queue
   loop: asyncio.AbstractEventLoop
   constraint: Constraint | None = None  # structured output (infer/structured.py)
+  top_logprobs: int = 0  # alternatives per output token (the engine's top_logprobs at most)
   submitted: float = dataclasses.field(default_factory=time.perf_counter)
   # Engine thread only from here.
   rid: int | None = None
@@ -165,7 +168,8 @@ class EngineLoop:
     try:
       job.rid = self.engine.add_request(job.prompt, max_new_tokens=job.max_new_tokens,
                                         sampling=job.sampling, seed=job.seed,
-                                        eos_ids=job.eos_ids, constraint=job.constraint)
+                                        eos_ids=job.eos_ids, constraint=job.constraint,
+                                        top_logprobs=job.top_logprobs)
     except Exception as e:  # noqa: BLE001  this request alone fails (ValueError: its fault)
       self._admitted(job)
       self.failed += 1
@@ -206,7 +210,8 @@ class EngineLoop:
       else:
         self.itl.observe(now - job.last_token)
       job.last_token = now
-      event = Event(job.index, tuple(toks), tuple(r.logprobs[-len(toks):]), r.finished)
+      tops = tuple(tuple(t) for t in r.top[-len(toks):]) if r.top_logprobs else ()
+      event = Event(job.index, tuple(toks), tuple(r.logprobs[-len(toks):]), tops, r.finished)
       if r.finished:
         self._drop(job)
       self._post(job, event)

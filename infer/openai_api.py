@@ -30,13 +30,6 @@ class APIError(Exception):
                       "code": None}}
 
 
-def _sampled_token_only(v):
-  if v:
-    raise ValueError("only 0 is supported: the answer carries each sampled token's "
-                     "log-probability, not the top alternatives")
-  return v
-
-
 class _Strict(BaseModel):
   model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -86,12 +79,12 @@ class _Common(_Strict):
 class CompletionRequest(_Common):
   # A string, a list of strings (a batch), token ids, or a list of those.
   prompt: str | list[str] | list[int] | list[list[int]]
-  logprobs: int | None = None
+  # The sampled token's log-probability and the `logprobs` most likely alternatives (<= 5, as
+  # OpenAI's; the server keeps at most --max_top_logprobs).
+  logprobs: int | None = Field(None, ge=0, le=5)
 
-  @pydantic.field_validator("logprobs")
-  @classmethod
-  def _sampled_only(cls, v):
-    return _sampled_token_only(v)
+  def top_logprobs_wanted(self) -> int:
+    return self.logprobs or 0
 
   def prompts(self) -> list[str | list[int]]:
     p = self.prompt
@@ -118,12 +111,16 @@ class ChatRequest(_Common):
   messages: list[Message] = Field(min_length=1)
   max_completion_tokens: int | None = Field(None, ge=1)
   logprobs: bool = False
-  top_logprobs: int | None = None
+  top_logprobs: int | None = Field(None, ge=0, le=20)  # with logprobs, as OpenAI's
 
-  @pydantic.field_validator("top_logprobs")
-  @classmethod
-  def _sampled_only(cls, v):
-    return _sampled_token_only(v)
+  @pydantic.model_validator(mode="after")
+  def _top_needs_logprobs(self):
+    if self.top_logprobs and not self.logprobs:
+      raise ValueError("top_logprobs: needs logprobs: true")
+    return self
+
+  def top_logprobs_wanted(self) -> int:
+    return self.top_logprobs or 0
 
   def budget(self) -> int | None:
     return self.max_completion_tokens or self.max_tokens
@@ -171,16 +168,23 @@ class Format:
     return {"id": self.id, "object": self.kind + suffix, "created": self.created,
             "model": self.model}
 
-  def _logprobs(self, tokens: list[int], logprobs: list[float], offset: int = 0):
+  def _logprobs(self, tokens: list[int], logprobs: list[float], tops=(), offset: int = 0):
+    """tops: per token, its top (token id, log-probability) pairs (none: no alternatives)."""
     if not self.want_logprobs:
       return None
-    texts = [self.tokenizer.decode([t], skip_special_tokens=False) for t in tokens]
+    text = lambda t: self.tokenizer.decode([t], skip_special_tokens=False)
+    texts = [text(t) for t in tokens]
+    tops = list(tops) or [()] * len(tokens)
     if self.kind == "chat.completion":
-      return {"content": [{"token": s, "logprob": lp, "bytes": list(s.encode()),
-                           "top_logprobs": []} for s, lp in zip(texts, logprobs)]}
+      entry = lambda s, lp: {"token": s, "logprob": lp, "bytes": list(s.encode())}
+      return {"content": [entry(s, lp) | {"top_logprobs": [entry(text(t), v) for t, v in top]}
+                          for s, lp, top in zip(texts, logprobs, tops)]}
     offsets = [offset + sum(len(s) for s in texts[:i]) for i in range(len(texts))]
+    # As OpenAI's: a {token text: log-probability} object per position (tokens that decode to
+    # the same text keep the likelier).
+    alternatives = [{text(t): v for t, v in reversed(top)} if top else None for top in tops]
     return {"tokens": texts, "token_logprobs": list(logprobs),
-            "top_logprobs": [None] * len(texts), "text_offset": offsets}
+            "top_logprobs": alternatives, "text_offset": offsets}
 
   def _choice(self, index: int, text: str, logprobs, finish: str | None,
               first: bool = False, final: bool = False) -> dict:
@@ -194,7 +198,8 @@ class Format:
 
   def chunk(self, index: int, delta: Delta, finish: str | None, first: bool,
             offset: int) -> dict:
-    lp = self._logprobs(delta.tokens, delta.logprobs, offset) if delta.tokens else None
+    lp = (self._logprobs(delta.tokens, delta.logprobs, delta.top_logprobs, offset)
+          if delta.tokens else None)
     return self._head(".chunk" if self.kind == "chat.completion" else "") | {
         "choices": [self._choice(index, delta.text, lp, finish, first=first)]}
 
@@ -204,5 +209,6 @@ class Format:
 
   def response(self, choices: list[StreamText], u: dict) -> dict:
     return self._head() | {"choices": [
-        self._choice(i, c.text, self._logprobs(c.ids, c.logprobs), c.finish_reason, final=True)
+        self._choice(i, c.text, self._logprobs(c.ids, c.logprobs, c.top_logprobs),
+                     c.finish_reason, final=True)
         for i, c in enumerate(choices)], "usage": u}

@@ -67,6 +67,9 @@ def parse_args(argv=None):
                   "same tokens as without. 0: off")
   ap.add_argument("--num_draft", type=int, default=4, metavar="K",
                   help="draft tokens per request and step with --prompt_lookup")
+  ap.add_argument("--max_top_logprobs", type=int, default=5, metavar="N",
+                  help="the most alternatives (logprobs / top_logprobs) a request may ask for "
+                  "at each token; 0: none (the step skips the top-N)")
   ap.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
                   help="compile every step shape before listening")
   ap.add_argument("--log_level", default="info")
@@ -75,6 +78,8 @@ def parse_args(argv=None):
     ap.error(f"--prompt_lookup must be >= 0 (0: off), got {args.prompt_lookup}")
   if args.num_draft < 1:
     ap.error(f"--num_draft must be >= 1, got {args.num_draft}")
+  if args.max_top_logprobs < 0:
+    ap.error(f"--max_top_logprobs must be >= 0, got {args.max_top_logprobs}")
   return args
 
 
@@ -157,7 +162,14 @@ def create_app(model, engine_loop: EngineLoop, name: str) -> fastapi.FastAPI:
   async def answer(request, req, prompts: list[list[int]], budget: int | None, fmt: Format,
                    field: str):
     eos_ids = () if req.ignore_eos else tuple(model.eos_ids)
+    top = req.top_logprobs_wanted()
+    if top > engine.config.top_logprobs:
+      param = "logprobs" if fmt.kind == "text_completion" else "top_logprobs"
+      raise APIError(400, f"{param}: {top} alternatives asked for; this server keeps at most "
+                     f"{engine.config.top_logprobs} (--max_top_logprobs)", param)
     jobs = _jobs(req, prompts, budget, eos_ids, field, model.cfg.vocab_size, room)
+    for job in jobs:
+      job.top_logprobs = top
     if req.response_format is not None:
       constraint = compile_format(req.response_format)
       for job in jobs:
@@ -234,7 +246,7 @@ async def _deltas(engine_loop: EngineLoop, jobs: list[Job], texts: list[StreamTe
       text = texts[event.index]
       if text.finish_reason is not None:
         continue  # a stop string ended it: tokens already under way are dropped
-      delta = text.add(event.tokens, event.logprobs, event.finished)
+      delta = text.add(event.tokens, event.logprobs, event.finished, event.top_logprobs)
       if text.finish_reason is not None:
         remaining -= 1
         if not event.finished:
@@ -301,7 +313,7 @@ def main(argv=None) -> int:
       num_pages=args.num_pages, page_size=args.page_size, max_batch=args.max_batch,
       prefill_chunk=args.prefill_chunk, max_seq_len=args.max_seq_len,
       cache_dtype=args.kv_cache_dtype, prompt_lookup=args.prompt_lookup,
-      num_draft=args.num_draft), eos_ids=model.eos_ids)
+      num_draft=args.num_draft, top_logprobs=args.max_top_logprobs), eos_ids=model.eos_ids)
   if args.warmup:
     print(f"compiled the engine's steps in {engine.warmup():.1f}s", file=sys.stderr,
           flush=True)

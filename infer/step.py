@@ -104,10 +104,15 @@ def prefill(cfg: ModelConfig, params, prompts_BT, prompt_lens_B, cache):
                  logits_at=prompt_lens_B - 1, empty_cache=True)
 
 
+def logprobs_at_temperature(logits_BV, temperature_B):
+  """f32[B, V]: log_softmax(logits / T) per row, T = 1 where T = 0 (greedy), no filters."""
+  temp = jnp.where(temperature_B > 0, temperature_B, 1.0)
+  return jax.nn.log_softmax(logits_BV.astype(jnp.float32) / temp[:, None], axis=-1)
+
+
 def token_logprobs(logits_BV, tokens_B, temperature_B):
   """f32[B]: log_softmax(logits / T)[token] per row, T = 1 where T = 0 (greedy), no filters."""
-  temp = jnp.where(temperature_B > 0, temperature_B, 1.0)
-  logp = jax.nn.log_softmax(logits_BV.astype(jnp.float32) / temp[:, None], axis=-1)
+  logp = logprobs_at_temperature(logits_BV, temperature_B)
   return jnp.take_along_axis(logp, tokens_B[:, None], axis=-1)[:, 0]
 
 

@@ -16,6 +16,7 @@ class Delta:
   text: str
   tokens: list[int]  # the tokens this delta consumed (its text may lag behind them)
   logprobs: list[float]
+  top_logprobs: list = dataclasses.field(default_factory=list)  # per token: (id, logprob) pairs
 
 
 class StreamText:
@@ -23,6 +24,7 @@ class StreamText:
     self.tokenizer, self.stop, self.eos_ids = tokenizer, tuple(s for s in stop if s), eos_ids
     self.ids: list[int] = []
     self.logprobs: list[float] = []
+    self.top_logprobs: list = []  # per token, when asked for
     self.text = ""
     self.sent = 0  # characters of text already emitted
     self.prefix = self.read = 0  # the decode window: ids[prefix:read] is already text
@@ -43,13 +45,16 @@ class StreamText:
     before = self.tokenizer.decode(self.ids[self.prefix:self.read], skip_special_tokens=True)
     return rest[len(before):]
 
-  def add(self, tokens, logprobs, engine_finished: bool) -> Delta:
+  def add(self, tokens, logprobs, engine_finished: bool, top_logprobs=()) -> Delta:
     """Takes new tokens (until a stop string ends the text) and returns what to emit;
-    `engine_finished`: the engine generated its last token (EOS or max_tokens)."""
+    `engine_finished`: the engine generated its last token (EOS or max_tokens);
+    `top_logprobs`: per token, its top (id, log-probability) pairs, if asked for."""
     taken = 0
     for tok, lp in zip(tokens, logprobs):
       self.ids.append(tok)
       self.logprobs.append(lp)
+      if top_logprobs:
+        self.top_logprobs.append(top_logprobs[taken])
       taken += 1
       self.text += self._decode_next()
       cut = min((i for i in (self.text.find(s) for s in self.stop) if i >= 0), default=-1)
@@ -64,6 +69,6 @@ class StreamText:
       end -= max((k for s in self.stop for k in range(1, len(s))
                   if self.text.endswith(s[:k])), default=0)
     delta = Delta(self.text[self.sent:max(end, self.sent)], list(tokens[:taken]),
-                  list(logprobs[:taken]))
+                  list(logprobs[:taken]), list(top_logprobs[:taken]))
     self.sent = max(end, self.sent)
     return delta

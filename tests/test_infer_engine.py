@@ -230,6 +230,41 @@ def test_logprobs_match_the_decode_loop(params, workload):
     np.testing.assert_allclose(done[i].logprobs, lps, atol=1e-5)
 
 
+@pytest.mark.parametrize("prompt_lookup", [0, 2])
+def test_top_logprobs_match_a_plain_forward(params, workload, prompt_lookup):
+  """Each output token's top-N alternatives: log_softmax(logits / T) of a plain forward over
+  prompt + output, in numpy (speculating too: accepted drafts carry their own)."""
+  requests, _ = workload
+  settings = [GREEDY, SamplingParams(temperature=0.7), SamplingParams(temperature=1.3)]
+  engine = Engine(CFG, params, dataclasses.replace(SMALL, top_logprobs=4,
+                                                   prompt_lookup=prompt_lookup))
+  asked = [3, 0, 4]
+  ids = [engine.add_request(p, max_new_tokens=m, sampling=s, seed=i, top_logprobs=n)
+         for i, ((p, m), s, n) in enumerate(zip(requests[:3], settings, asked))]
+  done = engine.run()
+  for rid, (prompt, _), sp, n in zip(ids, requests, settings, asked):
+    c = done[rid]
+    if not n:
+      assert c.top_logprobs == []
+      continue
+    assert [len(top) for top in c.top_logprobs] == [n] * len(c.tokens)
+    full = np.asarray(prompt + c.tokens)
+    logits, _ = Transformer(CFG).apply({"params": params}, jnp.asarray(full[None]),
+                                       jnp.arange(len(full))[None])
+    z = np.asarray(logits[0], np.float64) / (sp.temperature or 1.0)
+    logp = z - np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1, keepdims=True)) - z.max(
+        -1, keepdims=True)
+    for i, top in enumerate(c.top_logprobs):
+      row = logp[len(prompt) - 1 + i]
+      want = np.argsort(-row, kind="stable")[:n]
+      assert [t for t, _ in top] == want.tolist()
+      np.testing.assert_allclose([v for _, v in top], row[want], atol=1e-4)
+    if sp.temperature == 0:  # greedy: the token is the most likely, its logprob the top one
+      assert [top[0][0] for top in c.top_logprobs] == c.tokens
+  with pytest.raises(ValueError, match="top_logprobs=5: this engine keeps at most 4"):
+    engine.add_request([1, 2], max_new_tokens=2, top_logprobs=5)
+
+
 def test_cancel_frees_the_pages_of_waiting_running_and_finished_requests(params, workload):
   requests, want = workload
   engine = Engine(CFG, params, dataclasses.replace(SMALL, max_batch=2))

@@ -228,6 +228,48 @@ def test_a_client_that_leaves_mid_stream_frees_its_pages(server):
   assert server.client.completions.create(model="tiny", prompt="hi", max_tokens=2).usage
 
 
+def test_top_logprobs_match_a_plain_forward(run, server):
+  """logprobs=N (completions) and top_logprobs=N (chat) carry each token's N likeliest
+  alternatives: a plain forward over prompt + answer, log-softmax in numpy."""
+  from infer import workdir as run_dir
+  params, tok = run_dir.load_params(run[0]), run[2]  # the module's layout (run[1] is fused)
+  prompt = encode(run, "the cat sat")
+  ids, lps = reference(run, prompt, 6)
+  full = np.asarray(prompt + ids)
+  logits, _ = Transformer(CFG).apply({"params": params}, jnp.asarray(full[None]),
+                                     jnp.arange(len(full))[None])
+  z = np.asarray(logits[0], np.float64)
+  logp = z - z.max(-1, keepdims=True)
+  logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+  rows = [logp[len(prompt) - 1 + i] for i in range(len(ids))]
+  text = lambda t: tok.decode([int(t)], skip_special_tokens=False)
+
+  r = server.client.completions.create(model="tiny", prompt="the cat sat", max_tokens=6,
+                                       temperature=0, logprobs=3)
+  got = r.choices[0].logprobs
+  np.testing.assert_allclose(got.token_logprobs, lps, atol=1e-4)
+  for top, row in zip(got.top_logprobs, rows):
+    want = {}
+    for j in np.argsort(-row, kind="stable")[:3]:  # the likelier first, as the server keeps
+      want.setdefault(text(j), row[j])
+    assert top.keys() == want.keys()
+    np.testing.assert_allclose([top[k] for k in want], list(want.values()), atol=1e-4)
+
+  messages = [{"role": "user", "content": "hello"}]
+  prompt = tok.encode("user: hello\nassistant:").ids  # TEMPLATE by hand
+  ids, _ = reference(run, prompt, 4)
+  chunks = list(server.client.chat.completions.create(
+      model="tiny", messages=messages, max_tokens=4, temperature=0, logprobs=True,
+      top_logprobs=2, stream=True))
+  entries = [e for ch in chunks if ch.choices and ch.choices[0].logprobs
+             for e in ch.choices[0].logprobs.content]
+  assert [e.token for e in entries] == [text(t) for t in ids]
+  for e in entries:  # greedy: the sampled token is the likeliest alternative
+    assert len(e.top_logprobs) == 2 and e.top_logprobs[0].token == e.token
+    assert e.top_logprobs[0].logprob == pytest.approx(e.logprob, abs=1e-6)
+    assert e.top_logprobs[1].logprob <= e.logprob
+
+
 @pytest.mark.parametrize("path,body,param", [
     ("completions", "{not json", None),
     ("completions", {"model": "gpt-4", "prompt": "hi"}, "model"),
@@ -237,7 +279,9 @@ def test_a_client_that_leaves_mid_stream_frees_its_pages(server):
     ("completions", {"model": "tiny", "prompt": [1, 500]}, "prompt"),
     ("completions", {"model": "tiny", "prompt": "hi", "temperature": "hot"}, "temperature"),
     ("completions", {"model": "tiny", "prompt": "hi", "echo": True}, "echo"),
-    ("completions", {"model": "tiny", "prompt": "hi", "logprobs": 3}, "logprobs"),
+    ("completions", {"model": "tiny", "prompt": "hi", "logprobs": 6}, "logprobs"),
+    ("chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}],
+                          "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ("chat/completions", {"model": "tiny", "messages": [{"role": "bot", "content": "x"}]},
      "messages.0.role"),
     ("chat/completions", {"model": "tiny", "messages": [], "max_tokens": 2}, "messages"),
@@ -320,12 +364,14 @@ class _FlakyEngine:
     self.allocator = type("Pool", (), {"num_used": 0, "num_free": 8})()
     self.num_preemptions, self.next_id = 0, 0
 
-  def add_request(self, prompt, *, max_new_tokens, sampling, seed, eos_ids, constraint=None):
+  def add_request(self, prompt, *, max_new_tokens, sampling, seed, eos_ids, constraint=None,
+                  top_logprobs=0):
     if prompt == [0]:
       raise ValueError("prompt: no")
     self.next_id += 1
     r = type("Request", (), dict(id=self.next_id, prompt=prompt, budget=max_new_tokens,
-                                  output=[], logprobs=[], finished=False))()
+                                  output=[], logprobs=[], top_logprobs=top_logprobs, top=[],
+                                  finished=False))()
     self.requests[r.id] = r
     self.waiting.append(r)
     return r.id
