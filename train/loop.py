@@ -27,9 +27,9 @@ from train import metrics as metrics_lib
 from train import optim, preemption, step as step_lib
 from train import streams
 from train.checkpoint import Checkpointer
+from train.config import ConfigError, flatten
 from train.profiler import StepWindow
 from train.progress import Progress
-from train.config import ConfigError
 from train import tasks
 from train.state import TrainState, abstract_state, create_state, param_count
 from train.tokenizer import load_or_train_tokenizer
@@ -382,7 +382,6 @@ def train(cfg) -> dict:
   cost = step_cost(objective, model_cfg, batch_size, seq_len)
   throughput = metrics_lib.Throughput(
       cost, metrics_lib.peak_flops(cfg.metrics.peak_tflops, list(mesh.devices.flat)))
-  from train.config import flatten  # deferred: the loop's only use
   writer = metrics_lib.MetricsWriter(
       workdir, tensorboard=cfg.metrics.tensorboard, config=flatten(cfg),
       wandb={"project": cfg.metrics.wandb_project, "entity": cfg.metrics.wandb_entity,
