@@ -175,9 +175,9 @@ def _device_step(params, pools, copy_src, copy_dst, groups: tuple[_Group, ...], 
   keys = (None if features.greedy_only  # argmax only: no key is made, no noise drawn
           else sampling_lib.token_keys(sampling_lib.row_keys(seeds), counter))
   tok = sampling_lib.sample_rows(keys, logits, sampling, features, seen, allowed)
-  lp = step.token_logprobs(logits, tok, sampling.temperature)
-  top_lp, top_id = jax.lax.top_k(step.logprobs_at_temperature(logits, sampling.temperature),
-                                 top_n)  # [M, top_n], most likely first
+  logp = step.logprobs_at_temperature(logits, sampling.temperature)  # [M, V], once
+  lp = jnp.take_along_axis(logp, tok[:, None], axis=-1)[:, 0]
+  top_lp, top_id = jax.lax.top_k(logp, top_n)  # [M, top_n], most likely first
   out, m = [], 0
   for g in groups:
     r, t = g.tokens.shape
