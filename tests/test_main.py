@@ -255,7 +255,8 @@ def test_unreadable_checkpoint_and_nonfinite_steps(corpus, trained, tmp_path):
   assert f"resumed from {workdir}/checkpoints/2" in result.stdout
   assert "error: step 3: the loss, gradient or update is not finite" in result.stderr
   assert "step 2, is the last good state" in result.stderr
-  assert "Traceback" not in result.stderr
+  at = result.stderr.find("Traceback")
+  assert at < 0, result.stderr[max(0, at - 1500):at + 1500]
   assert checkpoint_steps(workdir) == [2]  # nothing saved past the good step
   assert biggest.relative_to(workdir / "checkpoints/3").parts  # the bad one set aside, whole
   assert (workdir / "checkpoints/3.unreadable" / biggest.relative_to(

@@ -11,6 +11,9 @@ Steps and the items a step holds come from orbax (its CheckpointManager), never 
 directories, so `workdir` may be remote (gs://bucket/run).
 """
 
+import logging
+import sys
+
 import jax
 import orbax.checkpoint as ocp
 
@@ -69,6 +72,7 @@ class Checkpointer:
     None. An unreadable one (a truncated file, say) is reported in one line naming the step
     and what failed, moved aside to `checkpoints/<step>.unreadable` (nothing is deleted, and
     orbax no longer counts it), and the next older one is tried."""
+    _silence_aborted_reads()
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
         if not self.has_train_state(step):
@@ -123,6 +127,42 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def _is_aborted_read(error) -> bool:
+  return ((isinstance(error, RuntimeError) and str(error) == "Event loop is closed")
+          or "error while reading array index" in str(error))
+
+
+class _DropAbortedReads(logging.Filter):
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not (record.exc_info and _is_aborted_read(record.exc_info[1]))
+
+
+def _silence_aborted_reads() -> None:
+  """When a restore fails, orbax closes its event loop with its other reads still in flight,
+  and they report later, from other threads and as late as interpreter exit, each with a page
+  of traceback and TensorStore spec: asyncio logs the failed ones ("Task exception was never
+  retrieved"), Python reports their coroutines ("Exception ignored in"), and TensorStore
+  prints "Event loop is closed" for each that finishes. restore_newest has already said in
+  one line what failed: from here on these three are dropped, and nothing else is."""
+  logger = logging.getLogger("asyncio")
+  if not any(isinstance(f, _DropAbortedReads) for f in logger.filters):
+    logger.addFilter(_DropAbortedReads())
+  if getattr(sys.excepthook, "drops_aborted_reads", False):
+    return
+  excepthook, unraisablehook = sys.excepthook, sys.unraisablehook
+
+  def drop_excepthook(kind, value, tb):
+    if not _is_aborted_read(value):
+      excepthook(kind, value, tb)
+
+  def drop_unraisablehook(unraisable):
+    if not _is_aborted_read(unraisable.exc_value):
+      unraisablehook(unraisable)
+
+  drop_excepthook.drops_aborted_reads = True
+  sys.excepthook, sys.unraisablehook = drop_excepthook, drop_unraisablehook
 
 
 def _first_cause(e: BaseException) -> str:
