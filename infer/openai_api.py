@@ -57,6 +57,11 @@ class _Common(_Strict):
   ignore_eos: bool = False
   # infer/structured.py reads it: text, json_object, json_schema, and our regex.
   response_format: dict[str, Any] | None = None
+  # Beam search (infer/beam.py: transformers' generate(num_beams=..., do_sample=False)), as
+  # vLLM's server takes it: the `n` best of `num_beams` beams per prompt, best first.
+  num_beams: int = Field(1, ge=1, le=16)
+  length_penalty: float = 1.0
+  early_stopping: bool | Literal["never"] = False
 
   @pydantic.field_validator("presence_penalty", "frequency_penalty")
   @classmethod
@@ -74,6 +79,30 @@ class _Common(_Strict):
 
   def include_usage(self) -> bool:
     return self.stream_options is not None and self.stream_options.include_usage
+
+  def check_beams(self) -> None:
+    """Beam search is greedy and answers whole: a 400 naming the first field that asks for
+    something else, or a beam field without num_beams > 1."""
+    asked = self.model_fields_set
+    if self.num_beams == 1:
+      for field in ("length_penalty", "early_stopping"):
+        if field in asked:
+          raise APIError(400, f"{field}: applies to beam search; add num_beams > 1", field)
+      return
+    sampling = {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0,
+                "repetition_penalty": 1.0}
+    for field, greedy in sampling.items():
+      if field in asked and getattr(self, field) != greedy:
+        why = "must be 0" if field == "temperature" else "does not apply"
+        raise APIError(400, f"{field}: beam search is greedy ({field} {why} with num_beams "
+                       "> 1)", field)
+    for field in ("stream", "logprobs", "top_logprobs", "response_format", "seed"):
+      value = getattr(self, field, None)
+      if value is not None and value is not False:
+        raise APIError(400, f"{field}: not supported with num_beams > 1", field)
+    if self.n > self.num_beams:
+      raise APIError(400, f"n: {self.n} choices asked of {self.num_beams} beams; n must be "
+                     "<= num_beams", "n")
 
 
 class CompletionRequest(_Common):

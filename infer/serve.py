@@ -3,7 +3,8 @@
   python infer/serve.py --checkpoint runs/tiny --port 8000
   python infer/serve.py --gguf ~/models/SmolLM2-135M-Instruct-Q8_0.gguf --max_batch 32
 
-  POST /v1/completions, /v1/chat/completions  (stream: true for server-sent events)
+  POST /v1/completions, /v1/chat/completions  (stream: true for server-sent events;
+                                              num_beams: K for beam search)
   GET  /v1/models, /health, /metrics          (/metrics: Prometheus text)
 
 The engine runs on its own thread (infer/engine_loop.py); request handlers only queue work
@@ -23,7 +24,9 @@ sys.path.insert(0, os.path.dirname(_HERE))
 
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
+import concurrent.futures  # noqa: E402
 import contextlib  # noqa: E402
+import functools  # noqa: E402
 import json  # noqa: E402
 import secrets  # noqa: E402
 import signal  # noqa: E402
@@ -34,7 +37,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from infer.engine_loop import EngineLoop, Job, QueueFull  # noqa: E402
 from infer.openai_api import (APIError, ChatRequest, CompletionRequest, Format,  # noqa: E402
                               parse, usage)
-from infer import structured  # noqa: E402
+from infer import beam, structured  # noqa: E402
 from infer.stream_text import StreamText  # noqa: E402
 from model import kv_cache  # noqa: E402
 
@@ -90,11 +93,14 @@ def create_app(model, engine_loop: EngineLoop, name: str) -> fastapi.FastAPI:
   # The most tokens one request can hold: its context, and its pages must fit in the pool.
   room = min(engine.max_seq_len, engine.allocator.capacity * engine.config.page_size)
 
+  beams = _Beams(model, engine, room, engine_loop.max_queue)
+
   @contextlib.asynccontextmanager
   async def lifespan(app):
     engine_loop.start()
     yield
     engine_loop.stop()  # uvicorn has finished every request by now
+    beams.executor.shutdown(cancel_futures=True)
 
   app = fastapi.FastAPI(lifespan=lifespan)
 
@@ -162,6 +168,9 @@ def create_app(model, engine_loop: EngineLoop, name: str) -> fastapi.FastAPI:
   async def answer(request, req, prompts: list[list[int]], budget: int | None, fmt: Format,
                    field: str):
     eos_ids = () if req.ignore_eos else tuple(model.eos_ids)
+    req.check_beams()
+    if req.num_beams > 1:
+      return await beams.answer(request, req, prompts, budget, fmt, field, eos_ids)
     top = req.top_logprobs_wanted()
     if top > engine.config.top_logprobs:
       param = "logprobs" if fmt.kind == "text_completion" else "top_logprobs"
@@ -194,6 +203,54 @@ def create_app(model, engine_loop: EngineLoop, name: str) -> fastapi.FastAPI:
   return app
 
 
+class _Beams:
+  """Beam-search requests: infer/beam.py's jitted loop over a contiguous cache of its own (not
+  the engine's pages), one request at a time on a thread of its own, beside the engine's
+  steps rather than in them, on the engine's weights. A request waits for the whole search
+  and gets the n best beams; its text is cut at a stop string afterwards. A client that
+  leaves gets nothing more, but a search already running runs to its end."""
+
+  def __init__(self, model, engine, room: int, max_queue: int):
+    self.model, self.engine, self.room, self.max_queue = model, engine, room, max_queue
+    self.executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="beams")
+    self.pending = 0  # requests queued or searching (event loop only)
+
+  async def answer(self, request, req, prompts, budget, fmt: Format, field: str, eos_ids):
+    vocab = self.model.cfg.vocab_size
+    limits = [_limit(req, p, budget, field, vocab, self.room) for p in prompts]
+    if self.pending >= self.max_queue:
+      raise APIError(429, f"server busy: {self.pending} beam-search requests are queued "
+                     f"(--max_queue={self.max_queue}); retry later", kind="rate_limit_error")
+    self.pending += 1
+    search = functools.partial(self._search, req, prompts, limits, eos_ids)
+    future = asyncio.get_running_loop().run_in_executor(self.executor, search)
+    future.add_done_callback(lambda _: setattr(self, "pending", self.pending - 1))
+
+    async def collect():
+      try:
+        found = await future
+      except ValueError as e:  # beam_search's own checks (the candidates a vocabulary holds)
+        raise APIError(400, f"num_beams: {e}", "num_beams") from None
+      texts = []
+      for hypotheses in found:
+        for ids in hypotheses:
+          text = StreamText(self.model.tokenizer, stop=req.stops(), eos_ids=eos_ids)
+          text.add(ids, [0.0] * len(ids), True)
+          texts.append(text)
+      return fmt.response(texts, usage(sum(len(p) for p in prompts),
+                                       sum(len(t.ids) for t in texts)))
+    return await _unless_disconnected(request, collect())
+
+  def _search(self, req, prompts, limits, eos_ids) -> list[list[list[int]]]:
+    """Each prompt's n best hypotheses (token ids, best first); on the beam thread."""
+    return [beam.beam_search(
+        self.model.cfg, self.engine.params, [p], num_beams=req.num_beams, max_new_tokens=n,
+        length_penalty=req.length_penalty, early_stopping=req.early_stopping,
+        num_return_sequences=req.n, eos_ids=eos_ids,
+        cache_dtype=self.engine.config.cache_dtype).tokens[0]
+        for p, n in zip(prompts, limits)]
+
+
 def _request(cls, body: bytes, name: str):
   try:
     decoded = json.loads(body)
@@ -206,25 +263,31 @@ def _request(cls, body: bytes, name: str):
   return req
 
 
+def _limit(req, p: list[int], budget, field, vocab_size, room) -> int:
+  """The new-token budget of prompt `p`, checked against the vocabulary and the context."""
+  if not p:
+    raise APIError(400, f"{field}: the prompt is empty", field)
+  if not all(0 <= t < vocab_size for t in p):
+    raise APIError(400, f"{field}: token ids must be in [0, {vocab_size})", field)
+  if len(p) >= room:
+    raise APIError(400, f"{field}: {len(p)} prompt tokens leave no room for a new one in "
+                   f"the context of {room} tokens", field)
+  limit = budget if budget is not None else room - len(p)
+  if len(p) + limit > room:
+    param = "max_completion_tokens" if getattr(req, "max_completion_tokens", None) else \
+        "max_tokens"
+    raise APIError(400, f"{param}: {limit} new tokens after {len(p)} prompt tokens exceed "
+                   f"the context of {room} tokens", param)
+  return limit
+
+
 def _jobs(req, prompts, budget, eos_ids, field, vocab_size, room) -> list[Job]:
-  """req.n jobs per prompt, checked against the vocabulary and the context."""
+  """req.n jobs per prompt."""
   loop, queue = asyncio.get_running_loop(), asyncio.Queue()
   base = req.seed if req.seed is not None else secrets.randbits(32)
   jobs = []
   for p in prompts:
-    if not p:
-      raise APIError(400, f"{field}: the prompt is empty", field)
-    if not all(0 <= t < vocab_size for t in p):
-      raise APIError(400, f"{field}: token ids must be in [0, {vocab_size})", field)
-    if len(p) >= room:
-      raise APIError(400, f"{field}: {len(p)} prompt tokens leave no room for a new one in "
-                     f"the context of {room} tokens", field)
-    limit = budget if budget is not None else room - len(p)
-    if len(p) + limit > room:
-      param = "max_completion_tokens" if getattr(req, "max_completion_tokens", None) else \
-          "max_tokens"
-      raise APIError(400, f"{param}: {limit} new tokens after {len(p)} prompt tokens exceed "
-                     f"the context of {room} tokens", param)
+    limit = _limit(req, p, budget, field, vocab_size, room)
     for _ in range(req.n):
       # n > 1: each choice its own seed, or they would all be the same sample.
       jobs.append(Job(prompt=list(p), max_new_tokens=limit, sampling=req.sampling(),

@@ -22,6 +22,7 @@ import openai
 import portpicker
 import pytest
 
+from infer.beam import beam_search
 from infer.decode import generate_with_stats, layout_for
 from infer.engine_loop import EngineLoop, Job
 from infer.sampling import SamplingParams
@@ -287,6 +288,17 @@ def test_top_logprobs_match_a_plain_forward(run, server):
     ("chat/completions", {"model": "tiny", "messages": [], "max_tokens": 2}, "messages"),
     ("completions", {"model": "tiny", "prompt": "hi", "response_format": {"type": "xml"}},
      "response_format.type"),
+    ("completions", {"model": "tiny", "prompt": "hi", "num_beams": 2, "stream": True},
+     "stream"),
+    ("completions", {"model": "tiny", "prompt": "hi", "num_beams": 2, "n": 3}, "n"),
+    ("completions", {"model": "tiny", "prompt": "hi", "num_beams": 2, "temperature": 0.7},
+     "temperature"),
+    ("completions", {"model": "tiny", "prompt": "hi", "num_beams": 2, "logprobs": 0},
+     "logprobs"),
+    ("completions", {"model": "tiny", "prompt": "hi", "length_penalty": 2.0},
+     "length_penalty"),
+    ("completions", {"model": "tiny", "prompt": "hi", "num_beams": 2, "max_tokens": 200},
+     "max_tokens"),
 ])
 def test_bad_requests_are_400_naming_the_field(server, path, body, param):
   content = body if isinstance(body, str) else json.dumps(body)
@@ -297,6 +309,40 @@ def test_bad_requests_are_400_naming_the_field(server, path, body, param):
   assert error["type"] == "invalid_request_error" and error["param"] == param
   assert param is None or error["message"].startswith(param + ":")
   assert server.client.completions.create(model="tiny", prompt="hi", max_tokens=1).usage
+
+
+def test_beam_search_answers_as_beam_search_alone(run, server):
+  """num_beams over HTTP: each prompt's n best beams as infer/beam.py gives them for that
+  prompt alone (itself checked against transformers' generate in tests/test_beam.py), while
+  the engine keeps serving sampled requests beside it."""
+  _, params, tok = run
+  eot = tok.token_to_id("<|endoftext|>")
+  c = server.client
+  texts = ["the cat", "def add(a"]
+  with concurrent.futures.ThreadPoolExecutor(2) as pool:
+    beside = pool.submit(c.completions.create, model="tiny", prompt="hello", max_tokens=24,
+                         temperature=0)
+    r = c.completions.create(model="tiny", prompt=texts, max_tokens=10, temperature=0, n=2,
+                             extra_body={"num_beams": 3, "length_penalty": 0.5})
+    assert beside.result().choices[0].text == tok.decode(
+        reference(run, encode(run, "hello"), 24)[0], skip_special_tokens=True)
+  got = [(ch.text, ch.finish_reason) for ch in r.choices]
+  want, n_tokens = [], 0
+  for text in texts:
+    beams = beam_search(CFG, params, [encode(run, text)], num_beams=3, max_new_tokens=10,
+                        length_penalty=0.5, num_return_sequences=2, eos_ids=(eot,))
+    for ids in beams.tokens[0]:
+      want.append((tok.decode(ids, skip_special_tokens=True), finish(run, ids)))
+      n_tokens += len(ids)
+  assert got == want and r.usage.completion_tokens == n_tokens
+
+  messages = [{"role": "user", "content": "hello"}]
+  prompt = tok.encode("user: hello\nassistant:").ids  # TEMPLATE by hand
+  r = c.chat.completions.create(model="tiny", messages=messages, max_tokens=6,
+                                extra_body={"num_beams": 2, "early_stopping": "never"})
+  ids = beam_search(CFG, params, [prompt], num_beams=2, max_new_tokens=6,
+                    early_stopping="never", eos_ids=(eot,)).tokens[0][0]
+  assert r.choices[0].message.content == tok.decode(ids, skip_special_tokens=True)
 
 
 def test_response_format_constrains_every_choice(server):
