@@ -2,8 +2,10 @@
 
 Each request type is checked against a full forward per row in numpy (log-softmax, argmax,
 a greedy loop that reruns the whole prefix); then two local tasks (multiple choice and
-generation, JSONL files in tmp_path) run through lm_eval.simple_evaluate and the command
-line, offline, and their scores are recomputed here from those reference numbers."""
+generation, JSONL files in tmp_path) run through lm_eval.simple_evaluate and lm-eval's own
+`lm_eval` command, offline, and their scores are recomputed here from those reference numbers.
+The command and a fresh interpreter's lookups find `jaxllm` through the installed .pth
+(train/lm_eval_plugin.py)."""
 
 import functools
 import json
@@ -25,7 +27,6 @@ from lm_eval.tasks import TaskManager  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
 from train import harness  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EOS = "<|endoftext|>"
 TEXTS = ["def add(a, b):\n    return a + b\n", "the cat sat on the mat", "hello world " * 3,
          "a dog ran in the park and the cat sat"]
@@ -258,15 +259,64 @@ def test_local_tasks_through_simple_evaluate(run, tmp_path):
   assert results["tiny_gen"]["exact_match,none"] == pytest.approx(2 / 3)
 
 
+def _subprocess_env():
+  return dict(os.environ, JAX_PLATFORMS="cpu")
+
+
+# In a fresh interpreter (not this one, which imported train.harness): what startup imported,
+# then lm-eval's lookups with nothing of ours imported first.
+FRESH_LOOKUPS = """
+import json, sys
+startup = sorted({m.split(".")[0] for m in sys.modules} & {"jax", "lm_eval", "torch"})
+finders = [type(f).__module__ + "." + type(f).__name__ for f in sys.meta_path]
+from lm_eval.api.registry import get_model, model_registry
+dummy, hf = get_model("dummy"), get_model("hf")
+harness_imported = "train.harness" in sys.modules
+jaxllm = get_model("jaxllm")
+import lm_eval.models
+print(json.dumps({"startup": startup, "finders": finders, "harness_imported": harness_imported,
+                  "names": sorted(model_registry), "dummy": dummy.__module__ + ":" + dummy.__name__,
+                  "hf": hf.__module__ + ":" + hf.__name__,
+                  "jaxllm": jaxllm.__module__ + ":" + jaxllm.__name__,
+                  "loader": type(lm_eval.models.__loader__).__name__,
+                  "finders_after": [type(f).__name__ for f in sys.meta_path]}))
+"""
+NOT_INSTALLED = ("is jaxllm-lm-eval.pth in site-packages? Reinstall the package (`pip install "
+                 "--no-deps -e .`, setup.py writes it)")
+
+
+def test_lm_eval_finds_jaxllm_beside_its_own_models(tmp_path):
+  """train/lm_eval_plugin.py through the installed .pth: startup imports neither lm_eval nor
+  jax; get_model still fills the registry with lm-eval's own models (a placeholder of ours
+  in an empty registry would stop that) and adds `jaxllm`, loaded only when asked for."""
+  from lm_eval.models import MODEL_MAPPING
+  res = subprocess.run([sys.executable, "-c", FRESH_LOOKUPS], cwd=tmp_path, capture_output=True,
+                       text=True, env=_subprocess_env(), timeout=300)
+  assert res.returncode == 0, f"{NOT_INSTALLED}\n{res.stderr[-3000:]}"
+  got = json.loads(res.stdout.splitlines()[-1])
+  assert got["startup"] == []
+  assert "train.lm_eval_plugin.LmEvalModelsFinder" in got["finders"], NOT_INSTALLED
+  assert got["names"] == sorted({*MODEL_MAPPING, harness.NAME})
+  assert got["dummy"] == MODEL_MAPPING["dummy"] and got["hf"] == MODEL_MAPPING["hf"]
+  assert not got["harness_imported"]
+  assert got["jaxllm"] == f"train.harness:{harness.JaxLM.__name__}"
+  assert got["loader"] == "SourceFileLoader"  # lm_eval.models keeps its own loader
+  assert "LmEvalModelsFinder" not in got["finders_after"]  # and the hook is gone
+  # Here train.harness came first: the class itself, and lm-eval's models beside it.
+  assert lm_eval.api.registry.get_model("jaxllm") is harness.JaxLM
+  assert lm_eval.api.registry.get_model("dummy").__name__ == "DummyLM"
+
+
 def test_the_command_line(run, tmp_path):
+  """lm-eval's own command line (`python -m lm_eval`: the function the `lm_eval` command
+  runs), outside the repository: only the installed package (and its .pth) can bring
+  `jaxllm`."""
   acc, outs = _expected(run)
   include, out = _tasks(tmp_path, outs), tmp_path / "out"
   res = subprocess.run(
-      [sys.executable, "train/harness.py", "--model", "jaxllm", "--model_args",
-       f"checkpoint={run[0]}", "--tasks", "tiny_mc", "--include_path", include,
-       "--batch_size", "4", "--output_path", str(out)],
-      cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"),
-      timeout=600)
-  assert res.returncode == 0, res.stderr[-3000:]
+      [sys.executable, "-m", "lm_eval", "--model", "jaxllm", "--model_args", f"checkpoint={run[0]}", "--tasks",
+       "tiny_mc", "--include_path", include, "--batch_size", "4", "--output_path", str(out)],
+      cwd=tmp_path, capture_output=True, text=True, env=_subprocess_env(), timeout=600)
+  assert res.returncode == 0, f"{NOT_INSTALLED}\n{res.stderr[-3000:]}"
   (saved,) = list(out.rglob("results_*.json"))
   assert json.loads(saved.read_text())["results"]["tiny_mc"]["acc,none"] == pytest.approx(acc)

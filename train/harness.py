@@ -1,19 +1,18 @@
 """EleutherAI's lm-evaluation-harness on our models: lm-eval's model `jaxllm`.
 
-  python train/harness.py --model jaxllm --model_args checkpoint=runs/tiny \
-      --tasks hellaswag,arc_easy --batch_size auto
-  python train/harness.py --model jaxllm --model_args hf=SmolLM2-135M --tasks arc_easy
-  python train/harness.py --model jaxllm --model_args gguf=smollm2.gguf,max_length=1024 ...
-  python train/harness.py --model jaxllm --model_args checkpoint=runs/tiny \
+  lm_eval --model jaxllm --model_args checkpoint=runs/tiny --tasks hellaswag,arc_easy \
+      --batch_size auto
+  lm_eval --model jaxllm --model_args hf=SmolLM2-135M --tasks arc_easy
+  lm_eval --model jaxllm --model_args gguf=smollm2.gguf,max_length=1024 ...
+  lm_eval --model jaxllm --model_args checkpoint=runs/tiny \
       --include_path my_tasks/ --tasks my_task          # task YAMLs of your own
 
-Every flag is lm-eval's own (`python train/harness.py run --help`): the script registers the
-model, then runs lm-eval's command line. lm-eval looks a model up by the name its class was
-registered under (`@register_model`) when the class's module was imported, and it reads no
-entry point through which an installed package could add one, so a plain `lm_eval --model
-jaxllm` never sees this module; importing it is what registers `jaxllm`. From Python:
-`import train.harness`, then `lm_eval.simple_evaluate(model="jaxllm",
-model_args="checkpoint=runs/tiny", tasks=[...])`, or pass `model=JaxLM(checkpoint=...)`.
+Every flag is lm-eval's own (`lm_eval run --help`; `python -m lm_eval` is the same command).
+lm-eval finds `jaxllm` through the jaxllm-lm-eval.pth that installing this package (`pip
+install -e .`) puts in site-packages: train/lm_eval_plugin.py registers this class, by name,
+when lm-eval loads its own models, and this module (and jax) load only when `jaxllm` is asked
+for. From Python: `lm_eval.simple_evaluate(model="jaxllm", model_args="checkpoint=runs/tiny",
+tasks=[...])`, or pass `model=JaxLM(checkpoint=...)`.
 
 model_args (comma-separated key=value):
   checkpoint=DIR | hf=DIR | gguf=FILE   a run directory of ours (quantized ones too), a Hugging
@@ -43,35 +42,27 @@ quantized heads count, and argmax needs them anyway; a batch holds rows x length
 logits, which max_batch_tokens bounds.
 """
 
-import os
-import sys
+import functools
+import inspect
+import json
+import logging
 
-if __name__ == "__main__":  # `python train/harness.py`: the repo root, not train/, on sys.path
-  _HERE = os.path.dirname(os.path.abspath(__file__))
-  sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
-  sys.path.insert(0, os.path.dirname(_HERE))
-
-import functools  # noqa: E402
-import inspect  # noqa: E402
-import json  # noqa: E402
-import logging  # noqa: E402
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import lm_eval.models  # noqa: E402,F401  (lm-eval's registry fills itself only while empty)
-import numpy as np  # noqa: E402
-from lm_eval import utils as lm_utils  # noqa: E402
-from lm_eval.api.model import TemplateLM  # noqa: E402
-from lm_eval.api.registry import register_model  # noqa: E402
-from lm_eval.models.utils import (handle_stop_sequences, normalize_gen_kwargs,  # noqa: E402
+import jax
+import jax.numpy as jnp
+import lm_eval.models  # noqa: F401  (lm-eval's registry fills itself only while empty)
+import numpy as np
+from lm_eval import utils as lm_utils
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+from lm_eval.models.utils import (handle_stop_sequences, normalize_gen_kwargs,
                                   postprocess_generated_text)
-from tqdm import tqdm  # noqa: E402
+from tqdm import tqdm
 
-from infer import decode, loaders  # noqa: E402
-from infer.files import document_ids, token_ids  # noqa: E402
-from infer.sampling import SamplingParams  # noqa: E402
-from model import ModelConfig, Transformer  # noqa: E402
-from train.tasks import pretrain  # noqa: E402
+from infer import decode, loaders
+from infer.files import document_ids, token_ids
+from infer.sampling import SamplingParams
+from model import ModelConfig, Transformer
+from train.tasks import pretrain
 
 log = logging.getLogger(__name__)
 
@@ -325,14 +316,3 @@ class JaxLM(TemplateLM):
     bar.close()
     return out
 
-
-def main(argv=None) -> None:
-  """lm-eval's command line (every subcommand and flag), with `jaxllm` registered."""
-  from lm_eval.__main__ import cli_evaluate
-  if argv is not None:
-    sys.argv = [sys.argv[0], *argv]
-  cli_evaluate()
-
-
-if __name__ == "__main__":
-  main()
