@@ -2,6 +2,7 @@
 
 python bench/train_throughput.py --vocab 8192 --d_model 512 --layers 8 --heads 8 \
     --kv_heads 4 --d_ff 1376 --seq 512 --batch 8 --steps 10 --dtype float32
+python bench/train_throughput.py --scan 0 --steps 3 --profile 2   # + where the time goes
 """
 
 import argparse
@@ -15,6 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bench import xla_profile  # noqa: E402
 from model import ModelConfig, sharding  # noqa: E402
 from train import metrics  # noqa: E402
 from train.config import load_config  # noqa: E402
@@ -38,6 +40,9 @@ def main():
   p.add_argument("--scan", type=int, default=1, help="1: lax.scan over layers; 0: unrolled")
   p.add_argument("--microbatches", type=int, default=1)
   p.add_argument("--attention_impl", default="auto", choices=["auto", "xla", "pallas"])
+  p.add_argument("--profile", type=int, default=0, metavar="N",
+                 help="then trace N more steps and add where their time went, by source op "
+                 "(bench/xla_profile.py)")
   args = p.parse_args()
 
   cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "base.py"), {})
@@ -77,6 +82,14 @@ def main():
   tokens_per_s = args.batch * args.seq / step_s
   flops = metrics.training_flops_per_token(model_cfg, args.seq)
   peak = metrics.peak_flops()  # None for a device kind the chip table lacks: no mfu
+  profile = None
+  if args.profile:
+    with xla_profile.traced() as trace:
+      for _ in range(args.profile):
+        state, m = prog.train_step(state, batch)
+        jax.block_until_ready(m)
+    hlo = prog.train_step.lower(state, batch).compile().as_text()
+    profile = xla_profile.by_source(trace, hlo, args.profile)
   print(json.dumps({
       "tokens_per_s": round(tokens_per_s, 1), "step_s": round(step_s, 4),
       "compile_s": round(compile_s, 2),
@@ -84,7 +97,7 @@ def main():
       "mfu": round(tokens_per_s * flops / peak, 4) if peak else None,
       "params": int(sum(x.size for x in jax.tree.leaves(state.params))),
       "loss": float(m["loss"]), "device": jax.devices()[0].device_kind,
-      "args": vars(args)}))
+      "args": vars(args)} | ({"profile": profile} if profile else {})))
 
 
 if __name__ == "__main__":

@@ -72,6 +72,8 @@ def main():
                         ("steps", 10)):
     p.add_argument(f"--{name}", type=int, default=default)
   p.add_argument("--compile", type=int, default=1)
+  p.add_argument("--profile", type=int, default=0, metavar="N",
+                 help="then profile N more steps: the top ops by their own CPU time")
   a = p.parse_args()
   torch.manual_seed(0)
   model = Llama(a)
@@ -98,10 +100,27 @@ def main():
     times.append(time.perf_counter() - t0)
   times.sort()
   step_s = times[len(times) // 2]
+  profile = profile_steps(fwd_bwd, x, y, a.profile) if a.profile else None
   print(json.dumps({"tokens_per_s": round(a.batch * a.seq / step_s, 1),
                     "step_s": round(step_s, 4), "compile_s": round(compile_s, 2),
                     "loss": float(loss), "torch": torch.__version__,
-                    "threads": torch.get_num_threads(), "args": vars(a)}))
+                    "threads": torch.get_num_threads(), "args": vars(a)}
+                   | ({"profile": profile} if profile else {})))
+
+
+def profile_steps(step, x, y, n: int, top: int = 25) -> dict:
+  """torch.profiler over n steps: the top ops by self CPU time (ms per step; their sum
+  counts each op once, on the thread that called it, intra-op threads included)."""
+  from torch.profiler import ProfilerActivity, profile
+  with profile(activities=[ProfilerActivity.CPU]) as prof:
+    for _ in range(n):
+      step(x, y)
+  rows = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+  total = sum(e.self_cpu_time_total for e in rows)
+  return {"ops_ms": round(total / n / 1e3, 1),
+          "rows": [{"op": e.key, "ms": round(e.self_cpu_time_total / n / 1e3, 1),
+                    "share": round(e.self_cpu_time_total / total, 3), "calls": e.count // n}
+                   for e in rows[:top]]}
 
 
 if __name__ == "__main__":
