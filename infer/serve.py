@@ -26,7 +26,6 @@ import argparse  # noqa: E402
 import asyncio  # noqa: E402
 import concurrent.futures  # noqa: E402
 import contextlib  # noqa: E402
-import functools  # noqa: E402
 import json  # noqa: E402
 import secrets  # noqa: E402
 import signal  # noqa: E402
@@ -208,7 +207,8 @@ class _Beams:
   the engine's pages), one request at a time on a thread of its own, beside the engine's
   steps rather than in them, on the engine's weights. A request waits for the whole search
   and gets the n best beams; its text is cut at a stop string afterwards. A client that
-  leaves gets nothing more, but a search already running runs to its end."""
+  leaves gets nothing more: its search is dropped if it has not started, and otherwise runs
+  to its end (still counted against max_queue)."""
 
   def __init__(self, model, engine, room: int, max_queue: int):
     self.model, self.engine, self.room, self.max_queue = model, engine, room, max_queue
@@ -221,14 +221,15 @@ class _Beams:
     if self.pending >= self.max_queue:
       raise APIError(429, f"server busy: {self.pending} beam-search requests are queued "
                      f"(--max_queue={self.max_queue}); retry later", kind="rate_limit_error")
+    loop = asyncio.get_running_loop()
     self.pending += 1
-    search = functools.partial(self._search, req, prompts, limits, eos_ids)
-    future = asyncio.get_running_loop().run_in_executor(self.executor, search)
-    future.add_done_callback(lambda _: setattr(self, "pending", self.pending - 1))
+    search = self.executor.submit(self._search, req, prompts, limits, eos_ids)
+    # Counted down when the search ends (or is dropped unstarted), not when its client leaves.
+    search.add_done_callback(lambda _: loop.call_soon_threadsafe(self._done))
 
     async def collect():
       try:
-        found = await future
+        found = await asyncio.wrap_future(search)
       except ValueError as e:  # beam_search's own checks (the candidates a vocabulary holds)
         raise APIError(400, f"num_beams: {e}", "num_beams") from None
       texts = []
@@ -240,6 +241,9 @@ class _Beams:
       return fmt.response(texts, usage(sum(len(p) for p in prompts),
                                        sum(len(t.ids) for t in texts)))
     return await _unless_disconnected(request, collect())
+
+  def _done(self):
+    self.pending -= 1
 
   def _search(self, req, prompts, limits, eos_ids) -> list[list[list[int]]]:
     """Each prompt's n best hypotheses (token ids, best first); on the beam thread."""

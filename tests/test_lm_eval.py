@@ -314,8 +314,9 @@ def test_the_command_line(run, tmp_path):
   acc, outs = _expected(run)
   include, out = _tasks(tmp_path, outs), tmp_path / "out"
   res = subprocess.run(
-      [sys.executable, "-m", "lm_eval", "--model", "jaxllm", "--model_args", f"checkpoint={run[0]}", "--tasks",
-       "tiny_mc", "--include_path", include, "--batch_size", "4", "--output_path", str(out)],
+      [sys.executable, "-m", "lm_eval", "--model", "jaxllm", "--model_args",
+       f"checkpoint={run[0]}", "--tasks", "tiny_mc", "--include_path", include,
+       "--batch_size", "4", "--output_path", str(out)],
       cwd=tmp_path, capture_output=True, text=True, env=_subprocess_env(), timeout=600)
   assert res.returncode == 0, f"{NOT_INSTALLED}\n{res.stderr[-3000:]}"
   (saved,) = list(out.rglob("results_*.json"))
